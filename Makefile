@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Each builds .venv from nothing when it is missing.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo demo-quick test test-slow lint bench clean
+
+$(STAMP): pyproject.toml scripts/setup_venv.sh
+	bash scripts/setup_venv.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m copa demo --out runs/demo
+
+demo-quick: $(STAMP)
+	$(PY) -m copa demo --quick --out runs/demo-quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+bench: $(STAMP)
+	$(PY) -m copa bench --config configs/base.yaml --out runs/bench
+
+clean:
+	rm -rf runs .pytest_cache

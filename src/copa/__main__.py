@@ -1,0 +1,5 @@
+import sys
+
+from copa.cli import main
+
+sys.exit(main())

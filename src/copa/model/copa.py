@@ -1,0 +1,204 @@
+"""The COPA model: ViT with TPD + BERT text encoder + skip-connected fusion + decoder + heads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from copa.config import ModelConfig, model_config_from_dict, to_dict
+from copa.model.decoder import Decoder
+from copa.model.heads import BoxHead, ITCHead, TiedLMHead
+from copa.model.layers import KVCache
+from copa.model.fusion import FusionEncoder
+from copa.model.text import TextEncoder, load_tokenizer
+from copa.model.vit import VisionOutput, VisionTransformer
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class FusedOutput:
+    """Fused states of (image, text) pairs: image (B, T, D), text (B, L, D), text mask (B, L)."""
+
+    image: Tensor
+    text: Tensor
+    text_mask: Tensor
+    vision: VisionOutput
+
+    @property
+    def cls(self) -> Tensor:
+        """(B, D) fused [CLS]: the first text position."""
+        return self.text[:, 0]
+
+    def context(self) -> tuple[Tensor, Tensor]:
+        """[image; text] states (B, T+L, D) and their mask (B, T+L) for the decoder."""
+        ones = torch.ones(self.image.shape[:2], dtype=self.text_mask.dtype, device=self.text_mask.device)
+        return torch.cat([self.image, self.text], 1), torch.cat([ones, self.text_mask], 1)
+
+
+class COPAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, load_text_weights: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dt, dv = cfg.text.width, cfg.vision.width
+        self.text = TextEncoder(cfg.text, load_weights=load_text_weights)
+        self.vision = VisionTransformer(cfg.vision, cfg.select, text_dim=dt)
+        self.fusion = FusionEncoder(
+            cfg.fusion.layers, cfg.fusion.stride, dt, cfg.fusion.heads, cfg.text.intermediate, dv
+        )
+        self.decoder = Decoder(cfg.decoder.layers, dt, cfg.decoder.heads, cfg.text.intermediate)
+        self.itc = ITCHead(dv, dt, cfg.embed_dim, cfg.temperature)
+        self.itm = nn.Linear(dt, 2)
+        self.mlm_head = TiedLMHead(dt, self.text.word_embeddings)
+        self.lm_head = TiedLMHead(dt, self.text.word_embeddings)
+        self.box_head = BoxHead(dt)
+        if load_text_weights and cfg.text.pretrained:
+            self._init_from_text()
+
+    def _init_from_text(self) -> None:
+        """Fusion and decoder start from the text encoder's BERT layers (mPLUG/ALBEF practice)."""
+        src = list(self.text.bert.encoder.layer)
+        if self.cfg.fusion.init_from_text:
+            from copa.model.convert import init_layers_from_bert
+
+            # the last text layers, as mPLUG initialises fusion from BERT's upper half
+            n = len(self.fusion.layers)
+            init_layers_from_bert(self.fusion.layers, [src[(len(src) - n + i) % len(src)] for i in range(n)])
+        if self.cfg.decoder.init_from_text:
+            from copa.model.convert import init_layers_from_bert
+
+            init_layers_from_bert(self.decoder.layers, [src[i % len(src)] for i in range(len(self.decoder.layers))])
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def tokenizer(self):  # noqa: ANN201 - transformers type
+        return load_tokenizer(self.cfg.text.tokenizer)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, L) -> (B, L, Dt)"""
+        return self.text(ids, mask)
+
+    def image_prefix(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> text-independent ViT prefix (B, 1+N, Dv); compute once per image."""
+        return self.vision.forward_prefix(images)
+
+    def encode_image(
+        self, prefix: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
+    ) -> VisionOutput:
+        """prefix (B, 1+N, Dv), query (B, Dt) text [CLS] or None (text-agnostic) -> VisionOutput"""
+        return self.vision.forward_suffix(prefix, query, keep_ratios)
+
+    def fuse(self, vision: VisionOutput, txt: Tensor, txt_mask: Tensor) -> FusedOutput:
+        img, t = self.fusion(vision.tokens, txt, txt_mask)
+        return FusedOutput(img, t, txt_mask, vision)
+
+    def embed_tokens(self, ids: Tensor, start: int = 0) -> Tensor:
+        """Decoder input embeddings (shared with the text encoder). ids: (B, L) -> (B, L, D)"""
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return self.text.embeddings(input_ids=ids, position_ids=pos)
+
+    def decode(
+        self, ids: Tensor, mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor,
+        cache: KVCache | None = None, start: int = 0,
+    ) -> Tensor:
+        """Decoder hidden states for ids (B, L) given context (B, S, D) -> (B, L, D)."""
+        return self.decoder(self.embed_tokens(ids, start), mask, ctx, ctx_mask, cache)
+
+    # ------------------------------------------------------------------ composite forwards
+    def forward(
+        self, images: Tensor, ids: Tensor, mask: Tensor, keep_ratios: list[float] | None = None
+    ) -> FusedOutput:
+        """Image-text pairs through the whole encoder stack (VQA / ITM style, text-aware selection).
+
+        images: (B, 3, H, W); ids, mask: (B, L) -> FusedOutput
+        """
+        txt = self.encode_text(ids, mask)
+        vision = self.encode_image(self.image_prefix(images), txt[:, 0], keep_ratios)
+        return self.fuse(vision, txt, mask)
+
+    def image_embedding(self, images: Tensor) -> Tensor:
+        """Text-agnostic ITC embedding (B, E) for retrieval."""
+        return self.itc.image(self.encode_image(self.image_prefix(images)).cls)
+
+    def text_embedding(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ITC text embedding (B, E)."""
+        return self.itc.text(self.encode_text(ids, mask)[:, 0])
+
+    def set_keep_ratio(self, ratio: float | list[float]) -> None:
+        self.vision.set_keep_ratios(ratio)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vision.grad_checkpointing = enable
+        if enable:
+            self.text.bert.gradient_checkpointing_enable()
+        else:
+            self.text.bert.gradient_checkpointing_disable()
+
+    def num_parameters(self) -> dict[str, int]:
+        def count(m: nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters())
+
+        sel = count(self.vision.selectors)
+        parts = {
+            "vision": count(self.vision) - sel,
+            "selector": sel,
+            "text": count(self.text),
+            "fusion": count(self.fusion),
+            "decoder": count(self.decoder),
+            "heads": count(self.itc) + count(self.itm) + count(self.box_head)
+            + sum(p.numel() for n, p in self.named_parameters() if n.startswith(("mlm_head", "lm_head"))),
+        }
+        parts["total"] = count(self)
+        return parts
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` + the tokenizer; atomic per file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = to_dict(self.cfg)
+        cfg["text"]["tokenizer"] = "."  # the tokenizer travels with the checkpoint
+        meta = {"model": cfg, "format": "copa", "version": 1, **(extra or {})}
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_model(self, str(tmp))
+        tmp.replace(path / WEIGHTS_NAME)
+        self.tokenizer.save_pretrained(str(path))
+        tmp_cfg = path / (CONFIG_NAME + ".tmp")
+        tmp_cfg.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tmp_cfg.replace(path / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:
+        """Load a model written by ``save_pretrained`` (safetensors only: no pickle is read)."""
+        path = Path(path)
+        cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not cfg_file.exists() or not weights.exists():
+            raise FileNotFoundError(f"{path} is not a COPA checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads(cfg_file.read_text())
+        cfg = model_config_from_dict(meta["model"])
+        if cfg.text.tokenizer == ".":
+            cfg.text.tokenizer = str(path)
+        model = cls(cfg, load_text_weights=False)
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}")
+        return model
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:
+    """Load a saved COPA model ready for inference (eval mode)."""
+    return COPAModel.from_pretrained(path, map_location).eval()
+
+
+def build_model(cfg: ModelConfig, load_text_weights: bool = True) -> COPAModel:
+    return COPAModel(cfg, load_text_weights=load_text_weights)

@@ -1,0 +1,225 @@
+"""Compact transformer building blocks shared by the ViT, the fusion encoder and the decoder.
+
+All attention goes through ``F.scaled_dot_product_attention`` so that the fastest kernel for the
+device and dtype (FlashAttention / memory-efficient / CPU flash) is picked by PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class QuickGELU(nn.Module):
+    """CLIP's sigmoid approximation of GELU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r} (expected 'gelu' or 'quick_gelu')")
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, L, H*d) -> (B, H, L, d)"""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, L, d) -> (B, L, H*d)"""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def key_padding_mask(mask: Tensor | None) -> Tensor | None:
+    """(B, L) 1 = attend -> boolean (B, 1, 1, L) for SDPA; None stays None."""
+    if mask is None:
+        return None
+    return mask.bool()[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (ViT / CLIP layout)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys, each (B, H, L, d); used by attention-based selectors."""
+        q, k, _ = self.qkv(x).chunk(3, dim=-1)
+        return split_heads(q, self.heads), split_heads(k, self.heads)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D), mask: (B, L) or None -> (B, L, D)"""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(mask))
+        return self.proj(merge_heads(out))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, L, D) -> (B, L, D)"""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class KVCache:
+    """Per-layer key/value cache for incremental decoding.
+
+    ``self_kv[i]`` grows by one step per call; ``cross_kv[i]`` holds the projected encoder states,
+    computed once. ``reorder`` follows beam search's choice of parents.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.self_kv: list[tuple[Tensor, Tensor] | None] = [None] * layers
+        self.cross_kv: list[tuple[Tensor, Tensor] | None] = [None] * layers
+
+    @property
+    def length(self) -> int:
+        kv = self.self_kv[0]
+        return 0 if kv is None else kv[0].shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        """index: (B',) rows of the current batch to keep, in order."""
+        self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]
+        self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
+
+
+class BertAttention(nn.Module):
+    """BERT-layout attention (separate q/k/v, output dense + residual + post-LayerNorm).
+
+    Used for self- and cross-attention in the fusion encoder and the decoder, so that BERT layers
+    load into it one-to-one.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, eps: float = 1e-12) -> None:
+        super().__init__()
+        kv_dim = kv_dim or dim
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def project_kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """ctx: (B, S, Dk) -> keys, values, each (B, H, S, d)"""
+        return split_heads(self.key(ctx), self.heads), split_heads(self.value(ctx), self.heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        ctx: Tensor | None = None,
+        ctx_mask: Tensor | None = None,
+        causal: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x: (B, L, D); ctx: (B, S, Dk) or None for self-attention; ctx_mask: (B, S) -> (B, L, D).
+
+        ``kv`` supplies precomputed keys/values (cross-attention cache, or cached past + present for
+        incremental causal self-attention, in which case no causal mask is needed for one new step).
+        """
+        q = split_heads(self.query(x), self.heads)
+        if kv is None:
+            k, v = self.project_kv(x if ctx is None else ctx)
+        else:
+            k, v = kv
+        mask = key_padding_mask(ctx_mask)
+        if causal and q.shape[2] > 1:
+            s, lq = k.shape[2], q.shape[2]
+            tri = torch.ones(lq, s, dtype=torch.bool, device=x.device).tril(diagonal=s - lq)
+            mask = tri if mask is None else mask & tri
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.norm(x + self.dense(merge_heads(out)))
+
+
+class BertFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class BertStyleLayer(nn.Module):
+    """Post-norm BERT layer: self-attention -> optional cross-attention -> FFN.
+
+    With ``cross=False`` (or no context given) it computes exactly what a ``transformers``
+    ``BertLayer`` computes, which is how fusion and decoder layers are initialised from BERT.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, hidden: int, cross: bool = False, ctx_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.attn = BertAttention(dim, heads)
+        self.cross = BertAttention(dim, heads, kv_dim=ctx_dim) if cross else None
+        self.ffn = BertFFN(dim, hidden)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        ctx: Tensor | None = None,
+        ctx_mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        index: int = 0,
+    ) -> Tensor:
+        """x: (B, L, D), mask: (B, L); ctx: (B, S, Dc), ctx_mask: (B, S) -> (B, L, D)"""
+        if cache is not None:
+            k, v = self.attn.project_kv(x)
+            past = cache.self_kv[index]
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            cache.self_kv[index] = (k, v)
+            x = self.attn(x, ctx_mask=mask, causal=causal, kv=(k, v))
+        else:
+            x = self.attn(x, ctx_mask=mask, causal=causal)
+        if self.cross is not None and ctx is not None:
+            kv = None
+            if cache is not None:
+                if cache.cross_kv[index] is None:
+                    cache.cross_kv[index] = self.cross.project_kv(ctx)
+                kv = cache.cross_kv[index]
+            x = self.cross(x, ctx, ctx_mask, kv=kv)
+        return self.ffn(x)

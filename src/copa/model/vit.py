@@ -1,0 +1,175 @@
+"""Vision Transformer with text-aware patch selection inside it.
+
+The encoder is split at the first selection layer into a text-independent *prefix* (patch
+embedding + blocks ``0..k-1`` on all N patches) and a text-dependent *suffix* (selection, then the
+remaining blocks on K+2 tokens). ``forward_prefix`` runs once per image; ``forward_suffix`` runs per
+(prefix, query) pair, so one image's prefix serves its positive text, hard negatives, MLM, PTA
+phrases and retrieval candidates. ``forward`` is the composition of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from copa.config import SelectConfig, VisionConfig
+from copa.model.layers import ViTBlock
+from copa.model.selection import Selection, make_selector, num_keep, select_and_fuse
+
+
+def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
+    """Bicubic interpolation of a (1, P+N, D) position table to a new patch grid (P prefix rows kept)."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    n, d = grid.shape[1], grid.shape[2]
+    old = int(round(n**0.5))
+    if old * old != n:
+        raise ValueError(f"position table has {n} patch rows, not a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+@dataclass
+class VisionOutput:
+    """tokens: (B, T, D) after the final norm, T = 1+K(+1 fused) or 1+N unpruned."""
+
+    tokens: Tensor
+    selections: list[Selection] = field(default_factory=list)
+
+    @property
+    def kept(self) -> Tensor | None:
+        """(B, K) original indices of the patches that survive every stage; None if unpruned."""
+        return self.selections[-1].kept if self.selections else None
+
+    @property
+    def cls(self) -> Tensor:
+        return self.tokens[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, select: SelectConfig, text_dim: int) -> None:
+        super().__init__()
+        if len(select.layers) != len(select.keep_ratios):
+            raise ValueError("select.layers and select.keep_ratios must have the same length")
+        if sorted(select.layers) != list(select.layers) or any(
+            not 0 < i < cfg.layers for i in select.layers
+        ):
+            raise ValueError(f"select.layers must increase within (0, {cfg.layers}): {select.layers}")
+        self.cfg, self.select_cfg = cfg, select
+        d = cfg.width
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid**2, d) * 0.02)
+        self.ln_pre = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(
+            ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
+        sel = [make_selector(select.selector, d, text_dim, select.tpd_hidden) for _ in select.layers]
+        self.selectors = nn.ModuleList([s for s in sel if s is not None])
+        self.keep_ratios = list(select.keep_ratios)
+        self.grad_checkpointing = False
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def prefix_depth(self) -> int:
+        return self.select_cfg.layers[0]
+
+    @property
+    def pruning(self) -> bool:
+        return len(self.selectors) > 0 and any(r < 1.0 for r in self.keep_ratios)
+
+    def set_keep_ratios(self, ratios: float | list[float]) -> None:
+        if isinstance(ratios, (int, float)):
+            ratios = [float(ratios)] * len(self.select_cfg.layers)
+        if len(ratios) != len(self.select_cfg.layers):
+            raise ValueError(f"need {len(self.select_cfg.layers)} keep ratios, got {ratios}")
+        for r in ratios:
+            num_keep(self.num_patches, r)  # validates the range
+        self.keep_ratios = list(ratios)
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, x: Tensor, start: int, stop: int) -> Tensor:
+        for blk in self.blocks[start:stop]:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def embed(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) -> tokens (B, 1+N, D) with position embeddings."""
+        x = self.patch_embed(images)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if gh * gw != pos.shape[1] - 1 or gh != gw:
+            pos = resize_pos_embed(pos, (gh, gw))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward_prefix(self, images: Tensor) -> Tensor:
+        """Text-independent part. images: (B, 3, H, W) -> (B, 1+N, D) after the first k blocks."""
+        return self._run(self.embed(images), 0, self.prefix_depth)
+
+    def forward_suffix(
+        self, prefix: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
+    ) -> VisionOutput:
+        """Text-dependent part.
+
+        prefix: (B, 1+N, D) from ``forward_prefix`` (index it to pair one image with several texts);
+        query: (B, Dt) text [CLS] states, or None for the text-agnostic query.
+        """
+        ratios = self.keep_ratios if keep_ratios is None else keep_ratios
+        layers = list(self.select_cfg.layers) + [len(self.blocks)]
+        x = prefix
+        b, n = x.shape[0], x.shape[1] - 1
+        candidates = torch.arange(n, device=x.device).expand(b, n)
+        selections: list[Selection] = []
+        has_fused, dropped = False, 0
+        for s, layer in enumerate(layers[:-1]):
+            k = num_keep(candidates.shape[1], ratios[s])
+            if self.selectors and k < candidates.shape[1]:
+                core = x[:, :-1] if has_fused else x
+                nc = candidates.shape[1]
+                logits = self.selectors[s](core, query, self.blocks[layer])
+                prev = None
+                if has_fused:
+                    prev = (x[:, -1:], dropped / (dropped + nc - k))
+                x, order, weights = select_and_fuse(core, logits, k, self.select_cfg.fuse_dropped, prev)
+                kept = candidates.gather(1, order[:, :k])
+                selections.append(Selection(logits, candidates, kept, weights))
+                candidates, dropped = kept, dropped + nc - k
+                has_fused = self.select_cfg.fuse_dropped
+            x = self._run(x, layer, layers[s + 1])
+        return VisionOutput(self.norm(x), selections)
+
+    def forward(
+        self, images: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
+    ) -> VisionOutput:
+        """images: (B, 3, H, W), query: (B, Dt) or None -> VisionOutput"""
+        return self.forward_suffix(self.forward_prefix(images), query, keep_ratios)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

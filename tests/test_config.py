@@ -1,0 +1,40 @@
+import pytest
+
+from copa.config import Config, ConfigError, load_config, to_dict
+
+
+def test_presets_load():
+    tiny = load_config("configs/tiny.yaml")
+    base = load_config("configs/base.yaml")
+    assert tiny.model.vision.width == 384 and tiny.model.vision.layers == 6
+    assert base.model.vision.width == 768 and base.model.decoder.layers == 12
+    assert base.model.fusion.stride == 3 and base.model.select.layers == [6]
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "model.select.keep_ratios=[0.25]", "train.lr=1e-3"])
+    assert cfg.train.steps == 7
+    assert cfg.model.select.keep_ratios == [0.25]
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+def test_unknown_key_and_bad_type_raise():
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(None, ["model.vision.widht=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="a.b=c"):
+        load_config(None, ["train.steps"])
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "child.yaml").write_text(f"_base_: {__import__('os').path.abspath('configs/tiny.yaml')}\ntrain: {{steps: 3}}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.steps == 3 and cfg.model.vision.width == 384
+
+
+def test_round_trip_dict():
+    cfg = load_config("configs/tiny.yaml")
+    from copa.config import from_dict
+
+    assert from_dict(Config, to_dict(cfg)) == cfg
