@@ -1,0 +1,207 @@
+"""The five pre-training objectives as modules (SPEC §2), and their combination.
+
+``PretrainObjective`` owns the whole per-step computation so that DDP/FSDP can wrap one module:
+every image's text-independent ViT prefix is computed once per step and shared by ITC (text-
+agnostic query), ITM (positive and both hard-negative pairs, each with its own text query), MLM,
+PrefixLM and PTA (phrase queries; PTA needs only the selector's logits on the prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from copa.model.copa import COPAModel
+from copa.model.selection import bce_patch_loss
+from copa.train.distributed import all_gather_nograd, all_gather_with_grad, rank
+
+LOSS_NAMES = ("itc", "itm", "mlm", "prefix_lm", "pta")
+
+
+class ITCLoss(nn.Module):
+    """Symmetric InfoNCE with negatives from every process (features gathered with gradient).
+
+    Rows sharing an image id are all positives (soft targets), so duplicate images in a batch are
+    not pushed apart.
+    """
+
+    def forward(self, img: Tensor, txt: Tensor, scale: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """img, txt: (B, E) unit vectors; image_ids: (B,) -> (loss, local similarity (B, B) detached)"""
+        all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
+        all_ids = all_gather_nograd(image_ids)
+        logits_i2t = scale * img @ all_txt.t()  # (B, world*B)
+        logits_t2i = scale * txt @ all_img.t()
+        pos = (image_ids[:, None] == all_ids[None, :]).float()
+        targets = pos / pos.sum(1, keepdim=True)
+        loss = 0.5 * (
+            torch.sum(-targets * logits_i2t.log_softmax(1), 1).mean()
+            + torch.sum(-targets * logits_t2i.log_softmax(1), 1).mean()
+        )
+        b = img.shape[0]
+        local = logits_i2t[:, rank() * b : (rank() + 1) * b]
+        return loss, local.detach()
+
+
+def sample_hard_negatives(sim: Tensor, image_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sample one hard negative text per image and one hard negative image per text.
+
+    sim: (B, B) image-to-text similarity logits; rows/cols with the same image id are never chosen.
+    Returns (neg_text_for_image (B,), neg_image_for_text (B,)). With no valid negative (a batch of
+    one image) the sample falls back to a uniform choice among other rows.
+    """
+    same = image_ids[:, None] == image_ids[None, :]
+    w_i2t = sim.float().softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
+    w_t2i = sim.float().t().softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
+    if bool((~same).any(1).all()):
+        neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+        neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    else:
+        raise ValueError("hard negatives need at least two distinct images in the batch")
+    return neg_txt, neg_img
+
+
+def mask_tokens(ids: Tensor, mask: Tensor, vocab: int, mask_id: int, special: Tensor, prob: float) -> tuple[Tensor, Tensor]:
+    """BERT masking: choose ``prob`` of the real tokens; 80% -> [MASK], 10% random, 10% kept.
+
+    ids, mask: (B, L); special: (B, L) bool for [CLS]/[SEP]/[PAD]. Returns (masked ids, labels with
+    -100 where not chosen). At least one token per row is chosen so no row is wasted.
+    """
+    cand = mask.bool() & ~special
+    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & cand
+    first = cand.float().argmax(1)  # rows with nothing chosen get their first real token
+    none = ~chosen.any(1) & cand.any(1)
+    chosen[none, first[none]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, device=ids.device)
+    out = ids.clone()
+    out[chosen & (r < 0.8)] = mask_id
+    rand_pos = chosen & (r >= 0.8) & (r < 0.9)
+    out[rand_pos] = torch.randint(vocab, (int(rand_pos.sum()),), device=ids.device)
+    return out, labels
+
+
+def split_prefix(ids: Tensor, mask: Tensor, cls_id: int, sep_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cut each caption at a random word boundary for PrefixLM (vectorised, no loop over the batch).
+
+    ids, mask: (B, L) as ``[CLS] w1..wn [SEP] pad``. The prefix ``[CLS] w1..wc [SEP]`` (c in [0, n-1])
+    goes to the encoder; the decoder reads ``[CLS] w_{c+1}..w_n`` and predicts ``w_{c+1}..w_n [SEP]``.
+    Returns (prefix ids, prefix mask, decoder input, decoder mask, targets with -100 on padding).
+    """
+    b, length = ids.shape
+    n = mask.sum(1) - 2  # words per caption
+    cut = (torch.rand(b, device=ids.device) * n.clamp(min=1).float()).long().clamp(max=(n - 1).clamp(min=0))
+    pos = torch.arange(length, device=ids.device)[None, :]
+    pre = torch.where(pos <= cut[:, None], ids, torch.full_like(ids, pad_id))
+    pre = torch.where(pos == cut[:, None] + 1, torch.full_like(ids, sep_id), pre)
+    pre_mask = (pos <= cut[:, None] + 1).long()
+    width = int((n - cut).max()) + 1  # words after the cut + [SEP]
+    j = torch.arange(width, device=ids.device)[None, :]
+    src = (cut[:, None] + 1 + j).clamp(max=length - 1)
+    valid = j <= (n - cut)[:, None]
+    target = torch.where(valid, ids.gather(1, src), torch.full_like(src, -100))
+    dec_in = torch.cat([torch.full((b, 1), cls_id, device=ids.device, dtype=ids.dtype), ids.gather(1, src)[:, :-1]], 1)
+    dec_mask = valid.long()
+    dec_in = torch.where(dec_mask.bool(), dec_in, torch.full_like(dec_in, pad_id))
+    keep = int(pre_mask.sum(1).max())
+    return pre[:, :keep], pre_mask[:, :keep], dec_in, dec_mask, target
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    losses: dict[str, Tensor]
+    sim: Tensor | None = None  # (B, B) ITC similarity, for inspection
+    neg_txt: Tensor | None = None
+    neg_img: Tensor | None = None
+
+
+class PretrainObjective(nn.Module):
+    """All pre-training losses for one batch; wrap this module with DDP/FSDP."""
+
+    def __init__(self, model: COPAModel, weights: dict[str, float], mlm_prob: float = 0.15, pta_pos_weight: float = 2.0) -> None:
+        super().__init__()
+        unknown = set(weights) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {LOSS_NAMES}")
+        self.model = model
+        self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_NAMES}
+        self.itc_loss = ITCLoss()
+        self.mlm_prob = mlm_prob
+        self.pta_pos_weight = pta_pos_weight
+        tok = model.tokenizer
+        self.cls_id, self.sep_id, self.pad_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
+        self.vocab = tok.vocab_size
+
+    def _special(self, ids: Tensor) -> Tensor:
+        return (ids == self.cls_id) | (ids == self.sep_id) | (ids == self.pad_id)
+
+    def forward(self, batch) -> StepOutput:  # noqa: ANN001 - copa.data.collate.Batch
+        m, w = self.model, self.weights
+        losses: dict[str, Tensor] = {}
+        ids, mask = batch.caption_ids, batch.caption_mask
+        prefix = m.image_prefix(batch.images)  # (B, 1+N, D): once per image per step
+        txt = m.encode_text(ids, mask)
+        txt_cls = txt[:, 0]
+        sim = neg_txt = neg_img = None
+
+        if w["itc"] or w["itm"]:
+            img_feat = m.itc.image(m.encode_image(prefix).cls)  # text-agnostic query
+            txt_feat = m.itc.text(txt_cls)
+            losses["itc"], sim = self.itc_loss(img_feat, txt_feat, m.itc.scale, batch.image_ids)
+
+        if w["itm"]:
+            b = ids.shape[0]
+            neg_txt, neg_img = sample_hard_negatives(sim, batch.image_ids)
+            ar = torch.arange(b, device=ids.device)
+            img_idx = torch.cat([ar, ar, neg_img])  # positive, (image, hard text), (hard image, text)
+            txt_idx = torch.cat([ar, neg_txt, ar])
+            vis = m.encode_image(prefix[img_idx], txt_cls[txt_idx])
+            fused = m.fuse(vis, txt[txt_idx], mask[txt_idx])
+            labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
+            losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels)
+
+        if w["mlm"]:
+            mids, mlabels = mask_tokens(ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob)
+            mtxt = m.encode_text(mids, mask)
+            fused = m.fuse(m.encode_image(prefix, mtxt[:, 0]), mtxt, mask)
+            logits = m.mlm_head(fused.text)
+            losses["mlm"] = F.cross_entropy(logits.float().flatten(0, 1), mlabels.flatten(), ignore_index=-100)
+
+        if w["prefix_lm"]:
+            pids, pmask, dec_in, dec_mask, target = split_prefix(ids, mask, self.cls_id, self.sep_id, self.pad_id)
+            ptxt = m.encode_text(pids, pmask)
+            fused = m.fuse(m.encode_image(prefix, ptxt[:, 0]), ptxt, pmask)
+            ctx, cmask = fused.context()
+            h = m.decode(dec_in, dec_mask, ctx, cmask)
+            logits = m.lm_head(h)
+            losses["prefix_lm"] = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+
+        if w["pta"]:
+            losses["pta"] = self.pta_loss(prefix, batch)
+
+        total = sum(w[k] * v for k, v in losses.items())
+        return StepOutput(total, losses, sim, neg_txt, neg_img)
+
+    def pta_loss(self, prefix: Tensor, batch) -> Tensor:  # noqa: ANN001
+        """BCE of first-stage selector logits vs patch labels, for phrase queries and the
+        text-agnostic query (union of boxes). Zero (with a graph) when no sample carries boxes or the
+        selector has no parameters to train."""
+        m = self.model
+        selectors = m.vision.selectors
+        zero = prefix.sum() * 0.0
+        if len(selectors) == 0 or not any(p.requires_grad for p in selectors[0].parameters()):
+            return zero
+        sel, block = selectors[0], m.vision.blocks[m.vision.prefix_depth]
+        parts = []
+        if batch.phrase_ids.shape[0] > 0:
+            ph = m.encode_text(batch.phrase_ids, batch.phrase_mask)[:, 0]
+            logits = sel(prefix[batch.phrase_image], ph, block)
+            parts.append(bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight))
+        boxed = batch.has_boxes.nonzero().squeeze(1)
+        if boxed.numel() > 0:
+            logits = sel(prefix[boxed], None, block)
+            parts.append(bce_patch_loss(logits, batch.union_labels[boxed], self.pta_pos_weight))
+        return sum(parts) / len(parts) if parts else zero

@@ -1,0 +1,77 @@
+"""Patch-Text Alignment quality: per-patch average precision and object-patch recall.
+
+Object-patch recall is the share of the patches under the queried object's box that survive
+selection at a keep ratio; random selection scores the keep ratio itself in expectation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from copa.model.selection import num_keep
+
+
+def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """AP of each row's ranking. scores, labels: (Q, N) -> (Q,); rows without positives -> nan.
+
+    AP = mean over positives of precision at that positive's rank; ties are broken by position,
+    pessimistically for positives (negatives with an equal score rank first), so AP never flatters.
+    """
+    q, n = scores.shape
+    labels = labels.float()
+    # sort by score desc; among equal scores put negatives first (pessimistic tie-breaking)
+    key = scores.double() - labels.double() * 1e-12
+    order = key.argsort(dim=1, descending=True, stable=True)
+    rel = labels.gather(1, order)
+    hits = rel.cumsum(1)
+    ranks = torch.arange(1, n + 1, device=scores.device).double()
+    prec = hits.double() / ranks
+    npos = rel.sum(1)
+    ap = (prec * rel).sum(1) / npos.clamp(min=1)
+    return torch.where(npos > 0, ap, torch.full_like(ap, float("nan"))).float()
+
+
+def object_patch_recall(logits: Tensor, labels: Tensor, keep_ratio: float) -> Tensor:
+    """Share of positive patches inside the top-K by logit. (Q, N), (Q, N) -> (Q,); no positives -> nan."""
+    n = logits.shape[1]
+    k = num_keep(n, keep_ratio)
+    kept = torch.zeros_like(labels, dtype=torch.bool)
+    kept.scatter_(1, logits.topk(k, dim=1).indices, True)
+    pos = labels.bool()
+    npos = pos.sum(1)
+    rec = (kept & pos).sum(1).float() / npos.clamp(min=1)
+    return torch.where(npos > 0, rec, torch.full_like(rec, float("nan")))
+
+
+def random_recall_expectation(n: int, keep_ratio: float) -> float:
+    """Expected object-patch recall of a uniformly random selection: K / N."""
+    return num_keep(n, keep_ratio) / n
+
+
+class PTAMeter:
+    """Accumulates AP and recall over batches for phrase queries and the text-agnostic query."""
+
+    def __init__(self, keep_ratio: float) -> None:
+        self.keep_ratio = keep_ratio
+        self.vals: dict[str, list[Tensor]] = {"ap_phrase": [], "recall_phrase": [], "ap_agnostic": [], "recall_agnostic": []}
+        self.n = 0
+
+    def add(self, kind: str, logits: Tensor, labels: Tensor) -> None:
+        if logits.shape[0] == 0:
+            return
+        self.n = logits.shape[1]
+        self.vals[f"ap_{kind}"].append(average_precision(logits.detach().float(), labels))
+        self.vals[f"recall_{kind}"].append(object_patch_recall(logits.detach().float(), labels, self.keep_ratio))
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for k, v in self.vals.items():
+            if v:
+                x = torch.cat(v)
+                x = x[~x.isnan()]
+                out[k] = float(x.mean()) if x.numel() else float("nan")
+        out["keep_ratio"] = self.keep_ratio
+        if self.n:
+            out["recall_random"] = random_recall_expectation(self.n, self.keep_ratio)
+        return out

@@ -1,0 +1,353 @@
+"""The pre-training loop: AdamW (lower LR for the ViT), warm-up + cosine, accumulation, clipping,
+bf16 autocast, checkpoints that resume exactly, DDP/FSDP, CSV + TensorBoard logs, validation with
+PTA quality metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from copa.config import Config, to_dict
+from copa.model.copa import COPAModel
+from copa.train import distributed as D
+from copa.train.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from copa.train.losses import LOSS_NAMES, PretrainObjective
+from copa.train.pta_metrics import PTAMeter
+from copa.train.sampler import EpochSeeded, ResumableSampler, loader_generator
+from copa.utils.device import autocast, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------ optimisation
+def param_groups(model: COPAModel, lr: float, lr_vit: float, wd: float) -> list[dict[str, Any]]:
+    """ViT backbone at ``lr_vit`` (pretrained features move slowly), everything else at ``lr``;
+    no weight decay on biases, norms, embeddings and other 1-D parameters."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        vit = name.startswith("vision.") and not name.startswith("vision.selectors")
+        decay = p.ndim >= 2 and "embed" not in name and "token" not in name
+        groups.setdefault((vit, decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr_vit if vit else lr, "weight_decay": wd if decay else 0.0, "base_lr": lr_vit if vit else lr}
+        for (vit, decay), ps in groups.items()
+    ]
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.05):  # noqa: ANN201
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+# ------------------------------------------------------------------------------ data
+def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
+    from copa.data.dataset import PretrainDataset
+    from copa.data.readers import read_records
+
+    out = {}
+    v = cfg.model.vision
+    for split in splits:
+        path = getattr(cfg.data, split)
+        recs = read_records(path, cfg.data.format, cfg.data.image_root)
+        out[split] = PretrainDataset(recs, cfg.data, v.image_size, v.patch_size, train=split == "train")
+        log.info("%s: %d records from %s; bad input: %s", split, len(out[split]), path, out[split].report.summary())
+    return out
+
+
+def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_size: int | None = None) -> DataLoader:
+    from copa.data.collate import Collator
+
+    sampler = ResumableSampler(len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start)
+    return DataLoader(
+        EpochSeeded(dataset, cfg.seed),
+        batch_size=batch_size or cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
+        generator=loader_generator(cfg.seed),
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+
+# ------------------------------------------------------------------------------ logging
+class RunLog:
+    """CSV + TensorBoard on rank 0; no-op elsewhere."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.files: dict[str, tuple[Any, csv.DictWriter]] = {}
+        self.out = out
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                log.warning("tensorboard not installed: CSV logs only")
+
+    def write(self, name: str, step: int, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **row}
+        if name not in self.files:
+            path = self.out / f"{name}.csv"
+            append = path.exists()
+            f = path.open("a", newline="")
+            w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+            if not append:
+                w.writeheader()
+            self.files[name] = (f, w)
+        f, w = self.files[name]
+        w.writerow(row)
+        f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{name}/{k}", v, step)
+
+    def close(self) -> None:
+        for f, _ in self.files.values():
+            f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------ validation
+@torch.no_grad()
+def validate(objective: PretrainObjective, loader: DataLoader, device: torch.device, dtype: torch.dtype,
+             max_batches: int = 8) -> dict[str, float]:
+    """Validation losses and PTA metrics (AP, object-patch recall at the first stage's keep ratio).
+
+    Runs under a forked RNG so that validating never changes the training run's random stream.
+    """
+    model = objective.model
+    was_training = model.training
+    model.eval()
+    meter = PTAMeter(model.vision.keep_ratios[0])
+    sums: dict[str, float] = {}
+    n = 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(1234)
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                out = objective(batch)
+                for k, v in out.losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+                pta_batch(model, batch, meter)
+    model.train(was_training)
+    res = {f"val_{k}": v / max(1, n) for k, v in sums.items()}
+    res.update({f"pta_{k}": v for k, v in meter.result().items()})
+    return res
+
+
+def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
+    """First-stage selector logits for each phrase and for the text-agnostic query vs. labels."""
+    if not len(model.vision.selectors):
+        return
+    sel, block = model.vision.selectors[0], model.vision.blocks[model.vision.prefix_depth]
+    prefix = model.image_prefix(batch.images)
+    if batch.phrase_ids.shape[0]:
+        q = model.encode_text(batch.phrase_ids, batch.phrase_mask)[:, 0]
+        meter.add("phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels)
+    boxed = batch.has_boxes.nonzero().squeeze(1)
+    if boxed.numel():
+        meter.add("agnostic", sel(prefix[boxed], None, block), batch.union_labels[boxed])
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class TrainResult:
+    steps: int
+    final: dict[str, float]
+    out: Path
+
+
+def _wrap(objective: PretrainObjective, cfg: Config, device: torch.device) -> nn.Module:
+    if D.world_size() == 1:
+        return objective
+    if cfg.train.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        m = objective.model
+        for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
+            fully_shard(layer)
+        fully_shard(objective)
+        return objective
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # the box head is not used in pre-training, hence find_unused_parameters
+    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def _state_dict_for_save(objective: PretrainObjective, cfg: Config) -> None:
+    """With FSDP, materialise full parameters on every rank before rank 0 saves (collective)."""
+    if D.world_size() > 1 and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(objective.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
+def pretrain(cfg: Config, out: str | Path, resume: bool = False, init: str | None = None) -> TrainResult:
+    out = Path(out)
+    device = D.init_from_env()
+    main = D.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = COPAModel.from_pretrained(init) if init else COPAModel(cfg.model)
+    if init:
+        model.cfg.select = cfg.model.select
+        model.set_keep_ratio(cfg.model.select.keep_ratios)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device).train()
+    dtype = resolve_precision(cfg.train.precision, device)
+    t = cfg.train
+    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight)
+    datasets = build_datasets(cfg)
+    start_step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
+    if ckpt is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+        state = load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        set_rng_state(state["rng"][D.rank()] if isinstance(state["rng"], list) else state["rng"])
+        log.info("resumed from %s at step %d", ckpt, start_step)
+    elif resume:
+        log.info("no checkpoint in %s: starting from scratch", out)
+    if ckpt is None:  # from here on each rank draws its own masks, cuts and negatives
+        torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)
+    wrapped = _wrap(objective, cfg, device)
+
+    per_step = t.batch_size * t.grad_accum
+    train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step)
+    val_loader = make_loader(datasets["val"], cfg, train=False, batch_size=min(t.batch_size, len(datasets["val"]) // D.world_size()))
+    it = iter(train_loader)
+    runlog = RunLog(out, main)
+    data_events: dict[str, int] = dict(datasets["train"].report.summary().get("counts", {}))
+
+    bar = None
+    if main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc="pretrain", dynamic_ncols=True, mininterval=1.0)
+    last_val: dict[str, float] = {}
+    t0 = time.perf_counter()
+    window_t, window_n = time.perf_counter(), 0
+    step = start_step
+    stopped_early = False
+    try:
+        while step < t.steps:
+            losses_acc = {k: 0.0 for k in LOSS_NAMES}
+            for _ in range(t.grad_accum):
+                batch = next(it)
+                for k, v in batch.events.items() if hasattr(batch, "events") else []:
+                    data_events[k] = data_events.get(k, 0) + int(v)
+                batch = batch.to(device)
+                with autocast(device, dtype):
+                    res = wrapped(batch)
+                bad = [k for k, v in res.losses.items() if not torch.isfinite(v)]
+                flag = D.all_reduce_mean(torch.tensor(float(bool(bad)), device=device))
+                if flag > 0:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1}: {bad or 'on another rank'}; "
+                        f"stopping, the last good checkpoint is kept ({latest_checkpoint(out)})"
+                    )
+                (res.loss / t.grad_accum).backward()
+                for k, v in res.losses.items():
+                    losses_acc[k] += float(v) / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad) if t.clip_grad > 0 else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window_n += per_step * D.world_size()
+            total = sum(objective.weights[k] * v for k, v in losses_acc.items())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses_acc.items() if objective.weights[k]} | {"sps": f"{window_n / max(1e-9, time.perf_counter() - window_t):.1f}"}, refresh=False)
+            if step % t.log_every == 0 or step == t.steps:
+                sps = window_n / max(1e-9, time.perf_counter() - window_t)
+                runlog.write("train_log", step, {"loss": total, **losses_acc, "lr": sched.get_last_lr()[-1],
+                                                 "grad_norm": float(grad_norm), "samples_per_s": sps,
+                                                 "elapsed_s": time.perf_counter() - t0})
+                window_t, window_n = time.perf_counter(), 0
+            budget_hit = t.time_budget_s > 0 and time.perf_counter() - t0 > t.time_budget_s
+            if step % t.val_every == 0 or step == t.steps or budget_hit:
+                last_val = validate(objective, val_loader, device, dtype)
+                runlog.write("val_log", step, last_val)
+                if main:
+                    log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
+            if step % t.ckpt_every == 0 or step == t.steps or budget_hit:
+                full = _state_dict_for_save(objective, cfg)
+                rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
+                if main:
+                    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                             "rng": rngs, "data_position": step * per_step}
+                    save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)})
+                del full
+                D.barrier()
+            if budget_hit and step < t.steps:
+                log.warning("time budget of %.0f s reached at step %d of %d: stopping early", t.time_budget_s, step, t.steps)
+                stopped_early = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        runlog.close()
+    summary = {"steps": step, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
+               "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
+               "final_val": last_val, "data_report": {"train": datasets["train"].report.summary(), "events": data_events},
+               "parameters": model.num_parameters()}
+    if main:
+        model.save_pretrained(out / "model", extra={"provenance": provenance(cfg, step)})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out / "pta_metrics.json").write_text(json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2))
+    D.barrier()
+    return TrainResult(step, last_val, out)
+
+
+def provenance(cfg: Config, step: int) -> dict[str, Any]:
+    import platform
+
+    return {"step": step, "data": {"train": cfg.data.train}, "seed": cfg.seed, "torch": torch.__version__,
+            "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "name": cfg.name}
