@@ -95,6 +95,11 @@ class DataConfig:
     box_share: float = 0.05  # share of training images that keep their boxes (synthetic data)
     min_box_visible: float = 0.3  # drop a box whose visible area after cropping is below this share
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    max_image_side: int = 4096  # larger images are downscaled on load (boxes follow)
+    min_image_side: int = 8  # smaller images are skipped
+    max_caption_chars: int = 1000  # longer texts are cut (counted as long_caption)
+    decode_check: bool = False  # fully decode every image before training (finds truncated files early)
     hflip: float = 0.5
     patch_tau: float = 0.25
     max_phrases: int = 4

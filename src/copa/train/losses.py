@@ -167,8 +167,9 @@ class PretrainObjective(nn.Module):
             mids, mlabels = mask_tokens(ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob)
             mtxt = m.encode_text(mids, mask)
             fused = m.fuse(m.encode_image(prefix, mtxt[:, 0]), mtxt, mask)
-            logits = m.mlm_head(fused.text)
-            losses["mlm"] = F.cross_entropy(logits.float().flatten(0, 1), mlabels.flatten(), ignore_index=-100)
+            chosen = mlabels != -100  # the vocabulary projection runs on masked positions only
+            logits = m.mlm_head(fused.text[chosen])
+            losses["mlm"] = F.cross_entropy(logits.float(), mlabels[chosen])
 
         if w["prefix_lm"]:
             pids, pmask, dec_in, dec_mask, target = split_prefix(ids, mask, self.cls_id, self.sep_id, self.pad_id)
@@ -176,8 +177,9 @@ class PretrainObjective(nn.Module):
             fused = m.fuse(m.encode_image(prefix, ptxt[:, 0]), ptxt, pmask)
             ctx, cmask = fused.context()
             h = m.decode(dec_in, dec_mask, ctx, cmask)
-            logits = m.lm_head(h)
-            losses["prefix_lm"] = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+            valid = target != -100
+            logits = m.lm_head(h[valid])
+            losses["prefix_lm"] = F.cross_entropy(logits.float(), target[valid])
 
         if w["pta"]:
             losses["pta"] = self.pta_loss(prefix, batch)

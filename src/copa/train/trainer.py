@@ -73,7 +73,12 @@ def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> d
     for split in splits:
         path = getattr(cfg.data, split)
         recs = read_records(path, cfg.data.format, cfg.data.image_root)
-        out[split] = PretrainDataset(recs, cfg.data, v.image_size, v.patch_size, train=split == "train")
+        d = cfg.data
+        out[split] = PretrainDataset(
+            recs, d, v.image_size, v.patch_size, train=split == "train", decode=d.decode_check,
+            crop_ratio=d.crop_ratio, max_side=d.max_image_side, min_side=d.min_image_side,
+            max_caption_chars=d.max_caption_chars,
+        )
         log.info("%s: %d records from %s; bad input: %s", split, len(out[split]), path, out[split].report.summary())
     return out
 

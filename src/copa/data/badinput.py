@@ -1,0 +1,306 @@
+"""Bad input: validate records and images, repair what can be repaired, count everything.
+
+Policy (SPEC §3: nothing is lost silently, nothing stops the run):
+
+* ``validate_records`` runs once in the main process before training. It cleans texts and boxes
+  and opens every image *header* (cheap: no pixel decode) to catch missing, corrupt, tiny, huge and
+  non-RGB images. Records that cannot be used are dropped here, so a DataLoader never sees them,
+  and every count lives in one ``DataReport`` in the main process.
+* A header can look fine while the pixel data is broken (a truncated JPEG). ``decode=True`` finds
+  those in the pre-scan too (full decode; fine for small sets such as the synthetic one). Otherwise
+  the dataset finds them when loading, and substitutes the next good sample; that substitution is
+  reported as events that travel with the batch (``Batch.events``) so the main process can merge
+  them (``DataReport.update``) — counted, never silent.
+
+Kinds: ``SKIP`` lose the record, ``REPAIR`` fix it, ``DROP`` remove one caption/box of it, ``INFO``
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from copa.data.records import QA, Box, Obj, Record, Ref
+
+log = logging.getLogger(__name__)
+
+SKIP = ("missing_file", "corrupt_file", "truncated_image", "tiny_image", "decompression_bomb", "no_text")
+REPAIR = ("non_rgb_converted", "huge_image", "long_caption", "box_outside", "negative_coords")
+DROP = ("empty_caption", "empty_phrase", "zero_area_box")
+INFO = ("non_ascii", "substituted")
+KINDS = SKIP + REPAIR + DROP + INFO
+
+MIN_SIDE = 8  # smaller images carry no usable content at 16-px patches
+MAX_SIDE = 4096  # larger images are downscaled on load (JPEG via draft mode: decodes at 1/2^k)
+MAX_CAPTION_CHARS = 1000  # far beyond any tokenizer max_len; keeps tokenization cheap
+
+
+@dataclass
+class DataReport:
+    """Counts of bad-input events by kind, plus records in/out. Mergeable (``merge``/``update``)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    records_in: int = 0
+    records_out: int = 0
+
+    def add(self, kind: str, n: int = 1) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown data-report kind {kind!r}")
+        self.counts[kind] += n
+
+    def update(self, events: Mapping[str, int]) -> None:
+        """Add event counts, e.g. ``Batch.events`` produced in DataLoader workers."""
+        for k, n in events.items():
+            self.add(k, n)
+
+    def merge(self, other: DataReport) -> DataReport:
+        self.update(other.counts)
+        self.records_in += other.records_in
+        self.records_out += other.records_out
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary for the run summary: totals per class and counts per kind."""
+        c = self.counts
+        return {
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "skipped": sum(c[k] for k in SKIP),
+            "repaired": sum(c[k] for k in REPAIR),
+            "dropped_items": sum(c[k] for k in DROP),
+            "counts": {k: c[k] for k in KINDS if c[k]},
+        }
+
+
+class ImageError(Exception):
+    """An image that cannot be used; ``kind`` is one of the SKIP kinds."""
+
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(f"{kind}: {msg}")
+        self.kind, self.msg = kind, msg
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across DataLoader workers
+        return ImageError, (self.kind, self.msg)
+
+
+def _open(rec: Record) -> Image.Image:
+    src: Any = io.BytesIO(rec.data) if rec.data is not None else rec.image
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x PIL's pixel limit PIL only warns; we downscale those anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(src)
+    except FileNotFoundError as e:
+        raise ImageError("missing_file", str(rec.image)) from e
+    except Image.DecompressionBombError as e:
+        raise ImageError("decompression_bomb", f"{rec.image}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError("corrupt_file", f"{rec.image}: {e}") from e
+
+
+def _check_size(im: Image.Image, rec: Record, min_side: int) -> None:
+    if min(im.size) < min_side:
+        raise ImageError("tiny_image", f"{rec.image}: {im.size[0]}x{im.size[1]}")
+
+
+def _decode_error(e: Exception, rec: Record) -> ImageError:
+    kind = "truncated_image" if "truncat" in str(e).lower() else "corrupt_file"
+    return ImageError(kind, f"{rec.image}: {e}")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB; transparency is composited over white (not dropped: hidden pixels of
+    transparent regions are often garbage)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+@dataclass
+class Loaded:
+    """A decoded RGB image; ``scale`` (sx, sy) maps boxes in ``orig_size`` pixels onto ``image``."""
+
+    image: Image.Image
+    orig_size: tuple[int, int]
+    scale: tuple[float, float]
+    repairs: list[str]
+
+
+def load_image(rec: Record, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Loaded:
+    """Decode a record's image as RGB, at most ``max_side`` pixels per side.
+
+    ``repairs`` of the result lists the REPAIR kinds applied (non-RGB, huge).
+
+    Raises:
+        ImageError: the image cannot be used (kind says why).
+    """
+    im = _open(rec)
+    repairs: list[str] = []
+    try:
+        orig = im.size
+        _check_size(im, rec, min_side)
+        if max(orig) > max_side:
+            repairs.append("huge_image")
+            if im.format == "JPEG":
+                im.draft("RGB", (max_side, max_side))  # decode at a reduced scale: cheap
+        if im.mode != "RGB":
+            repairs.append("non_rgb_converted")
+        try:
+            im.load()
+            out = to_rgb(im)
+        except Exception as e:  # PIL raises many exception types for broken data
+            raise _decode_error(e, rec) from e
+    except BaseException:
+        im.close()
+        raise
+    if out is not im:
+        im.close()
+    if max(out.size) > max_side:
+        out.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return Loaded(out, orig, (out.width / orig[0], out.height / orig[1]), repairs)
+
+
+def check_image(
+    rec: Record, decode: bool = False, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE
+) -> tuple[int, int, list[str]]:
+    """Header check (``decode=True``: full decode too). Returns (width, height, repairs to come)."""
+    if decode:
+        ld = load_image(rec, max_side, min_side)
+        ld.image.close()
+        return ld.orig_size[0], ld.orig_size[1], ld.repairs
+    with _open(rec) as im:
+        _check_size(im, rec, min_side)
+        repairs = ["huge_image"] if max(im.size) > max_side else []
+        if im.mode != "RGB":
+            repairs.append("non_rgb_converted")
+        return im.width, im.height, repairs
+
+
+def clean_text(text: str, report: DataReport, empty_kind: str, max_chars: int) -> str | None:
+    """Strip; ``None`` (and count ``empty_kind``) if nothing is left; truncate overlong text."""
+    t = " ".join(str(text).split())
+    if not t:
+        report.add(empty_kind)
+        return None
+    if len(t) > max_chars:
+        report.add("long_caption")
+        cut = t[:max_chars]
+        t = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    if not t.isascii():
+        report.add("non_ascii")
+    return t
+
+
+def clean_box(box: Box, width: int | None, height: int | None) -> tuple[Box | None, str | None]:
+    """Clip a box to the image. Returns (box or None if dropped, kind counted or None).
+
+    Zero/negative size or non-finite values → dropped (``zero_area_box``); negative coordinates →
+    clipped (``negative_coords``); beyond the right/bottom edge by more than a pixel (COCO has
+    sub-pixel overshoots that are clipped silently) → clipped (``box_outside``); nothing left after
+    clipping → dropped.
+    """
+    x, y, w, h = box
+    if not all(math.isfinite(v) for v in box) or w <= 0 or h <= 0:
+        return None, "zero_area_box"
+    x1, y1 = x + w, y + h
+    kind = None
+    if x < 0 or y < 0:
+        kind = "negative_coords"
+    elif width is not None and height is not None and (x1 > width + 1 or y1 > height + 1):
+        kind = "box_outside"
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    if width is not None and height is not None:
+        x1, y1 = min(x1, float(width)), min(y1, float(height))
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return None, kind or "box_outside"
+    return (x0, y0, x1 - x0, y1 - y0), kind
+
+
+def validate_record(
+    rec: Record,
+    report: DataReport,
+    check_images: bool = True,
+    decode: bool = False,
+    min_side: int = MIN_SIDE,
+    max_side: int = MAX_SIDE,
+    max_caption_chars: int = MAX_CAPTION_CHARS,
+) -> Record | None:
+    """A cleaned copy of ``rec``, or ``None`` if it is unusable. Counts go to ``report``."""
+    width, height = rec.width, rec.height
+    if check_images:
+        try:
+            width, height, repairs = check_image(rec, decode, min_side, max_side)
+        except ImageError as e:
+            log.debug("skip %s", e)
+            report.add(e.kind)
+            return None
+        for k in repairs:
+            report.add(k)
+    mc = max_caption_chars
+    captions = [c for c in (clean_text(t, report, "empty_caption", mc) for t in rec.captions) if c]
+
+    def box_ok(b: Box) -> Box | None:
+        nb, kind = clean_box(b, width, height)
+        if kind:
+            report.add(kind)
+        return nb
+
+    objects = []
+    for o in rec.objects:
+        b = box_ok(o.box)
+        p = clean_text(o.phrase, report, "empty_phrase", mc) if b else None
+        if b and p:
+            objects.append(Obj(b, p))
+    refs = []
+    for r in rec.refs:
+        b = box_ok(r.box)
+        p = clean_text(r.phrase, report, "empty_phrase", mc) if b else None
+        if b and p:
+            refs.append(Ref(p, b))
+    questions = []
+    for qa in rec.questions:
+        q = clean_text(qa.q, report, "empty_caption", mc)
+        answers = [a for a in (" ".join(str(a).split()) for a in qa.answers) if a]
+        if q and answers:
+            questions.append(QA(q, answers))
+    if not (captions or questions or refs):
+        report.add("no_text")
+        return None
+    return replace(
+        rec, captions=captions, objects=objects, refs=refs, questions=questions, width=width, height=height
+    )
+
+
+def validate_records(
+    records: Iterable[Record],
+    report: DataReport | None = None,
+    check_images: bool = True,
+    decode: bool = False,
+    **kw: Any,
+) -> tuple[list[Record], DataReport]:
+    """Pre-scan: (usable cleaned records in input order, report). See the module docstring."""
+    report = report if report is not None else DataReport()
+    good = []
+    for rec in records:
+        report.records_in += 1
+        r = validate_record(rec, report, check_images, decode, **kw)
+        if r is not None:
+            good.append(r)
+    report.records_out += len(good)
+    s = report.summary()
+    if s["skipped"] or s["repaired"] or s["dropped_items"]:
+        log.warning("data: %d of %d records usable; %s", len(good), s["records_in"], s["counts"])
+    return good, report

@@ -1,0 +1,309 @@
+"""Pre-training datasets: a record + its image → one sample dict (tokenization is left to collate).
+
+Sample dict (``N`` = patches of the model image, ``M`` = surviving boxes, ``m ≤ max_phrases``):
+
+==================  =============================================================================
+``image``           (3, H, W) float32, normalised
+``image_id``        int, index of the distinct image (same image path → same id)
+``caption``         str: random caption in training, the first in evaluation
+``boxes``           (M, 4) float32 xywh pixels of the model image (all surviving object boxes)
+``has_boxes``       bool: the record has objects and at least one survived the crop
+``phrases``         list[str] of length m, their ``phrase_labels`` (m, N) float32 0/1
+``union_labels``    (N,) float32: union of the labels of all M boxes
+``question``        str | None, ``answers`` list[str]
+``ref``             str | None, ``ref_box`` (4,) float32 normalised (cx, cy, w, h), ``ref_valid`` bool
+``events``          dict[str, int]: bad-input events met while building this sample
+==================  =============================================================================
+
+After a horizontal flip every text of the sample has "left" and "right" swapped.
+
+Randomness comes from a numpy generator seeded by a draw from torch's global generator, which
+DataLoader seeds per worker and per epoch, so ``torch.manual_seed`` makes a run reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from copa.config import DataConfig
+from copa.data.badinput import (
+    MAX_CAPTION_CHARS,
+    MAX_SIDE,
+    MIN_SIDE,
+    DataReport,
+    ImageError,
+    load_image,
+    validate_record,
+    validate_records,
+)
+from copa.data.patch_labels import box_to_patch_labels, grid_size, union_labels
+from copa.data.readers import detect_format, read_records
+from copa.data.records import Record
+from copa.data.shards import ShardDataset, stable_id
+from copa.data.transforms import ImageBoxTransform, swap_left_right
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+class SampleBuilder:
+    """Record → sample dict (see the module docstring). Picklable; raises ``ImageError``."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        image_size: int | Sequence[int],
+        patch_size: int,
+        train: bool,
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        max_side: int = MAX_SIDE,
+        min_side: int = MIN_SIDE,
+    ) -> None:
+        self.image_size = _size(image_size)
+        self.patch_size = patch_size
+        self.train = train
+        self.tau = cfg.patch_tau
+        self.max_phrases = cfg.max_phrases
+        self.max_side, self.min_side = max_side, min_side
+        self.num_patches = int(np.prod(grid_size(self.image_size, patch_size)))
+        self.transform = ImageBoxTransform(
+            self.image_size,
+            train,
+            tuple(cfg.crop_scale),
+            crop_ratio,
+            cfg.hflip,
+            cfg.min_box_visible,
+            tuple(cfg.mean),
+            tuple(cfg.std),
+        )
+
+    def _pick(self, n: int, rng: np.random.Generator) -> int | None:
+        if n == 0:
+            return None
+        return int(rng.integers(n)) if self.train else 0
+
+    def __call__(self, rec: Record, image_id: int, rng: np.random.Generator) -> Sample:
+        ld = load_image(rec, self.max_side, self.min_side)
+        qi = self._pick(len(rec.questions), rng)
+        ri = self._pick(len(rec.refs), rng)
+        ci = self._pick(len(rec.captions), rng)
+        boxes = [o.box for o in rec.objects] + ([rec.refs[ri].box] if ri is not None else [])
+        sx, sy = ld.scale
+        src = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
+        aug = self.transform(ld.image, src, rng)
+        fix = swap_left_right if aug.flipped else (lambda t: t)
+
+        n_obj = len(rec.objects)
+        kept = np.flatnonzero(aug.keep[:n_obj])
+        obj_boxes = torch.from_numpy(aug.boxes[kept]).float()
+        labels = box_to_patch_labels(obj_boxes, self.image_size, self.patch_size, self.tau)
+        order = rng.permutation(len(kept)) if self.train else np.arange(len(kept))
+        chosen = order[: self.max_phrases]
+
+        H, W = self.image_size
+        ref_box = torch.zeros(4)
+        ref_valid = False
+        if ri is not None and aug.keep[n_obj]:
+            x, y, w, h = aug.boxes[n_obj]
+            ref_box = torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], dtype=torch.float32)
+            ref_valid = True
+        qa = rec.questions[qi] if qi is not None else None
+        return {
+            "image": aug.image,
+            "image_id": image_id,
+            "caption": fix(rec.captions[ci]) if ci is not None else "",
+            "boxes": obj_boxes,
+            "has_boxes": len(kept) > 0,
+            "phrases": [fix(rec.objects[kept[j]].phrase) for j in chosen],
+            "phrase_labels": labels[torch.from_numpy(chosen).long()],
+            "union_labels": union_labels(labels, self.num_patches),
+            "question": fix(qa.q) if qa else None,
+            "answers": [fix(a) for a in qa.answers] if qa else [],
+            "ref": fix(rec.refs[ri].phrase) if ri is not None else None,
+            "ref_box": ref_box,
+            "ref_valid": ref_valid,
+            "events": {},
+        }
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset over records.
+
+    Args:
+        records: records from any reader.
+        cfg: data config (crop scale, flip, min box visible, tau, max phrases, mean/std).
+        image_size: model image size (int or (H, W)); patch_size: ViT patch size.
+        train: random crop/flip and random caption/phrase/question choice; else deterministic.
+        validate: pre-scan records (``validate_records``): cleans texts/boxes, drops unusable
+            records; its counts are in ``self.report``. ``decode=True`` fully decodes in the pre-scan.
+
+    A record whose image fails to load at ``__getitem__`` despite the pre-scan (e.g. truncated data
+    behind a valid header) is replaced by the next loadable record; the sample's ``events`` say so
+    (``substituted`` plus the failure kind), so it is counted, never silent.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        cfg: DataConfig,
+        image_size: int | Sequence[int],
+        patch_size: int,
+        train: bool,
+        validate: bool = True,
+        decode: bool = False,
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        max_side: int = MAX_SIDE,
+        min_side: int = MIN_SIDE,
+        max_caption_chars: int = MAX_CAPTION_CHARS,
+    ) -> None:
+        if validate:
+            recs, self.report = validate_records(
+                records,
+                check_images=True,
+                decode=decode,
+                min_side=min_side,
+                max_side=max_side,
+                max_caption_chars=max_caption_chars,
+            )
+        else:
+            recs = list(records)
+            self.report = DataReport(records_in=len(recs), records_out=len(recs))
+        if not recs:
+            raise ValueError("no usable records")
+        self.records = recs
+        ids: dict[str, int] = {}
+        self.image_ids = [ids.setdefault(r.image, len(ids)) for r in recs]
+        self.num_images = len(ids)
+        self.builder = SampleBuilder(cfg, image_size, patch_size, train, crop_ratio, max_side, min_side)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.get(index, _rng())
+
+    def get(self, index: int, rng: np.random.Generator) -> Sample:
+        """Sample ``index`` augmented with ``rng`` (the trainer seeds it per epoch and index, so a
+        resumed run reproduces every augmentation)."""
+        events: Counter[str] = Counter()
+        n = len(self.records)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                sample = self.builder(self.records[j], self.image_ids[j], rng)
+            except ImageError as e:
+                log.warning("sample %d unusable, substituting the next one: %s", j, e)
+                events[e.kind] += 1
+                continue
+            if k:
+                events["substituted"] += 1
+            sample["events"] = dict(events)
+            return sample
+        raise RuntimeError("no record of the dataset has a loadable image")
+
+
+class StreamingPretrainDataset(IterableDataset):
+    """``ShardDataset`` + validation + ``SampleBuilder``: samples streamed from webdataset shards.
+
+    Each record is validated as it streams (header check, text/box cleaning); its events ride on
+    the next sample produced by the same worker. ``image_id`` is a stable hash of the record's id.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        cfg: DataConfig,
+        image_size: int | Sequence[int],
+        patch_size: int,
+        train: bool,
+        **shard_kw: Any,
+    ) -> None:
+        super().__init__()
+        self.shards = ShardDataset(urls, **shard_kw)
+        self.builder = SampleBuilder(cfg, image_size, patch_size, train)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shards.set_epoch(epoch)
+
+    def __iter__(self) -> Any:
+        pending = DataReport()
+        for rec in self.shards:
+            good = validate_record(rec, pending)
+            if good is None:
+                continue
+            try:
+                sample = self.builder(good, stable_id(rec.image_id), _rng())
+            except ImageError as e:
+                pending.add(e.kind)
+                continue
+            sample["events"] = dict(pending.counts)
+            pending = DataReport()
+            yield sample
+        if pending.counts:
+            log.warning("bad input at the end of a shard stream (not in any batch): %s", dict(pending.counts))
+
+
+def make_dataset(
+    path: str, cfg: DataConfig, image_size: int | Sequence[int], patch_size: int, train: bool, **kw: Any
+) -> PretrainDataset | StreamingPretrainDataset:
+    """The dataset for a config path (``cfg.train``/``val``/``test``) in ``cfg.format`` (``auto``
+    detects it): webdataset shards stream (``StreamingPretrainDataset``), everything else is read
+    into memory and pre-scanned (``PretrainDataset``; its ``report`` holds the counts). ``kw`` goes
+    to the dataset class."""
+    fmt = cfg.format
+    if fmt == "auto" and not str(path).endswith(".json"):
+        fmt = detect_format(path)
+    if fmt == "wds":
+        return StreamingPretrainDataset(path, cfg, image_size, patch_size, train, **kw)
+    records = read_records(path, cfg.format, cfg.image_root)
+    return PretrainDataset(records, cfg, image_size, patch_size, train, **kw)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    tokenizer: str = "minilm",
+    max_len: int = 40,
+    seed: int = 0,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """DataLoader with the COPA collate; a DistributedSampler when torch.distributed is initialised
+    (map-style datasets; shard streams split themselves). Call ``loader.sampler.set_epoch`` per epoch
+    when it is a DistributedSampler."""
+    from copa.data.collate import Collator
+
+    sampler = None
+    iterable = isinstance(dataset, IterableDataset)
+    if not iterable and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None and not iterable,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=Collator(tokenizer, max_len),
+        drop_last=train if drop_last is None else drop_last,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,385 @@
+"""Embedded synthetic scenes: coloured shapes on a textured background, with captions, boxes,
+VQA pairs and referring expressions. Deterministic: the same seed gives byte-identical files.
+
+Layout of ``write_synth(out, ...)``::
+
+    out/train.json val.json test.json          JSON record lists (image paths relative to out/)
+    out/annotations/captions_{split}.json      COCO captions
+    out/annotations/instances_{split}.json     COCO instances (category = shape; "phrase" = full)
+    out/images/{split}/{index:06d}.png
+
+Boxes (objects) are kept on ``box_share`` of the training images only (SPEC §3); validation and
+test keep all. Referring expressions keep their boxes everywhere (they are grounding labels, not
+PTA labels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from copa.data.records import QA, Obj, Record, Ref
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 45, 45),
+    "green": (45, 165, 65),
+    "blue": (45, 85, 215),
+    "yellow": (230, 205, 50),
+    "purple": (140, 60, 185),
+    "orange": (240, 135, 35),
+    "cyan": (50, 195, 205),
+    "pink": (235, 125, 180),
+}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.15), "large": (0.21, 0.27)}  # side / image
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SceneObj:
+    """One drawn object; ``box`` is its tight pixel box (x, y, w, h) in the scene."""
+
+    shape: str
+    colour: str
+    size: str
+    box: tuple[float, float, float, float]
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.size} {self.colour} {self.shape}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x, y, w, h = self.box
+        return x + w / 2, y + h / 2
+
+
+def _polygon(shape: str, s: float) -> list[tuple[float, float]] | None:
+    c, r = s / 2, s / 2 - 0.5
+    if shape == "triangle":
+        return [(c, c - r), (c + r, c + r), (c - r, c + r)]
+    if shape == "diamond":
+        return [(c, c - r), (c + r, c), (c, c + r), (c - r, c)]
+    if shape == "star":
+        ang = -np.pi / 2 + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return list(zip(c + rad * np.cos(ang), c + rad * np.sin(ang), strict=True))
+    if shape == "hexagon":
+        ang = np.arange(6) * np.pi / 3
+        return list(zip(c + r * np.cos(ang), c + r * np.sin(ang), strict=True))
+    if shape == "cross":
+        t = r / 3
+        return [
+            (c - t, c - r),
+            (c + t, c - r),
+            (c + t, c - t),
+            (c + r, c - t),
+            (c + r, c + t),
+            (c + t, c + t),
+            (c + t, c + r),
+            (c - t, c + r),
+            (c - t, c + t),
+            (c - r, c + t),
+            (c - r, c - t),
+            (c - t, c - t),
+        ]
+    return None
+
+
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """(side, side) bool mask of a shape filling its square canvas."""
+    im = Image.new("L", (side, side), 0)
+    d = ImageDraw.Draw(im)
+    poly = _polygon(shape, side)
+    if poly is not None:
+        d.polygon(poly, fill=255)
+    elif shape == "square":
+        m = max(1, round(side * 0.08))
+        d.rectangle((m, m, side - 1 - m, side - 1 - m), fill=255)
+    elif shape in ("circle", "ring"):
+        d.ellipse((0, 0, side - 1, side - 1), fill=255)
+        if shape == "ring":
+            t = max(2, round(side * 0.22))
+            d.ellipse((t, t, side - 1 - t, side - 1 - t), fill=0)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.asarray(im) > 0
+
+
+def background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float: a desaturated base tone, a smooth blotchy texture and pixel noise —
+    low contrast so objects stand out, but their edges are not trivially clean."""
+    base = rng.uniform(95, 160) + rng.uniform(-12, 12, size=3)
+    low = rng.normal(0.0, 16.0, size=(6, 6, 3))
+    tex = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(low[:, :, k], dtype=np.float32)).resize(
+                    (size, size), Image.Resampling.BICUBIC
+                )
+            )
+            for k in range(3)
+        ],
+        -1,
+    )
+    return base + tex + rng.normal(0.0, 9.0, size=(size, size, 3))
+
+
+def render_scene(
+    specs: list[tuple[str, str, str, float, float]], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[SceneObj]]:
+    """Draw objects ``(shape, colour, size_name, cx, cy)`` (centres in pixels) in order, later on top.
+
+    Returns:
+        (size, size, 3) uint8 image, the objects with tight boxes of their full (amodal) masks.
+    """
+    img = background(size, rng)
+    objs = []
+    for shape, colour, sname, cx, cy in specs:
+        lo, hi = SIZES[sname]
+        side = max(4, round(rng.uniform(lo, hi) * size))
+        x0 = int(np.clip(round(cx - side / 2), 0, size - side))
+        y0 = int(np.clip(round(cy - side / 2), 0, size - side))
+        mask = shape_mask(shape, side)
+        ys, xs = np.nonzero(mask)
+        rgb = np.asarray(COLOURS[colour], dtype=np.float64) + rng.uniform(-12, 12, size=3)
+        region = img[y0 : y0 + side, x0 : x0 + side]
+        fill = 0.85 * rgb + 0.15 * region + rng.normal(0.0, 7.0, size=region.shape)
+        region[mask] = fill[mask]
+        box = (
+            float(x0 + xs.min()),
+            float(y0 + ys.min()),
+            float(xs.max() - xs.min() + 1),
+            float(ys.max() - ys.min() + 1),
+        )
+        objs.append(SceneObj(shape, colour, sname, box))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), objs
+
+
+def _overlap_share(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / min(a[2] * a[3], b[2] * b[3])
+
+
+def sample_specs(size: int, rng: np.random.Generator) -> list[tuple[str, str, str, float, float]]:
+    """1–4 objects with distinct (colour, shape); overlaps allowed up to 25% of the smaller box so
+    every object stays recognisable and the spatial words stay true."""
+    n = int(rng.integers(1, 5))
+    specs: list[tuple[str, str, str, float, float]] = []
+    boxes: list[tuple[float, ...]] = []
+    used: set[tuple[str, str]] = set()
+    for _ in range(n):
+        for _try in range(20):
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            sname = "large" if rng.random() < 0.4 else "small"
+            half = SIZES[sname][1] * size / 2
+            cx, cy = rng.uniform(half, size - half, size=2)
+            box = (cx - half, cy - half, 2 * half, 2 * half)
+            if (colour, shape) in used or any(_overlap_share(box, b) > 0.25 for b in boxes):
+                continue
+            specs.append((shape, colour, sname, float(cx), float(cy)))
+            boxes.append(box)
+            used.add((colour, shape))
+            break
+    return specs
+
+
+# ------------------------------------------------------------------------------------------ texts
+def _where(o: SceneObj, size: int) -> str:
+    cx, cy = o.centre
+    col = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else ""
+    row = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else ""
+    if row and col:
+        return f"in the {row} {col}"
+    if col:
+        return f"on the {col}"
+    if row:
+        return f"at the {row}"
+    return "in the middle"
+
+
+def _side(o: SceneObj, size: int) -> str:
+    cx = o.centre[0]
+    return "left" if cx < 0.45 * size else "right" if cx > 0.55 * size else "middle"
+
+
+def _relation(a: SceneObj, b: SceneObj) -> str:
+    dx, dy = b.centre[0] - a.centre[0], b.centre[1] - a.centre[1]
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def describe(
+    objs: list[SceneObj], size: int, rng: np.random.Generator
+) -> tuple[list[str], list[QA], list[Ref]]:
+    """Captions (3), VQA pairs (colour, shape, count, existence, position) and referring expressions."""
+    n = len(objs)
+    pick = objs[int(rng.integers(n))]
+    if n >= 2:
+        i, j = rng.choice(n, size=2, replace=False)
+        a, b = objs[int(i)], objs[int(j)]
+        first = f"a {a.phrase} {_relation(a, b)} a {b.phrase}"
+        items = [f"a {o.phrase}" for o in objs]
+        listing = f"{NUMBERS[n]} objects: {', '.join(items[:-1])} and {items[-1]}"
+    else:
+        first = f"a {pick.phrase} {_where(pick, size)}"
+        listing = f"a single {pick.phrase} on a textured background"
+    captions = [first, listing, f"there is a {pick.phrase} {_where(pick, size)}"]
+
+    qas = [QA("how many objects are there?", [str(n)])]
+    shapes = [o.shape for o in objs]
+    colours = [o.colour for o in objs]
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            qas.append(QA(f"what color is the {o.shape}?", [o.colour]))
+            break
+    for o in objs:
+        if colours.count(o.colour) == 1:
+            qas.append(QA(f"what shape is the {o.colour} object?", [o.shape]))
+            break
+    if rng.random() < 0.5:
+        qas.append(QA(f"is there a {pick.name}?", ["yes"]))
+    else:
+        present = {(o.colour, o.shape) for o in objs}
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        c, s = absent[int(rng.integers(len(absent)))]
+        qas.append(QA(f"is there a {c} {s}?", ["no"]))
+    side = _side(pick, size)
+    if side != "middle":
+        qas.append(QA(f"is the {pick.name} on the left or the right?", [side]))
+    if n >= 2:
+        a, b = objs[0], objs[1]
+        left = a.centre[0] < b.centre[0]
+        qas.append(QA(f"is the {a.name} to the left of the {b.name}?", ["yes" if left else "no"]))
+
+    refs = [
+        Ref(
+            f"the {o.name} {'in the middle' if _side(o, size) == 'middle' else 'on the ' + _side(o, size)}",
+            o.box,
+        )
+        for o in objs
+    ]
+    if n >= 2:
+        by_x = sorted(objs, key=lambda o: o.centre[0])
+        if by_x[1].centre[0] - by_x[0].centre[0] > size / 10:
+            refs.append(Ref("the leftmost object", by_x[0].box))
+        if by_x[-1].centre[0] - by_x[-2].centre[0] > size / 10:
+            refs.append(Ref("the rightmost object", by_x[-1].box))
+    return captions, qas, refs
+
+
+def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Record]:
+    """One random scene: (size, size, 3) uint8 image and its record (``image`` left empty)."""
+    img, objs = render_scene(sample_specs(size, rng), size, rng)
+    captions, qas, refs = describe(objs, size, rng)
+    rec = Record(
+        image="",
+        captions=captions,
+        objects=[Obj(o.box, o.phrase) for o in objs],
+        questions=qas,
+        refs=refs,
+        width=size,
+        height=size,
+    )
+    return img, rec
+
+
+# ------------------------------------------------------------------------------------------ files
+def _dump(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n")
+
+
+def coco_dicts(records: list[Record], split: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(captions, instances) COCO dicts; records' ``image`` paths are the COCO file names."""
+    info = {"description": f"COPA synthetic scenes ({split})", "seed": seed}
+    images = [{"id": r.image_id, "file_name": r.image, "width": r.width, "height": r.height} for r in records]
+    caps = [{"id": 0, "image_id": r.image_id, "caption": c} for r in records for c in r.captions]
+    cat_id = {s: i + 1 for i, s in enumerate(SHAPES)}
+    inst = [
+        {
+            "id": 0,
+            "image_id": r.image_id,
+            "category_id": cat_id[o.phrase.split()[-1]],
+            "bbox": list(o.box),
+            "area": o.box[2] * o.box[3],
+            "iscrowd": 0,
+            "phrase": o.phrase,
+        }
+        for r in records
+        for o in r.objects
+    ]
+    for k, a in enumerate(caps + inst):
+        a["id"] = k + 1
+    categories = [{"id": i, "name": s, "supercategory": "shape"} for s, i in cat_id.items()]
+    captions = {"info": info, "licenses": [], "images": images, "annotations": caps}
+    instances = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": inst,
+        "categories": categories,
+    }
+    return captions, instances
+
+
+def write_synth(
+    out: str | Path,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_val: int = 200,
+    n_test: int = 200,
+    image_size: int = 128,
+    box_share: float = 0.05,
+) -> dict[str, Any]:
+    """Generate and write the synthetic data set (layout in the module docstring).
+
+    Returns a JSON-able summary: counts per split, images with boxes, seconds taken.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    seqs = np.random.SeedSequence(seed).spawn(len(SPLITS) + 1)
+    summary: dict[str, Any] = {"seed": seed, "image_size": image_size, "box_share": box_share}
+    for split, ss in zip(SPLITS, seqs[:-1], strict=True):
+        rng = np.random.default_rng(ss)
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(sizes[split]):
+            img, rec = make_scene(image_size, rng)
+            rec.image = f"images/{split}/{i:06d}.png"
+            rec.image_id = i
+            Image.fromarray(img).save(out / rec.image, format="PNG", compress_level=6)
+            records.append(rec)
+        if split == "train":
+            n_keep = round(box_share * len(records))
+            n_keep = max(n_keep, 1) if box_share > 0 and records else n_keep
+            keep = set(np.random.default_rng(seqs[-1]).permutation(len(records))[:n_keep].tolist())
+            for i, rec in enumerate(records):
+                if i not in keep:
+                    rec.objects = []
+        _dump([r.to_dict() for r in records], out / f"{split}.json")
+        caps, inst = coco_dicts(records, split, seed)
+        _dump(caps, out / "annotations" / f"captions_{split}.json")
+        _dump(inst, out / "annotations" / f"instances_{split}.json")
+        summary[split] = {"images": len(records), "with_boxes": sum(bool(r.objects) for r in records)}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("synthetic data: %s", summary)
+    return summary
