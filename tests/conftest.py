@@ -39,3 +39,28 @@ def micro_model():
 
     torch.manual_seed(0)
     return COPAModel(micro_config().model).eval()
+
+
+TRAIN_MICRO = [
+    "train.batch_size=4", "train.warmup=2", "train.log_every=1", "train.val_every=1000",
+    "train.ckpt_every=1000", "train.precision=fp32", "train.lr=1e-3", "train.lr_vit=1e-3",
+    "data.box_share=0.5",
+]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic scene set (64 px) written once per test session."""
+    from copa.data.synth import write_synth
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(out, seed=0, n_train=24, n_val=8, n_test=8, image_size=64, box_share=0.5)
+    return out
+
+
+def train_config(data_dir, *overrides: str):
+    """Micro model + micro training on ``data_dir``'s synthetic scenes."""
+    return micro_config(
+        *TRAIN_MICRO, f"data.train={data_dir}/train.json", f"data.val={data_dir}/val.json",
+        f"data.test={data_dir}/test.json", *overrides,
+    )

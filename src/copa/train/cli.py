@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p, out_default="runs/pretrain")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--init", default=None, help="start from a saved COPA model directory")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as a preemption would")
     p.set_defaults(func=run)
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.trainer import NonFiniteLossError, pretrain
 
     try:
-        res = pretrain(cfg, args.out, resume=args.resume, init=args.init)
+        res = pretrain(cfg, args.out, resume=args.resume, init=args.init, stop_at=args.stop_at)
         if D.is_main():
             print(json.dumps({"out": str(res.out), "steps": res.steps, **res.final}, indent=2))
     except NonFiniteLossError as e:

@@ -116,6 +116,7 @@ class StepOutput:
     sim: Tensor | None = None  # (B, B) ITC similarity, for inspection
     neg_txt: Tensor | None = None
     neg_img: Tensor | None = None
+    itm_kept: Tensor | None = None  # (3B, K) kept patches of [positive; image+hard text; hard image+text]
 
 
 class PretrainObjective(nn.Module):
@@ -145,7 +146,7 @@ class PretrainObjective(nn.Module):
         prefix = m.image_prefix(batch.images)  # (B, 1+N, D): once per image per step
         txt = m.encode_text(ids, mask)
         txt_cls = txt[:, 0]
-        sim = neg_txt = neg_img = None
+        sim = neg_txt = neg_img = itm_kept = None
 
         if w["itc"] or w["itm"]:
             img_feat = m.itc.image(m.encode_image(prefix).cls)  # text-agnostic query
@@ -160,6 +161,7 @@ class PretrainObjective(nn.Module):
             txt_idx = torch.cat([ar, neg_txt, ar])
             vis = m.encode_image(prefix[img_idx], txt_cls[txt_idx])
             fused = m.fuse(vis, txt[txt_idx], mask[txt_idx])
+            itm_kept = vis.kept
             labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
             losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels)
 
@@ -185,7 +187,7 @@ class PretrainObjective(nn.Module):
             losses["pta"] = self.pta_loss(prefix, batch)
 
         total = sum(w[k] * v for k, v in losses.items())
-        return StepOutput(total, losses, sim, neg_txt, neg_img)
+        return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept)
 
     def pta_loss(self, prefix: Tensor, batch) -> Tensor:  # noqa: ANN001
         """BCE of first-stage selector logits vs patch labels, for phrase queries and the

@@ -224,7 +224,11 @@ def _state_dict_for_save(objective: PretrainObjective, cfg: Config) -> None:
     return None
 
 
-def pretrain(cfg: Config, out: str | Path, resume: bool = False, init: str | None = None) -> TrainResult:
+def pretrain(
+    cfg: Config, out: str | Path, resume: bool = False, init: str | None = None, stop_at: int | None = None
+) -> TrainResult:
+    """Pre-train ``cfg`` into ``out``. ``resume`` continues from the latest checkpoint there;
+    ``stop_at`` ends this invocation after that step, as a preemption would (resume later)."""
     out = Path(out)
     device = D.init_from_env()
     main = D.is_main()
@@ -299,7 +303,7 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False, init: str | Non
                     )
                 (res.loss / t.grad_accum).backward()
                 for k, v in res.losses.items():
-                    losses_acc[k] += float(v) / t.grad_accum
+                    losses_acc[k] += float(v.detach()) / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad) if t.clip_grad > 0 else torch.tensor(0.0)
             opt.step()
             sched.step()
@@ -331,6 +335,10 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False, init: str | Non
                     save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)})
                 del full
                 D.barrier()
+            if stop_at is not None and step >= stop_at and step < t.steps:
+                log.warning("stopping at step %d as asked (--stop-at); continue with --resume", step)
+                stopped_early = True
+                break
             if budget_hit and step < t.steps:
                 log.warning("time budget of %.0f s reached at step %d of %d: stopping early", t.time_budget_s, step, t.steps)
                 stopped_early = True
@@ -339,16 +347,23 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False, init: str | Non
         if bar is not None:
             bar.close()
         runlog.close()
-    summary = {"steps": step, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
+    checksums = D.gather_objects(param_checksum(model))
+    summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
                "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
                "final_val": last_val, "data_report": {"train": datasets["train"].report.summary(), "events": data_events},
                "parameters": model.num_parameters()}
-    if main:
+    if main and not (stopped_early and stop_at is not None):
         model.save_pretrained(out / "model", extra={"provenance": provenance(cfg, step)})
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "pta_metrics.json").write_text(json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2))
     D.barrier()
     return TrainResult(step, last_val, out)
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of all parameters (ranks of a DDP run must agree on it)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in model.parameters()))
 
 
 def provenance(cfg: Config, step: int) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Pre-training: losses fall when overfitting, ITM negatives re-run selection, exact resume,
+non-finite losses stop cleanly, 2-process torchrun training keeps ranks identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from copa.model.copa import COPAModel
+from copa.train.losses import PretrainObjective
+from copa.train.trainer import NonFiniteLossError, build_datasets, make_loader, pretrain
+from tests.conftest import train_config
+
+
+def _batch(cfg, n=8):
+    ds = build_datasets(cfg, ("train",))["train"]
+    return next(iter(make_loader(ds, cfg, train=True, batch_size=n)))
+
+
+def test_each_loss_decreases_when_overfitting_one_batch(synth_dir):
+    cfg = train_config(synth_dir)
+    torch.manual_seed(0)
+    model = COPAModel(cfg.model).train()
+    obj = PretrainObjective(model, cfg.train.loss_weights)
+    batch = _batch(cfg)
+    assert batch.has_boxes.any() and batch.phrase_ids.shape[0] > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = last = None
+    for i in range(30):
+        out = obj(batch)
+        assert all(torch.isfinite(v) for v in out.losses.values())
+        if i == 0:
+            first = {k: float(v.detach()) for k, v in out.losses.items()}
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    last = {k: float(v) for k, v in obj(batch).losses.items()}
+    assert set(first) == {"itc", "itm", "mlm", "prefix_lm", "pta"}
+    for k in first:
+        assert last[k] < first[k] * 0.9, (k, first[k], last[k])
+
+
+def test_itm_negative_pairs_rerun_selection_with_their_own_text(synth_dir):
+    cfg = train_config(synth_dir, "model.text.pretrained=minilm", "model.text.width=384",
+                       "model.text.heads=12", "model.text.intermediate=1536", "model.text.layers=6",
+                       "model.fusion.heads=12", "model.decoder.heads=12")
+    torch.manual_seed(0)
+    model = COPAModel(cfg.model).eval()
+    with torch.no_grad():  # a text-sensitive TPD, as PTA training makes it
+        model.vision.selectors[0].fc_text.weight.mul_(50)
+    obj = PretrainObjective(model, cfg.train.loss_weights)
+    batch = _batch(cfg)
+    with torch.no_grad():
+        out = obj(batch)
+        b = batch.images.shape[0]
+        prefix = model.image_prefix(batch.images)
+        txt_cls = model.encode_text(batch.caption_ids, batch.caption_mask)[:, 0]
+        expect = model.encode_image(prefix, txt_cls[out.neg_txt]).kept  # image i with its hard text
+    pos, neg = out.itm_kept[:b], out.itm_kept[b : 2 * b]
+    assert torch.equal(neg, expect)
+    differ = [not torch.equal(pos[i].sort().values, neg[i].sort().values) for i in range(b)]
+    assert sum(differ) >= b // 2, differ
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = (path / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(path / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_exact_resume(synth_dir, tmp_path):
+    over = ["train.steps=6", "train.ckpt_every=3", "train.val_every=3", "model.text.layers=1"]
+    cfg = train_config(synth_dir, *over)
+    pretrain(cfg, tmp_path / "full")
+    pretrain(cfg, tmp_path / "killed", stop_at=3)
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    pretrain(cfg, tmp_path / "killed", resume=True)
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    # and the run really moved: the parameters differ from the ones at step 3
+    full_log = (tmp_path / "full" / "train_log.csv").read_text().splitlines()
+    resumed_log = (tmp_path / "killed" / "train_log.csv").read_text().splitlines()
+    assert full_log[0] == resumed_log[0] and len(resumed_log) == len(full_log)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_dir, tmp_path, monkeypatch):
+    cfg = train_config(synth_dir, "train.steps=4", "train.ckpt_every=2", "model.text.layers=1")
+    from copa.train import losses
+
+    real = losses.ITCLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        loss, sim = real(self, *a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), sim
+
+    monkeypatch.setattr(losses.ITCLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="itc"):
+        pretrain(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_torchrun_two_processes_keep_identical_parameters(synth_dir, tmp_path):
+    out = tmp_path / "ddp"
+    from tests.conftest import MICRO, TRAIN_MICRO
+
+    sets = MICRO + TRAIN_MICRO + ["train.steps=3", "model.text.layers=1", f"data.train={synth_dir}/train.json",
+                                  f"data.val={synth_dir}/val.json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "copa",
+           "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    a, b = summary["param_checksums"]
+    assert a == b
+    assert (out / "model" / "model.safetensors").exists()
