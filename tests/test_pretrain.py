@@ -111,20 +111,31 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_dir, tmp_path, mo
 
 
 def test_torchrun_two_processes_keep_identical_parameters(synth_dir, tmp_path):
-    out = tmp_path / "ddp"
-    from tests.conftest import MICRO, TRAIN_MICRO
-
-    sets = MICRO + TRAIN_MICRO + ["train.steps=3", "model.text.layers=1", f"data.train={synth_dir}/train.json",
-                                  f"data.val={synth_dir}/val.json"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "copa",
-           "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _torchrun(tmp_path / "ddp", synth_dir, "train.steps=3")
     assert summary["world_size"] == 2 and summary["steps"] == 3
     a, b = summary["param_checksums"]
     assert a == b
-    assert (out / "model" / "model.safetensors").exists()
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
+
+
+def _torchrun(out: Path, synth_dir, *extra: str, args: tuple[str, ...] = ()) -> dict:
+    from tests.conftest import MICRO, TRAIN_MICRO
+
+    sets = [*MICRO, *TRAIN_MICRO, "model.text.layers=1", f"data.train={synth_dir}/train.json",
+            f"data.val={synth_dir}/val.json", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "copa",
+           "pretrain", "--config", "configs/tiny.yaml", "--out", str(out), *args]
+    for s in sets:
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_fsdp_two_processes_resume_exactly(synth_dir, tmp_path):
+    over = ("train.distributed=fsdp", "train.steps=3", "train.ckpt_every=1")
+    full = _torchrun(tmp_path / "full", synth_dir, *over)
+    _torchrun(tmp_path / "cut", synth_dir, *over, args=("--stop-at", "2"))
+    resumed = _torchrun(tmp_path / "cut", synth_dir, *over, args=("--resume",))
+    assert full["steps"] == resumed["steps"] == 3
+    assert full["param_checksums"] == resumed["param_checksums"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor, nn
 
 from copa.config import ModelConfig, model_config_from_dict, to_dict
@@ -162,15 +162,23 @@ class COPAModel(nn.Module):
         return parts
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` + the tokenizer; atomic per file."""
+    def save_pretrained(
+        self, path: str | Path, extra: dict[str, Any] | None = None, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors`` + the tokenizer; atomic per file.
+
+        ``state_dict`` replaces the module's own (e.g. the gathered full state of an FSDP model).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = to_dict(self.cfg)
         cfg["text"]["tokenizer"] = "."  # the tokenizer travels with the checkpoint
         meta = {"model": cfg, "format": "copa", "version": 1, **(extra or {})}
         tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_model(self, str(tmp))
+        if state_dict is None:
+            save_model(self, str(tmp))
+        else:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         tmp.replace(path / WEIGHTS_NAME)
         self.tokenizer.save_pretrained(str(path))
         tmp_cfg = path / (CONFIG_NAME + ".tmp")

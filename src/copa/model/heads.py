@@ -16,7 +16,8 @@ class ITCHead(nn.Module):
         super().__init__()
         self.vision_proj = nn.Linear(img_dim, embed_dim)
         self.text_proj = nn.Linear(txt_dim, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # shape (1,), not a scalar: FSDP cannot shard 0-d parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature)))
 
     def image(self, cls: Tensor) -> Tensor:
         """(B, Dv) -> (B, E) unit vectors"""

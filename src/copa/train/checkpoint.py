@@ -51,7 +51,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     out: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int = 2,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out/checkpoints/step_N`` atomically and point ``latest`` at it; keep the newest ``keep``."""
     root = out / "checkpoints"
@@ -60,7 +60,7 @@ def save_checkpoint(
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, extra={"step": step, **(extra or {})})
+    model.save_pretrained(tmp, extra={"step": step, **(extra or {})}, state_dict=state_dict)
     torch.save(trainer_state, tmp / "trainer.pt")
     if final.exists():
         shutil.rmtree(final)

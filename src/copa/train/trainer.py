@@ -215,13 +215,18 @@ def _wrap(objective: PretrainObjective, cfg: Config, device: torch.device) -> nn
     return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
-def _state_dict_for_save(objective: PretrainObjective, cfg: Config) -> None:
-    """With FSDP, materialise full parameters on every rank before rank 0 saves (collective)."""
-    if D.world_size() > 1 and cfg.train.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _full_state(model: COPAModel, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """Full (unsharded) model and optimizer state on CPU. Collective under FSDP: call on every rank."""
+    if not fsdp:
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
-        return get_model_state_dict(objective.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
 
 
 def pretrain(
@@ -249,23 +254,33 @@ def pretrain(
     datasets = build_datasets(cfg)
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
-    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
-    if ckpt is not None:
+    state = None
+    if ckpt is not None:  # weights go into the unwrapped model, before any sharding
         from safetensors.torch import load_model
 
         load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
         state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+    elif resume:
+        log.info("no checkpoint in %s: starting from scratch", out)
+    wrapped = _wrap(objective, cfg, device)
+    fsdp = D.world_size() > 1 and cfg.train.distributed == "fsdp"
+    # the optimizer is built after wrapping: FSDP replaces parameters with sharded ones
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
+    if state is not None:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        else:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
         set_rng_state(state["rng"][D.rank()] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at step %d", ckpt, start_step)
-    elif resume:
-        log.info("no checkpoint in %s: starting from scratch", out)
-    if ckpt is None:  # from here on each rank draws its own masks, cuts and negatives
+    else:  # from here on each rank draws its own masks, cuts and negatives
         torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)
-    wrapped = _wrap(objective, cfg, device)
 
     per_step = t.batch_size * t.grad_accum
     train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step)
@@ -327,13 +342,14 @@ def pretrain(
                 if main:
                     log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
             if step % t.ckpt_every == 0 or step == t.steps or budget_hit:
-                full = _state_dict_for_save(objective, cfg)
+                model_sd, opt_sd = _full_state(model, opt, fsdp)
                 rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
                 if main:
-                    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                    state = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "step": step,
                              "rng": rngs, "data_position": step * per_step}
-                    save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)})
-                del full
+                    save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)},
+                                    state_dict=model_sd)
+                del model_sd, opt_sd
                 D.barrier()
             if stop_at is not None and step >= stop_at and step < t.steps:
                 log.warning("stopping at step %d as asked (--stop-at); continue with --resume", step)
@@ -347,23 +363,26 @@ def pretrain(
         if bar is not None:
             bar.close()
         runlog.close()
-    checksums = D.gather_objects(param_checksum(model))
+    final_sd = _full_state(model, opt, fsdp)[0] if fsdp else None
+    # DDP ranks must agree exactly; FSDP ranks hold shards, so its one checksum is of the full state
+    checksums = [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
     summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
                "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
                "final_val": last_val, "data_report": {"train": datasets["train"].report.summary(), "events": data_events},
                "parameters": model.num_parameters()}
-    if main and not (stopped_early and stop_at is not None):
-        model.save_pretrained(out / "model", extra={"provenance": provenance(cfg, step)})
+    if main:
+        if not (stopped_early and stop_at is not None):  # a preempted run has only its checkpoint
+            model.save_pretrained(out / "model", extra={"provenance": provenance(cfg, step)}, state_dict=final_sd)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "pta_metrics.json").write_text(json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2))
     D.barrier()
     return TrainResult(step, last_val, out)
 
 
-def param_checksum(model: nn.Module) -> float:
-    """A float64 fingerprint of all parameters (ranks of a DDP run must agree on it)."""
+def param_checksum(params: Any) -> float:
+    """A float64 fingerprint of tensors (ranks of a DDP run must agree on it)."""
     with torch.no_grad():
-        return float(sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in model.parameters()))
+        return float(sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in params))
 
 
 def provenance(cfg: Config, step: int) -> dict[str, Any]:
