@@ -1,0 +1,101 @@
+"""Evaluation helpers shared by the demo and the CLI: PTA quality on a split, selector swaps,
+kept patches for chosen texts."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from copa.config import Config
+from copa.model.copa import COPAModel
+from copa.model.selection import make_selector
+
+log = logging.getLogger(__name__)
+
+
+def with_selector(model: COPAModel, selector: str) -> COPAModel:
+    """A view of ``model`` sharing all weights but using another selector (parameter-free ones, or
+    ``none``); ``tpd`` returns the model itself. Used for ablations at the same keep ratio."""
+    if selector == "tpd":
+        return model
+    vit = copy.copy(model.vision)
+    vit._modules = dict(model.vision._modules)
+    sel = make_selector(selector, model.cfg.vision.width, model.cfg.text.width, model.cfg.select.tpd_hidden)
+    vit.selectors = nn.ModuleList([] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers])
+    vit.keep_ratios = list(model.vision.keep_ratios)
+    out = copy.copy(model)
+    out._modules = dict(model._modules)
+    out.vision = vit
+    return out
+
+
+def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_size: int = 32) -> Any:
+    from copa.data.collate import Collator
+    from copa.data.dataset import PretrainDataset
+    from copa.data.readers import read_records
+
+    recs = read_records(getattr(cfg.data, split), cfg.data.format, cfg.data.image_root)
+    if max_images:
+        recs = recs[:max_images]
+    v = cfg.model.vision
+    ds = PretrainDataset(recs, cfg.data, v.image_size, v.patch_size, train=False)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                       collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len))
+
+
+@torch.no_grad()
+def pta_eval(model: COPAModel, cfg: Config, split: str, keep_ratio: float, max_images: int | None = None) -> dict[str, float]:
+    """Object-patch recall and AP of the first-stage selector on ``split`` at ``keep_ratio``.
+
+    With no selector (the unpruned model) every patch is kept: recall 1.0 at keep ratio 1.0.
+    """
+    from copa.train.pta_metrics import PTAMeter
+    from copa.train.trainer import pta_batch
+
+    if not len(model.vision.selectors):
+        return {"recall_phrase": 1.0, "recall_agnostic": 1.0, "keep_ratio": 1.0}
+    model.eval()
+    meter = PTAMeter(keep_ratio)
+    for batch in eval_loader(cfg, split, max_images):
+        pta_batch(model, batch, meter)
+    return meter.result()
+
+
+@torch.no_grad()
+def kept_for_texts(model: COPAModel, cfg: Config, split: str, n_images: int) -> list[tuple[str, list[tuple[str, list[int]]]]]:
+    """For the first ``n_images`` images with two or more objects: the kept patches for two object
+    phrases and for the text-agnostic query. -> [(image path, [(text, kept indices), ...]), ...]"""
+    from copa.data.readers import read_records
+
+    model.eval()
+    size = cfg.model.vision.image_size
+    mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(3, 1, 1)
+    rows = []
+    for rec in read_records(getattr(cfg.data, split), cfg.data.format, cfg.data.image_root):
+        phrases = list(dict.fromkeys(o.phrase for o in rec.objects))
+        if len(phrases) < 2 or not Path(rec.image).exists():
+            continue
+        img = np.asarray(Image.open(rec.image).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+        x = ((torch.from_numpy(img).permute(2, 0, 1) - mean) / std).unsqueeze(0)
+        prefix = model.image_prefix(x)
+        texts = phrases[:2]
+        tok = model.tokenizer(texts, padding=True, return_tensors="pt")
+        q = model.encode_text(tok.input_ids, tok.attention_mask)[:, 0]
+        views = []
+        for i, t in enumerate(texts):
+            kept = model.encode_image(prefix, q[i : i + 1]).kept
+            views.append((f'"{t}"', [] if kept is None else kept[0].tolist()))
+        kept = model.encode_image(prefix).kept
+        views.append(("text-agnostic query", [] if kept is None else kept[0].tolist()))
+        rows.append((rec.image, views))
+        if len(rows) >= n_images:
+            break
+    return rows

@@ -1,0 +1,169 @@
+"""The demo report: ``report.md`` and an HTML twin built from the same blocks."""
+
+from __future__ import annotations
+
+import html
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("table", (header, rows)) | ("img", (file, alt)) | ("code", text)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pta_blocks(res: dict[str, Any]) -> list[Block]:
+    out: list[Block] = []
+    pre = res.get("pretrain")
+    if pre:
+        v = pre["final_val"]
+        out += [("h2", "Pre-training (tiny preset, synthetic scenes, with PTA)"),
+                ("p", f"{pre['steps']} steps in {pre['wall_s']:.0f} s ({pre['precision']})"
+                      f"{' — stopped early by the time budget' if pre['stopped_early'] else ''}."),
+                ("table", (["metric (validation)", "value"],
+                           [[k, _fmt(v.get(k))] for k in ("pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
+                                                           "pta_ap_phrase", "pta_ap_agnostic", "val_itc", "val_itm",
+                                                           "val_mlm", "val_prefix_lm", "val_pta") if k in v]))]
+        out.append(("p", "Object-patch recall = share of the patches under the queried object's box that survive "
+                         f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
+                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation."))
+    pics = res.get("pictures", {})
+    if "loss_curves" in pics:
+        out += [("h3", "Loss curves"), ("img", (pics["loss_curves"], "loss curves"))]
+    if "kept_patches" in pics:
+        out += [("h3", "Kept patches for two different texts"),
+                ("p", "Each row: a test image, then the patches the model keeps (bright) for two object phrases and "
+                      "for the text-agnostic query."),
+                ("img", (pics["kept_patches"], "kept patches"))]
+    return out
+
+
+def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
+    ab = res.get("ablation_pta")
+    if not ab:
+        return []
+    tasks = res.get("ablation_tasks", {})
+    header = ["selector", "object-patch recall (phrase)", "recall (text-agnostic)", "AP (phrase)"]
+    extra_cols = [("vqa_acc", "VQA acc"), ("grounding_acc", "grounding acc@0.5"), ("retrieval_r_mean", "retrieval mean R"),
+                  ("pairs_per_s", "pairs/s")]
+    present = [c for c in extra_cols if any(c[0] in t for t in tasks.values())]
+    header += [c[1] for c in present]
+    rows = []
+    for name, r in ab["rows"].items():
+        t = tasks.get(name, {})
+        rows.append([name, _fmt(r.get("recall_phrase")), _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
+                    + [_fmt(t.get(c[0])) for c in present])
+    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). `cls_attn` (EViT-style), "
+            "`text_attn` (TRIPS-style) and `none` share the weights of the COPA pre-training and differ in the "
+            "selector only; `tpd without PTA` is its own pre-training with the PTA weight set to 0.")
+    out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
+    sweep = res.get("pta_vs_keep")
+    if sweep:
+        out += [("h3", "Object-patch recall vs keep ratio (TPD with PTA)"),
+                ("table", (["keep ratio", "recall (phrase)", "recall (text-agnostic)", "random"],
+                           [[k, _fmt(v.get("recall_phrase")), _fmt(v.get("recall_agnostic")), _fmt(v.get("recall_random"))]
+                            for k, v in sweep.items()]))]
+    pics = res.get("pictures", {})
+    for key, title in (("accuracy_vs_keep", "Accuracy vs keep ratio"), ("speed_vs_keep", "Speed vs keep ratio")):
+        if key in pics:
+            out += [("h3", title), ("img", (pics[key], title))]
+    return out
+
+
+def _task_blocks(res: dict[str, Any]) -> list[Block]:
+    tasks = res.get("tasks")
+    if not tasks:
+        return []
+    rows = []
+    for task, by_keep in tasks.items():
+        for setting, m in by_keep.items():
+            rows.append([task, setting, m.get("metric_name", ""), _fmt(m.get("metric")), _fmt(m.get("baseline")),
+                         _fmt(m.get("samples_per_s"), 1)])
+    return [("h2", "Downstream tasks: pruned vs unpruned"),
+            ("table", (["task", "setting", "metric", "value", "trivial baseline", "samples/s"], rows))]
+
+
+def _bench_blocks(res: dict[str, Any]) -> list[Block]:
+    b = res.get("bench")
+    if not b:
+        return []
+    rows = [[r.get("setting"), _fmt(r.get("flops_ratio"), 2), _fmt(r.get("speedup_vit"), 2), _fmt(r.get("speedup_e2e"), 2),
+             _fmt(r.get("efficiency"), 2), _fmt(r.get("pairs_per_s"), 1)] for r in b.get("rows", [])]
+    return [("h2", "Speed (copa bench, tiny preset)"), ("p", b.get("hardware", "")),
+            ("table", (["keep setting", "FLOP ratio", "ViT speedup", "end-to-end speedup", "efficiency", "pairs/s"], rows))]
+
+
+def blocks(res: dict[str, Any]) -> list[Block]:
+    title = "COPA demo report" + (" (quick)" if res.get("quick") else "")
+    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    out: list[Block] = [("h1", title),
+                        ("p", f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
+                              f"Data: {res.get('data', {})} synthetic scenes (train/val/test).")]
+    out += _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res) + _bench_blocks(res)
+    timings = res.get("timings_s", {})
+    if timings:
+        out += [("h2", "Stage timings"), ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()]))]
+    out += [("h2", "Reproduce"), ("p", "The exact commands behind every number (the demo runs the same code in-process):"),
+            ("code", "\n".join(res.get("commands", [])))]
+    return out
+
+
+def to_markdown(bs: list[Block]) -> str:
+    lines: list[str] = []
+    for kind, v in bs:
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + v, ""]
+        elif kind == "p":
+            lines += [v, ""]
+        elif kind == "table":
+            header, rows = v
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+        elif kind == "img":
+            lines += [f"![{v[1]}]({v[0]})", ""]
+        elif kind == "code":
+            lines += ["```", v, "```", ""]
+    return "\n".join(lines)
+
+
+def to_html(bs: list[Block]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>COPA demo report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>",
+             "</head><body>"]
+    for kind, v in bs:
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{html.escape(v)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(v)}</p>")
+        elif kind == "table":
+            header, rows = v
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+            parts.append("</table>")
+        elif kind == "img":
+            parts.append(f"<img src='{html.escape(v[0])}' alt='{html.escape(v[1])}'>")
+        elif kind == "code":
+            parts.append(f"<pre>{html.escape(v)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    bs = blocks(results)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(bs))
+    page.write_text(to_html(bs))
+    return md, page
