@@ -139,3 +139,33 @@ def test_fsdp_two_processes_resume_exactly(synth_dir, tmp_path):
     resumed = _torchrun(tmp_path / "cut", synth_dir, *over, args=("--resume",))
     assert full["steps"] == resumed["steps"] == 3
     assert full["param_checksums"] == resumed["param_checksums"]
+
+
+def test_pretrain_streams_webdataset_shards(synth_dir, tmp_path):
+    from copa.data.readers import read_records
+    from copa.data.shards import write_shards
+
+    shards = write_shards(read_records(synth_dir / "train.json"), tmp_path / "shards", shard_size=8)
+    assert len(shards) == 3
+    cfg = train_config(synth_dir, "train.steps=2", "model.text.layers=1",
+                       f"data.train={tmp_path}/shards/shard-{{000000..000002}}.tar")
+    res = pretrain(cfg, tmp_path / "run")
+    assert res.steps == 2 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_grad_checkpointing_matches(synth_dir):
+    cfg = train_config(synth_dir, "model.text.layers=1", "model.text.pretrained=")
+    batch = _batch(cfg, 4)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = COPAModel(cfg.model).train()
+        for mod in model.modules():  # dropout off so both passes see the same randomness
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        model.set_grad_checkpointing(ckpt)
+        obj = PretrainObjective(model, {"itc": 1.0, "mlm": 0.0, "itm": 0.0, "prefix_lm": 0.0, "pta": 1.0})
+        torch.manual_seed(1)
+        obj(batch).loss.backward()
+        grads.append(model.vision.blocks[0].mlp.fc1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

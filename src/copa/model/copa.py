@@ -139,10 +139,10 @@ class COPAModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.grad_checkpointing = enable
-        if enable:
-            self.text.bert.gradient_checkpointing_enable()
-        else:
-            self.text.bert.gradient_checkpointing_disable()
+        bert = self.text.bert
+        on = getattr(bert, "activation_checkpointing_enable", None) or bert.gradient_checkpointing_enable
+        off = getattr(bert, "activation_checkpointing_disable", None) or bert.gradient_checkpointing_disable
+        on() if enable else off()
 
     def num_parameters(self) -> dict[str, int]:
         def count(m: nn.Module) -> int:

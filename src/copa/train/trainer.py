@@ -65,34 +65,75 @@ def lr_lambda(warmup: int, total: int, floor: float = 0.05):  # noqa: ANN201
 
 # ------------------------------------------------------------------------------ data
 def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
-    from copa.data.dataset import PretrainDataset
-    from copa.data.readers import read_records
+    """In-memory, pre-scanned datasets for JSON / COCO / VG sources; a stream for webdataset shards."""
+    from copa.data.dataset import make_dataset
 
     out = {}
-    v = cfg.model.vision
+    v, d = cfg.model.vision, cfg.data
     for split in splits:
-        path = getattr(cfg.data, split)
-        recs = read_records(path, cfg.data.format, cfg.data.image_root)
-        d = cfg.data
-        out[split] = PretrainDataset(
-            recs, d, v.image_size, v.patch_size, train=split == "train", decode=d.decode_check,
-            crop_ratio=d.crop_ratio, max_side=d.max_image_side, min_side=d.min_image_side,
-            max_caption_chars=d.max_caption_chars,
+        path = getattr(d, split)
+        out[split] = make_dataset(
+            path, d, v.image_size, v.patch_size, train=split == "train",
+            **({} if _is_stream(path, d.format) else dict(
+                decode=d.decode_check, crop_ratio=d.crop_ratio, max_side=d.max_image_side,
+                min_side=d.min_image_side, max_caption_chars=d.max_caption_chars)),
         )
-        log.info("%s: %d records from %s; bad input: %s", split, len(out[split]), path, out[split].report.summary())
+        report = getattr(out[split], "report", None)
+        log.info("%s: %s from %s; bad input: %s", split,
+                 f"{len(out[split])} records" if report is not None else "streaming shards", path,
+                 report.summary() if report is not None else "counted per batch")
     return out
 
 
+def _is_stream(path: str, fmt: str) -> bool:
+    from copa.data.readers import detect_format
+
+    if fmt != "auto":
+        return fmt == "wds"
+    return not str(path).endswith(".json") and detect_format(path) == "wds"
+
+
+class EndlessStream(torch.utils.data.IterableDataset):
+    """Loops a streaming dataset over epochs forever, skipping the first ``start`` samples (resume)."""
+
+    def __init__(self, base: Any, start: int = 0) -> None:
+        self.base, self.start = base, start
+
+    def __iter__(self):  # noqa: ANN204
+        epoch, seen = 0, 0
+        while True:
+            self.base.set_epoch(epoch)
+            produced = False
+            for sample in self.base:
+                produced = True
+                seen += 1
+                if seen > self.start:
+                    yield sample
+            if not produced:
+                raise RuntimeError("the shard stream produced no sample for this process")
+            epoch += 1
+
+
 def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_size: int | None = None) -> DataLoader:
+    """Endless, deterministic and resumable batches (``start`` = samples this rank already consumed).
+
+    Map-style data resumes exactly (per-sample RNG from epoch and index); a shard stream resumes at
+    the same sample position, with augmentations drawn afresh.
+    """
     from copa.data.collate import Collator
 
+    collate = Collator(cfg.model.text.tokenizer, cfg.model.text.max_len)
+    bs = batch_size or cfg.train.batch_size
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return DataLoader(EndlessStream(dataset, start), batch_size=bs, num_workers=cfg.data.num_workers,
+                          collate_fn=collate, drop_last=True)
     sampler = ResumableSampler(len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start)
     return DataLoader(
         EpochSeeded(dataset, cfg.seed),
-        batch_size=batch_size or cfg.train.batch_size,
+        batch_size=bs,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
+        collate_fn=collate,
         generator=loader_generator(cfg.seed),
         drop_last=True,
         persistent_workers=False,
@@ -284,10 +325,14 @@ def pretrain(
 
     per_step = t.batch_size * t.grad_accum
     train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step)
-    val_loader = make_loader(datasets["val"], cfg, train=False, batch_size=min(t.batch_size, len(datasets["val"]) // D.world_size()))
+    val_bs = t.batch_size
+    if hasattr(datasets["val"], "__len__"):
+        val_bs = max(1, min(t.batch_size, len(datasets["val"]) // D.world_size()))
+    val_loader = make_loader(datasets["val"], cfg, train=False, batch_size=val_bs)
     it = iter(train_loader)
     runlog = RunLog(out, main)
-    data_events: dict[str, int] = dict(datasets["train"].report.summary().get("counts", {}))
+    report = getattr(datasets["train"], "report", None)
+    data_events: dict[str, int] = dict(report.summary().get("counts", {})) if report is not None else {}
 
     bar = None
     if main:
@@ -368,7 +413,7 @@ def pretrain(
     checksums = [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
     summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
                "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
-               "final_val": last_val, "data_report": {"train": datasets["train"].report.summary(), "events": data_events},
+               "final_val": last_val, "data_report": {"train": report.summary() if report is not None else None, "events": data_events},
                "parameters": model.num_parameters()}
     if main:
         if not (stopped_early and stop_at is not None):  # a preempted run has only its checkpoint

@@ -1,0 +1,234 @@
+"""What every downstream task shares: options, the task interface, dataset expansion, evaluation
+environment (device, precision, timing) and rank-split evaluation loaders.
+
+A task is a small object with three methods, used by one fine-tuning loop (``copa.tasks.finetune``)
+and one evaluation driver:
+
+- ``build_dataset(cfg, split, train, image_size, patch_size)`` -> a map-style dataset of sample
+  dicts (``copa.data.dataset``), one sample per (image, question / referring expression / ...);
+- ``loss(model, batch)`` -> ``{"loss": scalar, ...}`` on a collated ``copa.data.collate.Batch``;
+- ``evaluate(model, dataset, env)`` -> ``EvalResult`` (metrics incl. baselines, predictions).
+
+Datasets reuse ``PretrainDataset``: each record is cleaned once (``validate_records``), then
+expanded into derived records that hold exactly one question / ref, so the sample builder's image
+loading, transforms, flip-aware left/right swapping and the collator all apply unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from copa.config import Config, EvalConfig
+from copa.data.collate import Batch, Collator
+from copa.data.dataset import PretrainDataset
+from copa.data.records import Record
+from copa.model.copa import COPAModel
+from copa.train import distributed as D
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "a picture of"
+
+
+@dataclass
+class TaskOptions:
+    """Task settings that are not (yet) part of ``Config`` (CLI flags of finetune / evaluate).
+
+    - ``prompt``: captioning prompt fed to the text encoder + fusion (the decoder's context);
+    - ``decode``: "greedy" | "beam" | None (task default: VQA greedy, captioning beam);
+    - ``answer_list``: VQA answer-list ranking instead of free generation: a JSON file with a list
+      of answers, or "train" for every answer of ``cfg.data.train``; None = generate;
+    - ``itc_weight``: retrieval final score = ITM log-odds + itc_weight * ITC cosine similarity;
+    - ``meteor``: compute METEOR (starts a java process; other caption metrics never need it);
+    - ``random_crop``: random resized crop when fine-tuning. Off by default: the texts of these
+      tasks describe the whole image (counts, positions, every object), which a crop falsifies.
+      Horizontal flips (with left/right swapped in the texts) stay on.
+    """
+
+    prompt: str = DEFAULT_PROMPT
+    decode: str | None = None
+    answer_list: str | None = None
+    itc_weight: float = 1.0
+    meteor: bool = True
+    random_crop: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """metrics: flat JSON-able dict (accuracy metrics, ``baseline_*``, throughput, keep ratio);
+    predictions: one JSON-able dict per sample / query (written as JSON lines); files: further
+    JSON outputs by file name (e.g. a COCO result file)."""
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopwatch:
+    """Accumulates wall time of the model work only (``with watch: ...``); syncs CUDA so that
+    asynchronous kernels are counted where they run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self._t0 = device, 0.0, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> Stopwatch:
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+
+@dataclass
+class EvalEnv:
+    """Everything an ``evaluate`` needs besides model and data."""
+
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    options: TaskOptions
+    watch: Stopwatch
+
+    @property
+    def ev(self) -> EvalConfig:
+        return self.cfg.eval
+
+    def autocast(self) -> Any:
+        from copa.utils.device import autocast
+
+        return autocast(self.device, self.dtype)
+
+    def collator(self, model: COPAModel) -> Collator:
+        return Collator(model.cfg.text.tokenizer, model.cfg.text.max_len)
+
+
+# --------------------------------------------------------------------------------- datasets
+Expand = Callable[[Record], list[Record]]
+
+
+def read_clean(cfg: Config, split: str) -> tuple[list[Record], Any]:
+    """Records of ``cfg.data.<split>``, cleaned by the bad-input pre-scan: (records, DataReport)."""
+    from copa.data.badinput import validate_records
+    from copa.data.readers import read_records
+
+    d = cfg.data
+    path = getattr(d, split)
+    recs = read_records(path, d.format, d.image_root)
+    good, report = validate_records(
+        recs, decode=d.decode_check, min_side=d.min_image_side, max_side=d.max_image_side,
+        max_caption_chars=d.max_caption_chars,
+    )
+    log.info("%s: %d usable of %d records from %s", split, len(good), len(recs), path)
+    return good, report
+
+
+def expanded_dataset(
+    cfg: Config, split: str, train: bool, image_size: int, patch_size: int, expand: Expand,
+    random_crop: bool = False,
+) -> PretrainDataset:
+    """``PretrainDataset`` over the expanded records of a split (validation runs once per record,
+    not per derived sample). Without ``random_crop`` the training transform is resize + flip."""
+    good, report = read_clean(cfg, split)
+    derived = [r for rec in good for r in expand(rec)]
+    if not derived:
+        raise ValueError(f"{split} split ({getattr(cfg.data, split)}) has no samples for this task")
+    d = cfg.data
+    crop_ratio = d.crop_ratio
+    if train and not random_crop:
+        # scale = ratio = 1: the crop is the whole image, so only the resize and the flip remain
+        d = dataclasses.replace(d, crop_scale=(1.0, 1.0))
+        crop_ratio = (1.0, 1.0)
+    ds = PretrainDataset(
+        derived, d, image_size, patch_size, train=train, validate=False, crop_ratio=crop_ratio,
+        max_side=d.max_image_side, min_side=d.min_image_side,
+    )
+    ds.report = report
+    return ds
+
+
+def only(rec: Record, **fields: Any) -> Record:
+    """A derived record of the same image carrying only ``fields`` (objects dropped: the tasks do
+    not use patch labels, and the sample builder then skips their work)."""
+    base = {"captions": [], "objects": [], "questions": [], "refs": []}
+    return dataclasses.replace(rec, **{**base, **fields})
+
+
+# --------------------------------------------------------------------------------- evaluation
+def shard_indices(n: int) -> list[int]:
+    """This rank's share of ``range(n)`` (round robin; shares differ in size by at most one)."""
+    return list(range(D.rank(), n, D.world_size()))
+
+
+def eval_loader(dataset: Any, indices: list[int], batch_size: int, collator: Collator) -> DataLoader:
+    """Deterministic, in-order loader over ``indices`` of ``dataset``; keeps the last partial batch."""
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator)
+
+
+def iter_shard(
+    dataset: Any, env: EvalEnv, model: COPAModel, batch_size: int | None = None
+) -> Iterator[tuple[list[int], Batch]]:
+    """(dataset indices, batch on device) over this rank's share of ``dataset``."""
+    idx = shard_indices(len(dataset))
+    bs = batch_size or env.ev.batch_size
+    for start, batch in zip(range(0, len(idx), bs), eval_loader(dataset, idx, bs, env.collator(model)), strict=True):
+        yield idx[start : start + bs], batch.to(env.device)
+
+
+def gather_predictions(preds: list[dict[str, Any]], seconds: float) -> tuple[list[dict[str, Any]], float]:
+    """The one collective of a per-sample evaluation: every rank's predictions (sorted back into
+    dataset order by their ``index``) and the slowest rank's model time."""
+    parts = D.gather_objects((preds, seconds))
+    allp = sorted((p for part, _ in parts for p in part), key=lambda p: p["index"])  # type: ignore[union-attr]
+    return allp, max(float(s) for _, s in parts)  # type: ignore[misc]
+
+
+def throughput(n: int, seconds: float) -> dict[str, float]:
+    """Samples per second of model time (data loading excluded)."""
+    return {"num_samples": n, "model_time_s": round(seconds, 4), "samples_per_s": n / max(seconds, 1e-9)}
+
+
+class Task:
+    """Base class: subclasses set ``name`` and implement the three methods."""
+
+    name = "task"
+
+    def __init__(self, options: TaskOptions | None = None) -> None:
+        self.options = options or TaskOptions()
+
+    def build_dataset(self, cfg: Config, split: str, train: bool, image_size: int, patch_size: int) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: COPAModel, dataset: Any, env: EvalEnv) -> EvalResult:
+        raise NotImplementedError
+
+
+class TaskObjective(nn.Module):
+    """A task's loss as one module (what DDP wraps): ``forward(batch) -> {"loss", ...}``."""
+
+    def __init__(self, model: COPAModel, task: Task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.task.loss(self.model, batch)

@@ -1,0 +1,249 @@
+"""One fine-tuning loop and one evaluation driver for every task.
+
+``finetune`` loads a COPA model directory (``--init``, e.g. a pre-training run's ``OUT/model``),
+adapts it to the fine-tuning config (resolution, keep ratios), trains ``task.loss`` with AdamW
+(lower LR for the ViT), warm-up + cosine, gradient accumulation and clipping, bf16 autocast per
+``train.precision``, DDP under torchrun; writes ``OUT/model`` (loadable by ``evaluate``), the loss
+log ``OUT/train_log.csv`` and ``OUT/summary.json``, then evaluates on a split into ``OUT``.
+
+``run_evaluation`` writes ``OUT/metrics.json`` (task metrics, ``baseline_*``, throughput, keep
+ratio, precision, device) and ``OUT/predictions.jsonl`` (one readable JSON object per sample).
+
+Resolution: fine-tuning runs at ``cfg.model.vision.image_size``. When it differs from the loaded
+model's, the stored position table is resized once (bicubic, ``resize_pos_embed``) and the model
+config updated, so the saved model is consistent (the patch size must not change).
+Keep ratio: fine-tuning uses ``cfg.model.select.keep_ratios``; evaluation the ``keep_ratio``
+argument (CLI ``--keep-ratio``), else ``cfg.eval.keep_ratio``, else the model's own (1.0 = unpruned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from copa.config import Config, to_dict
+from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
+from copa.model.vit import resize_pos_embed
+from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective
+from copa.train import distributed as D
+from copa.train.trainer import NonFiniteLossError, RunLog, lr_lambda, make_loader, param_groups
+from copa.utils.device import autocast, resolve_precision
+
+log = logging.getLogger(__name__)
+
+META_KEY = "finetune"  # key of the fine-tuning provenance in the saved model's config.json
+
+
+# --------------------------------------------------------------------------------- model
+def resolve_model_dir(path: str | Path) -> Path:
+    """A COPA model directory; a training run directory is accepted for its ``model/`` inside."""
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).exists() and (path / "model" / WEIGHTS_NAME).exists():
+        return path / "model"
+    return path
+
+
+def saved_meta(path: str | Path) -> dict[str, Any]:
+    """The fine-tuning metadata stored with a model (``{}`` for a pre-trained one)."""
+    cfg_file = resolve_model_dir(path) / CONFIG_NAME
+    return json.loads(cfg_file.read_text()).get(META_KEY, {}) if cfg_file.exists() else {}
+
+
+def set_resolution(model: COPAModel, image_size: int) -> bool:
+    """Resize the ViT's stored position table for ``image_size`` and update the model config.
+
+    Returns True when something changed. Raises when the size is not a multiple of the patch size.
+    """
+    v = model.cfg.vision
+    if image_size == v.image_size:
+        return False
+    if image_size % v.patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {v.patch_size}")
+    grid = image_size // v.patch_size
+    vit = model.vision
+    with torch.no_grad():
+        table = resize_pos_embed(vit.pos_embed.detach(), (grid, grid))
+    vit.pos_embed = nn.Parameter(table.contiguous())
+    vit.grid = grid
+    log.info("resolution %d -> %d px: position table resized to a %dx%d grid", v.image_size, image_size, grid, grid)
+    v.image_size = image_size  # the ViT shares this config object, so both stay consistent
+    return True
+
+
+def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
+    """Load ``init`` (or build ``cfg.model`` from scratch) and adapt resolution and keep ratios."""
+    if init:
+        model = COPAModel.from_pretrained(resolve_model_dir(init))
+    else:
+        log.warning("no --init: fine-tuning from a freshly initialised model")
+        model = COPAModel(cfg.model)
+    set_resolution(model, cfg.model.vision.image_size)
+    ratios = list(cfg.model.select.keep_ratios)
+    if len(ratios) == len(model.cfg.select.layers):
+        model.set_keep_ratio(ratios)
+        model.cfg.select.keep_ratios = ratios
+    else:
+        log.warning("model.select.keep_ratios %s do not match the model's %d selection layers: keeping %s",
+                    ratios, len(model.cfg.select.layers), model.cfg.select.keep_ratios)
+    return model
+
+
+# --------------------------------------------------------------------------------- training
+@dataclass
+class FinetuneResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+    out: Path
+    eval: EvalResult | None
+
+
+def _wrap(objective: nn.Module, device: torch.device) -> nn.Module:
+    if D.world_size() == 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # each task leaves most heads unused, hence find_unused_parameters
+    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def finetune(
+    task: Task, cfg: Config, out: str | Path, init: str | Path | None = None, eval_split: str | None = "val",
+) -> FinetuneResult:
+    """Fine-tune ``task`` from ``init`` into ``out`` (see the module docstring)."""
+    out = Path(out)
+    device = D.init_from_env()
+    main = D.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = prepare_model(cfg, init)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device).train()
+    cfg = dataclasses.replace(cfg, model=model.cfg)  # the loader tokenizes with the model's own tokenizer
+    dtype = resolve_precision(cfg.train.precision, device)
+    t, v = cfg.train, model.cfg.vision
+    dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
+    wrapped = _wrap(TaskObjective(model, task), device)
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
+    torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
+    it = iter(make_loader(dataset, cfg, train=True))
+    runlog = RunLog(out, main, tensorboard=False)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        while step < t.steps:
+            acc: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                batch = next(it).to(device)
+                with autocast(device, dtype):
+                    parts = wrapped(batch)
+                bad = D.all_reduce_mean(torch.tensor(float(not torch.isfinite(parts["loss"])), device=device))
+                if bad > 0:
+                    raise NonFiniteLossError(f"non-finite {task.name} loss at step {step + 1}")
+                (parts["loss"] / t.grad_accum).backward()
+                for k, val in parts.items():
+                    acc[k] = acc.get(k, 0.0) + float(val.detach()) / t.grad_accum
+            if t.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(acc["loss"])
+            if step % t.log_every == 0 or step == t.steps or step == 1:
+                runlog.write("train_log", step, {**acc, "lr": sched.get_last_lr()[-1], "elapsed_s": time.perf_counter() - t0})
+                if main:
+                    log.info("%s step %d/%d: %s", task.name, step, t.steps, {k: round(x, 4) for k, x in acc.items()})
+            if t.time_budget_s > 0 and time.perf_counter() - t0 > t.time_budget_s:
+                log.warning("time budget of %.0f s reached at step %d of %d: stopping", t.time_budget_s, step, t.steps)
+                break
+    finally:
+        runlog.close()
+    wall = time.perf_counter() - t0
+    model.eval()
+    meta = {META_KEY: {"task": task.name, "options": task.options.to_dict(), "steps": step, "init": str(init or ""),
+                       "train": cfg.data.train}}
+    if main:
+        model.save_pretrained(out / "model", extra=meta)
+    summary = {"task": task.name, "steps": step, "first_loss": losses[0] if losses else math.nan,
+               "last_loss": losses[-1] if losses else math.nan, "wall_s": wall, "world_size": D.world_size(),
+               "precision": str(dtype).replace("torch.", ""), "image_size": v.image_size,
+               "keep_ratios": model.vision.keep_ratios, "train_samples": len(dataset),
+               "data_report": dataset.report.summary()}
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    D.barrier()
+    result = run_evaluation(task, model, cfg, eval_split, out) if eval_split else None
+    return FinetuneResult(step, summary["first_loss"], summary["last_loss"], out, result)
+
+
+# --------------------------------------------------------------------------------- evaluation
+def run_evaluation(
+    task: Task, model: COPAModel, cfg: Config, split: str, out: str | Path | None, keep_ratio: float | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``cfg.data.<split>``; rank 0 writes ``metrics.json`` and
+    ``predictions.jsonl`` (plus the task's extra files) into ``out``. The model's own keep ratios
+    are restored afterwards."""
+    device = next(model.parameters()).device
+    ratio = keep_ratio if keep_ratio is not None else cfg.eval.keep_ratio
+    saved = list(model.vision.keep_ratios)
+    was_training = model.training
+    if ratio is not None:
+        model.set_keep_ratio(ratio)
+    model.eval()
+    dtype = resolve_precision(cfg.train.precision, device)
+    try:
+        v = model.cfg.vision
+        data = task.build_dataset(cfg, split, False, v.image_size, v.patch_size)
+        env = EvalEnv(cfg, device, dtype, task.options, Stopwatch(device))
+        result = task.evaluate(model, data, env)
+        result.metrics.update({
+            "task": task.name, "split": split, "data": getattr(cfg.data, split),
+            "keep_ratio": model.vision.keep_ratios[0] if len(set(model.vision.keep_ratios)) == 1 else model.vision.keep_ratios,
+            "pruning": model.vision.pruning, "selector": model.cfg.select.selector, "image_size": v.image_size,
+            "precision": str(dtype).replace("torch.", ""), "device": str(device), "world_size": D.world_size(),
+            "batch_size": cfg.eval.batch_size,
+        })
+    finally:
+        model.set_keep_ratio(saved)
+        model.train(was_training)
+    if out is not None and D.is_main():
+        write_outputs(result, Path(out))
+    D.barrier()
+    return result
+
+
+def write_outputs(result: EvalResult, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+    with (out / "predictions.jsonl").open("w") as f:
+        for p in result.predictions:
+            f.write(json.dumps(p) + "\n")
+    for name, content in result.files.items():
+        (out / name).write_text(json.dumps(content, indent=1))
+    log.info("wrote %s (%d predictions)", out / "metrics.json", len(result.predictions))
+
+
+def evaluate_checkpoint(
+    task: Task, ckpt: str | Path, cfg: Config, split: str = "test", out: str | Path | None = None,
+    keep_ratio: float | None = None,
+) -> EvalResult:
+    """Load a saved model (``COPAModel.save_pretrained`` directory) and ``run_evaluation``; the
+    model's architecture and resolution come from the checkpoint, data and eval settings from ``cfg``."""
+    device = D.init_from_env()
+    model = COPAModel.from_pretrained(resolve_model_dir(ckpt), map_location="cpu").to(device).eval()
+    return run_evaluation(task, model, cfg, split, out, keep_ratio)

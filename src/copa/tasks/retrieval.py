@@ -1,0 +1,235 @@
+"""Image-text retrieval: fine-tune with ITC + ITM (hard negatives), evaluate in two stages.
+
+Fine-tuning reuses the pre-training objective with only its ITC and ITM terms
+(``copa.train.losses.PretrainObjective``): in-batch InfoNCE with the text-agnostic image embedding,
+and ITM on each positive pair plus one hard negative text per image and one hard negative image per
+text, sampled from the ITC similarities, each negative re-running the TPD with its own text.
+
+Evaluation (``evaluate``):
+
+1. **ITC ranking.** Every image is embedded once with the text-agnostic query, every text once;
+   similarity = cosine of the ITC projections, (I, T).
+2. **ITM re-ranking.** For each image query its ``eval.itm_topk`` most similar texts, for each text
+   query its top-k images, are re-scored by ITM with text-aware selection. The union of these
+   (image, text) pairs is scored once per pair, grouped by image: each image's text-independent ViT
+   prefix runs once and is indexed for all its candidate texts; each distinct text of a chunk is
+   encoded once; the pairs run through selection + ViT suffix + fusion + ITM head in batches.
+
+**Final score** of a re-ranked candidate = ITM log-odds ``logit_match - logit_nomatch`` +
+``itc_weight`` x ITC cosine similarity (ALBEF's practice; ``itc_weight = 0`` gives pure ITM).
+Candidates outside a query's top-k keep their ITC order, below every re-ranked one.
+
+Multi-process: stage 1 and stage 2 each split their work by rank (round robin over images / texts)
+and end in exactly one ``gather_objects`` each, called by every rank, so no rank can wait on a
+collective the others skip; every rank then holds identical score matrices.
+
+Captions: an image has several; an image->text hit is any of its captions, a text->image hit is its
+own image (``copa.tasks.metrics``, pessimistic tie policy). Baseline: the exact expected recall of a
+uniformly random ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from copa.config import Config
+from copa.data.collate import Batch
+from copa.data.dataset import PretrainDataset
+from copa.data.records import Record
+from copa.model.copa import COPAModel
+from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, only, shard_indices
+from copa.tasks.metrics import retrieval_metrics, random_retrieval_baseline
+from copa.train import distributed as D
+
+TOP_IN_PREDICTIONS = 5
+_BELOW = 1e4  # offset that puts candidates outside the top-k below every re-ranked one
+
+
+@dataclass
+class RetrievalData:
+    """Evaluation gallery: ``images`` (the dataset; row ``image_rows[i]`` is distinct image i),
+    ``texts`` (T,) and ``text_image`` (T,) long, the image each text describes."""
+
+    dataset: PretrainDataset
+    image_rows: list[int]
+    texts: list[str]
+    text_image: Tensor
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_rows)
+
+    def image_path(self, i: int) -> str:
+        return self.dataset.records[self.image_rows[i]].image
+
+
+def stack_images(samples: list[dict[str, Any]]) -> Tensor:
+    """collate_fn: sample dicts -> images (B, 3, H, W)."""
+    return torch.stack([s["image"] for s in samples])
+
+
+@torch.no_grad()
+def itm_scores_shared_prefix(
+    model: COPAModel, images: Tensor, ids: Tensor, mask: Tensor, pair_image: Tensor, pair_text: Tensor,
+    batch_size: int = 64,
+) -> Tensor:
+    """ITM log-odds of (image, text) pairs, running each image's ViT prefix and each text once.
+
+    images: (M, 3, H, W) distinct images; ids, mask: (T, L) texts; pair_image (P,) rows of
+    ``images``, pair_text (P,) rows of ``ids`` -> (P,) float32 ``logit_match - logit_nomatch``.
+    Equal (up to float rounding) to ``model(images[pair_image], ids[pair_text], mask[pair_text])``
+    followed by the ITM head.
+    """
+    prefix = model.image_prefix(images)  # (M, 1+N, D): the text-independent blocks, once per image
+    texts, inverse = pair_text.unique(return_inverse=True)
+    txt = model.encode_text(ids[texts], mask[texts])  # (U, L, D): once per distinct text
+    txt_mask = mask[texts]
+    out = []
+    for s in range(0, pair_image.shape[0], batch_size):
+        pi, ti = pair_image[s : s + batch_size], inverse[s : s + batch_size]
+        vis = model.encode_image(prefix[pi], txt[ti, 0])  # text-aware selection per pair
+        logits = model.itm(model.fuse(vis, txt[ti], txt_mask[ti]).cls).float()
+        out.append(logits[:, 1] - logits[:, 0])
+    return torch.cat(out) if out else torch.zeros(0, device=images.device)
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._objective: Any = None
+
+    # ------------------------------------------------------------------ data
+    def build_dataset(self, cfg: Config, split: str, train: bool, image_size: int, patch_size: int) -> Any:
+        def expand(rec: Record) -> list[Record]:
+            return [only(rec, captions=rec.captions)] if rec.captions else []
+
+        ds = expanded_dataset(cfg, split, train, image_size, patch_size, expand, self.options.random_crop)
+        if train:  # one sample per record, a random caption each time
+            return ds
+        rows: dict[int, int] = {}
+        texts: list[str] = []
+        owner: list[int] = []
+        for r, (rec, img) in enumerate(zip(ds.records, ds.image_ids, strict=True)):
+            rows.setdefault(img, r)  # records naming the same image file pool their captions
+            texts += rec.captions
+            owner += [img] * len(rec.captions)
+        return RetrievalData(ds, [rows[i] for i in range(len(rows))], texts, torch.tensor(owner, dtype=torch.long))
+
+    # ------------------------------------------------------------------ training
+    def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
+        from copa.train.losses import PretrainObjective
+
+        if self._objective is None or self._objective.model is not model:
+            self._objective = PretrainObjective(model, {"itc": 1.0, "itm": 1.0})
+        out = self._objective(batch)
+        return {"loss": out.loss, **out.losses}
+
+    # ------------------------------------------------------------------ evaluation
+    def _images(self, data: RetrievalData, images: list[int], env: EvalEnv) -> Any:
+        """(image indices, images on device) in chunks of the eval batch size."""
+        bs = env.ev.batch_size
+        rows = [data.image_rows[i] for i in images]
+        loader = DataLoader(Subset(data.dataset, rows), batch_size=bs, shuffle=False, collate_fn=stack_images,
+                            num_workers=env.cfg.data.num_workers)
+        for s, x in zip(range(0, len(images), bs), loader, strict=True):
+            yield images[s : s + bs], x.to(env.device)
+
+    def _stage1(self, model: COPAModel, data: RetrievalData, ids: Tensor, mask: Tensor, env: EvalEnv) -> tuple[Tensor, Tensor, float]:
+        """Text-agnostic image and text ITC embeddings (I, E), (T, E) on every rank; model seconds."""
+        my_img, my_txt = shard_indices(data.num_images), shard_indices(len(data.texts))
+        img_parts, txt_parts = [], []
+        with torch.no_grad():
+            for _, x in self._images(data, my_img, env):
+                with env.watch, env.autocast():
+                    img_parts.append(model.image_embedding(x).float().cpu())
+            for s in range(0, len(my_txt), env.ev.batch_size):
+                t = torch.tensor(my_txt[s : s + env.ev.batch_size], device=env.device)
+                with env.watch, env.autocast():
+                    txt_parts.append(model.text_embedding(ids[t], mask[t]).float().cpu())
+        e = model.cfg.embed_dim
+        local = (my_img, torch.cat(img_parts) if img_parts else torch.zeros(0, e),
+                 my_txt, torch.cat(txt_parts) if txt_parts else torch.zeros(0, e), env.watch.seconds)
+        img = torch.zeros(data.num_images, e)
+        txt = torch.zeros(len(data.texts), e)
+        seconds = 0.0
+        for ii, ie, ti, te, sec in D.gather_objects(local):  # collective 1 of 2
+            img[ii], txt[ti] = ie, te
+            seconds = max(seconds, sec)
+        return img, txt, seconds
+
+    def _stage2(
+        self, model: COPAModel, data: RetrievalData, ids: Tensor, mask: Tensor, pairs: Tensor, env: EvalEnv
+    ) -> tuple[Tensor, float]:
+        """ITM log-odds of ``pairs`` (P, 2) [image, text]; each rank scores the pairs of its images."""
+        start = env.watch.seconds
+        by_image: dict[int, list[int]] = {}
+        for p, i in enumerate(pairs[:, 0].tolist()):
+            by_image.setdefault(i, []).append(p)
+        mine = [i for i in shard_indices(data.num_images) if i in by_image]
+        done: list[int] = []
+        scores: list[Tensor] = []
+        for chunk, x in self._images(data, mine, env):
+            local = {img: j for j, img in enumerate(chunk)}
+            sel = torch.tensor([p for img in chunk for p in by_image[img]], dtype=torch.long)
+            pi = torch.tensor([local[int(i)] for i in pairs[sel, 0]], device=env.device)
+            with env.watch, env.autocast():
+                s = itm_scores_shared_prefix(model, x, ids, mask, pi, pairs[sel, 1].to(env.device), env.ev.batch_size)
+            done += sel.tolist()
+            scores.append(s.float().cpu())
+        local_res = (done, torch.cat(scores) if scores else torch.zeros(0), env.watch.seconds - start)
+        out = torch.full((pairs.shape[0],), float("nan"))
+        seconds = 0.0
+        for idx, sc, sec in D.gather_objects(local_res):  # collective 2 of 2
+            out[torch.tensor(idx, dtype=torch.long)] = sc
+            seconds = max(seconds, sec)
+        return out, seconds
+
+    def evaluate(self, model: COPAModel, data: RetrievalData, env: EvalEnv) -> EvalResult:
+        n_img, n_txt = data.num_images, len(data.texts)
+        ids, mask = env.collator(model).tokenize(data.texts)  # once, so every stage sees the same padding
+        ids, mask = ids.to(env.device), mask.to(env.device)
+        img, txt, t1 = self._stage1(model, data, ids, mask, env)
+        sim = img @ txt.t()  # (I, T) cosine similarities
+        k_txt, k_img = min(env.ev.itm_topk, n_txt), min(env.ev.itm_topk, n_img)
+        cand_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, sim.topk(k_txt, dim=1).indices, True)
+        cand_t2i = torch.zeros(n_txt, n_img, dtype=torch.bool).scatter_(1, sim.t().topk(k_img, dim=1).indices, True)
+        pairs = (cand_i2t | cand_t2i.t()).nonzero()  # (P, 2) [image, text], each pair scored once
+        itm, t2 = self._stage2(model, data, ids, mask, pairs, env)
+        itm_mat = torch.zeros(n_img, n_txt)
+        itm_mat[pairs[:, 0], pairs[:, 1]] = itm
+        reranked = itm_mat + self.options.itc_weight * sim
+        i2t = torch.where(cand_i2t, reranked, sim - _BELOW)
+        t2i = torch.where(cand_t2i, reranked.t(), sim.t() - _BELOW)
+        metrics: dict[str, Any] = retrieval_metrics(i2t, t2i, data.text_image)
+        metrics.update({f"itc_{k}": v for k, v in retrieval_metrics(sim, sim.t(), data.text_image).items()})
+        metrics.update({f"baseline_{k}": v for k, v in random_retrieval_baseline(data.text_image, n_img).items()})
+        seconds = t1 + t2
+        metrics.update({
+            "itm_topk": env.ev.itm_topk, "itc_weight": self.options.itc_weight, "num_images": n_img,
+            "num_texts": n_txt, "itm_pairs": int(pairs.shape[0]), "stage1_s": round(t1, 4), "stage2_s": round(t2, 4),
+            "itm_pairs_per_s": pairs.shape[0] / max(t2, 1e-9),
+            # queries (images + texts) per second of model time over both stages
+            "num_samples": n_img + n_txt, "model_time_s": round(seconds, 4), "samples_per_s": (n_img + n_txt) / max(seconds, 1e-9),
+        })
+        return EvalResult(metrics, self._predictions(data, i2t, t2i))
+
+    def _predictions(self, data: RetrievalData, i2t: Tensor, t2i: Tensor) -> list[dict[str, Any]]:
+        """Top candidates of every query, readable: captions for image queries, paths for text queries."""
+        preds: list[dict[str, Any]] = []
+        k_t, k_i = min(TOP_IN_PREDICTIONS, i2t.shape[1]), min(TOP_IN_PREDICTIONS, i2t.shape[0])
+        for i, (s, t) in enumerate(zip(*i2t.topk(k_t, dim=1), strict=True)):
+            preds.append({"query": "image", "image": data.image_path(i),
+                          "top": [{"text": data.texts[j], "score": round(float(v), 4),
+                                   "correct": int(data.text_image[j]) == i} for v, j in zip(s.tolist(), t.tolist(), strict=True)]})
+        for q, (s, t) in enumerate(zip(*t2i.topk(k_i, dim=1), strict=True)):
+            preds.append({"query": "text", "text": data.texts[q],
+                          "top": [{"image": data.image_path(j), "score": round(float(v), 4),
+                                   "correct": int(data.text_image[q]) == j} for v, j in zip(s.tolist(), t.tolist(), strict=True)]})
+        return preds

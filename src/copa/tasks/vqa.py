@@ -1,0 +1,125 @@
+"""Visual question answering: the question is the TPD query; question + image go through the
+encoders and the fusion; the decoder generates the answer (greedy or beam), or ranks a list of
+candidate answers by log-likelihood.
+
+Input format: the JSON record list of ``copa data synth`` (SPEC §3), one record per image::
+
+    [{"image": "images/test/000000.png",
+      "questions": [{"q": "how many objects are there?", "answers": ["3"]},
+                    {"q": "what color is the star?", "answers": ["red", "red", "orange"]}]}, ...]
+
+(the ALBEF/mPLUG entries ``{"image", "question", "answer"}`` are read too). Each question becomes
+one (image, question) sample. Fine-tuning target: the most frequent reference answer, as
+``[CLS] answer`` -> ``answer [SEP]``. Metric: ``copa.tasks.metrics.vqa_score`` (VQA soft score with
+several references, exact match with one); baseline: always answering the majority answer of the
+training split (of the evaluated split when the training split cannot be read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from copa.config import Config
+from copa.data.collate import Batch
+from copa.data.records import Record
+from copa.model.copa import COPAModel
+from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, gather_predictions, iter_shard, only, throughput
+from copa.tasks.generation import generate, lm_loss, rank_candidates, tokenize
+from copa.tasks.metrics import majority_answer, normalize_answer, vqa_score
+
+log = logging.getLogger(__name__)
+
+
+def training_answer(answers: list[str]) -> str:
+    """The most frequent reference answer (ties: the first listed)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+def split_answers(cfg: Config, split: str) -> list[list[str]] | None:
+    """Reference answers of every question of ``cfg.data.<split>`` (records only, no images);
+    None when the split cannot be read."""
+    from copa.data.readers import read_records
+
+    try:
+        recs = read_records(getattr(cfg.data, split), cfg.data.format, cfg.data.image_root)
+    except (OSError, ValueError) as e:
+        log.warning("cannot read the %s split for VQA answers: %s", split, e)
+        return None
+    return [qa.answers for r in recs for qa in r.questions if qa.answers]
+
+
+def load_answer_list(spec: str, cfg: Config) -> list[str]:
+    """Candidate answers: "train" (every distinct answer of the training split) or a JSON list file."""
+    if spec == "train":
+        answers = split_answers(cfg, "train")
+        if not answers:
+            raise ValueError("answer list 'train': the training split has no answers")
+        seen: dict[str, str] = {}
+        for refs in answers:
+            for a in refs:
+                seen.setdefault(normalize_answer(a), a)
+        return sorted(seen.values())
+    data = json.loads(Path(spec).read_text())
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"answer list {spec} must be a non-empty JSON list of strings")
+    return [str(a) for a in data]
+
+
+class VQATask(Task):
+    name = "vqa"
+
+    def build_dataset(self, cfg: Config, split: str, train: bool, image_size: int, patch_size: int) -> Any:
+        def expand(rec: Record) -> list[Record]:
+            return [only(rec, questions=[qa]) for qa in rec.questions]
+
+        return expanded_dataset(cfg, split, train, image_size, patch_size, expand, self.options.random_crop)
+
+    def context(self, model: COPAModel, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Question-queried fused states -> decoder context (B, S, D) and mask (B, S)."""
+        return model(batch.images, batch.question_ids, batch.question_mask).context()
+
+    def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
+        ctx, cmask = self.context(model, batch)
+        ids, mask = tokenize(model, [training_answer(a) for a in batch.answers], ctx.device)
+        return {"loss": lm_loss(model, ctx, cmask, ids, mask)}
+
+    @torch.no_grad()
+    def evaluate(self, model: COPAModel, dataset: Any, env: EvalEnv) -> EvalResult:
+        ev, opts = env.ev, self.options
+        candidates = load_answer_list(opts.answer_list, env.cfg) if opts.answer_list else None
+        mode = "rank" if candidates else (opts.decode or "greedy")
+        if candidates:
+            cand_ids, cand_mask = tokenize(model, candidates, env.device)
+        preds: list[dict[str, Any]] = []
+        for idx, batch in iter_shard(dataset, env, model):
+            with env.watch, env.autocast():
+                ctx, cmask = self.context(model, batch)
+                if candidates:
+                    best = rank_candidates(model, ctx, cmask, cand_ids, cand_mask).argmax(1).tolist()
+                    answers = [candidates[j] for j in best]
+                else:
+                    answers = generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+            for i, answer, refs in zip(idx, answers, batch.answers, strict=True):
+                rec = dataset.records[i]
+                preds.append({"index": i, "image": rec.image, "question": rec.questions[0].q,
+                              "answers": refs, "prediction": answer, "score": vqa_score(answer, refs)})
+        preds, seconds = gather_predictions(preds, env.watch.seconds)
+        refs = [p["answers"] for p in preds]
+        train_refs = split_answers(env.cfg, "train")
+        majority = majority_answer(train_refs or refs)
+        metrics = {
+            "accuracy": 100.0 * sum(p["score"] for p in preds) / max(1, len(preds)),
+            "decode": mode,
+            "baseline_majority_answer": majority,
+            "baseline_majority_from": "train" if train_refs else "evaluated split",
+            "baseline_accuracy": 100.0 * sum(vqa_score(majority, r) for r in refs) / max(1, len(refs)),
+            **throughput(len(preds), seconds),
+        }
+        return EvalResult(metrics, preds)
