@@ -367,3 +367,30 @@ def test_bert_mismatches_raise() -> None:
         init_layers_from_bert([BertStyleLayer(64, 4, 256)], [bert.encoder.layer[0]])
     with pytest.raises(KeyError):
         bert_layer_to_copa(bert.state_dict(), prefix="encoder.layer.9")
+
+
+def test_copa_convert_cli_builds_a_loadable_model(tmp_path):
+    """`copa convert --vision CLIP_DIR` -> a COPA model dir whose ViT matches the CLIP reference."""
+    import transformers
+
+    from copa.cli import main
+    from copa.model.copa import load
+
+    hf_cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    ref = transformers.CLIPVisionModel(hf_cfg).eval()
+    ref.save_pretrained(tmp_path / "clip")
+    sets = ["model.text.pretrained=", "model.text.layers=2", "model.text.width=64", "model.text.heads=4",
+            "model.text.intermediate=128", "model.fusion.heads=4", "model.decoder.heads=4",
+            "model.vision.image_size=32", "model.select.layers=[1]", "model.select.keep_ratios=[1.0]"]
+    argv = ["convert", "--config", "configs/tiny.yaml", "--vision", str(tmp_path / "clip"), "--out", str(tmp_path / "m")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    model = load(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.vision(x).tokens
+        theirs = ref.post_layernorm(ref(pixel_values=x).last_hidden_state)
+    assert (ours - theirs).abs().max() <= 1e-4

@@ -19,6 +19,7 @@ log = logging.getLogger("copa")
 # Modules that register subcommands, in the order they are listed in --help.
 COMMAND_MODULES = [
     "copa.commands.info",
+    "copa.commands.convert",
     "copa.data.cli",
     "copa.train.cli",
     "copa.tasks.cli",
