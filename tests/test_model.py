@@ -89,7 +89,7 @@ def test_two_call_api_equals_one_call_and_prefix_serves_many_texts(micro_model):
         txt = m.encode_text(ids, mask)
         prefix = m.image_prefix(images)  # computed once for both images
         pair_img = torch.tensor([0, 0, 1, 1])  # image 0 with texts 0,1; image 1 with texts 2,3
-        shared = m.fuse(m.encode_image(prefix[pair_img], txt[:, 0]), txt, mask)
+        shared = m.fuse(m.encode_image(prefix[pair_img], m.text_query(txt, mask)), txt, mask)
         single = m(images[pair_img], ids, mask)
     assert torch.allclose(shared.text, single.text, atol=1e-5)
     assert torch.allclose(shared.image, single.image, atol=1e-5)
@@ -205,3 +205,18 @@ def test_base_parameter_counts():
     assert math.isclose(counts["vision"], 85.8e6, rel_tol=0.01)  # ViT-B/16 at 256 px, no classifier
     assert math.isclose(counts["text"], 66.4e6, rel_tol=0.01)  # BERT-base embeddings + 6 layers
     assert 300e6 < counts["total"] < 340e6
+
+
+def test_text_query_pooling(micro_model):
+    m = micro_model
+    txt = torch.randn(2, 4, 64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    m.cfg.text.pooling = "mean"
+    q = m.text_query(txt, mask)
+    assert torch.allclose(q[0], txt[0, :2].mean(0)) and torch.allclose(q[1], txt[1].mean(0))
+    m.cfg.text.pooling = "cls"
+    assert torch.equal(m.text_query(txt, mask), txt[:, 0])
+    m.cfg.text.pooling = "max"
+    with pytest.raises(ValueError, match="pooling"):
+        m.text_query(txt, mask)
+    m.cfg.text.pooling = "mean"

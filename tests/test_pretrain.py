@@ -60,7 +60,7 @@ def test_itm_negative_pairs_rerun_selection_with_their_own_text(synth_dir):
         out = obj(batch)
         b = batch.images.shape[0]
         prefix = model.image_prefix(batch.images)
-        txt_cls = model.encode_text(batch.caption_ids, batch.caption_mask)[:, 0]
+        txt_cls = model.encode_query(batch.caption_ids, batch.caption_mask)
         expect = model.encode_image(prefix, txt_cls[out.neg_txt]).kept  # image i with its hard text
     pos, neg = out.itm_kept[:b], out.itm_kept[b : 2 * b]
     assert torch.equal(neg, expect)

@@ -55,6 +55,10 @@ class TextConfig:
     intermediate: int = 1536
     vocab_size: int = 30522
     max_len: int = 40
+    # the text vector that queries the TPD and feeds ITC: "cls" (BERT) or "mean" over tokens
+    # (sentence encoders such as the packaged MiniLM were trained with mean pooling; their [CLS]
+    # barely varies between sentences, which left ITC at chance and the TPD text-blind)
+    pooling: str = "cls"
 
 
 @dataclass

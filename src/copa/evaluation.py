@@ -88,7 +88,7 @@ def kept_for_texts(model: COPAModel, cfg: Config, split: str, n_images: int) -> 
         prefix = model.image_prefix(x)
         texts = phrases[:2]
         tok = model.tokenizer(texts, padding=True, return_tensors="pt")
-        q = model.encode_text(tok.input_ids, tok.attention_mask)[:, 0]
+        q = model.encode_query(tok.input_ids, tok.attention_mask)
         views = []
         for i, t in enumerate(texts):
             kept = model.encode_image(prefix, q[i : i + 1]).kept

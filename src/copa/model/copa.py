@@ -88,6 +88,22 @@ class COPAModel(nn.Module):
         """ids, mask: (B, L) -> (B, L, Dt)"""
         return self.text(ids, mask)
 
+    def text_query(self, txt: Tensor, mask: Tensor) -> Tensor:
+        """The pooled text vector (B, Dt) that queries the TPD and feeds ITC (``model.text.pooling``).
+
+        txt: (B, L, Dt) encoder states, mask: (B, L).
+        """
+        if self.cfg.text.pooling == "mean":
+            m = mask.unsqueeze(-1).to(txt.dtype)
+            return (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
+        if self.cfg.text.pooling != "cls":
+            raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.cfg.text.pooling!r}")
+        return txt[:, 0]
+
+    def encode_query(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, L) -> pooled text query (B, Dt)."""
+        return self.text_query(self.encode_text(ids, mask), mask)
+
     def image_prefix(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> text-independent ViT prefix (B, 1+N, Dv); compute once per image."""
         return self.vision.forward_prefix(images)
@@ -95,7 +111,8 @@ class COPAModel(nn.Module):
     def encode_image(
         self, prefix: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
     ) -> VisionOutput:
-        """prefix (B, 1+N, Dv), query (B, Dt) text [CLS] or None (text-agnostic) -> VisionOutput"""
+        """prefix (B, 1+N, Dv), query (B, Dt) pooled text (``text_query``) or None (text-agnostic)
+        -> VisionOutput"""
         return self.vision.forward_suffix(prefix, query, keep_ratios)
 
     def fuse(self, vision: VisionOutput, txt: Tensor, txt_mask: Tensor) -> FusedOutput:
@@ -123,7 +140,7 @@ class COPAModel(nn.Module):
         images: (B, 3, H, W); ids, mask: (B, L) -> FusedOutput
         """
         txt = self.encode_text(ids, mask)
-        vision = self.encode_image(self.image_prefix(images), txt[:, 0], keep_ratios)
+        vision = self.encode_image(self.image_prefix(images), self.text_query(txt, mask), keep_ratios)
         return self.fuse(vision, txt, mask)
 
     def image_embedding(self, images: Tensor) -> Tensor:
@@ -132,7 +149,7 @@ class COPAModel(nn.Module):
 
     def text_embedding(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ITC text embedding (B, E)."""
-        return self.itc.text(self.encode_text(ids, mask)[:, 0])
+        return self.itc.text(self.encode_query(ids, mask))
 
     def set_keep_ratio(self, ratio: float | list[float]) -> None:
         self.vision.set_keep_ratios(ratio)

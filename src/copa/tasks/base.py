@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from copa.train import distributed as D
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a picture of"
+WARMUP_RUNS = 2  # untimed passes before an evaluation's throughput is measured
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> Stopwatch:
+    def __enter__(self) -> Self:
         self._sync()
         self._t0 = time.perf_counter()
         return self
@@ -133,7 +134,10 @@ def read_clean(cfg: Config, split: str) -> tuple[list[Record], Any]:
     path = getattr(d, split)
     recs = read_records(path, d.format, d.image_root)
     good, report = validate_records(
-        recs, decode=d.decode_check, min_side=d.min_image_side, max_side=d.max_image_side,
+        recs,
+        decode=d.decode_check,
+        min_side=d.min_image_side,
+        max_side=d.max_image_side,
         max_caption_chars=d.max_caption_chars,
     )
     log.info("%s: %d usable of %d records from %s", split, len(good), len(recs), path)
@@ -141,7 +145,12 @@ def read_clean(cfg: Config, split: str) -> tuple[list[Record], Any]:
 
 
 def expanded_dataset(
-    cfg: Config, split: str, train: bool, image_size: int, patch_size: int, expand: Expand,
+    cfg: Config,
+    split: str,
+    train: bool,
+    image_size: int,
+    patch_size: int,
+    expand: Expand,
     random_crop: bool = False,
 ) -> PretrainDataset:
     """``PretrainDataset`` over the expanded records of a split (validation runs once per record,
@@ -157,8 +166,15 @@ def expanded_dataset(
         d = dataclasses.replace(d, crop_scale=(1.0, 1.0))
         crop_ratio = (1.0, 1.0)
     ds = PretrainDataset(
-        derived, d, image_size, patch_size, train=train, validate=False, crop_ratio=crop_ratio,
-        max_side=d.max_image_side, min_side=d.min_image_side,
+        derived,
+        d,
+        image_size,
+        patch_size,
+        train=train,
+        validate=False,
+        crop_ratio=crop_ratio,
+        max_side=d.max_image_side,
+        min_side=d.min_image_side,
     )
     ds.report = report
     return ds
@@ -177,9 +193,17 @@ def shard_indices(n: int) -> list[int]:
     return list(range(D.rank(), n, D.world_size()))
 
 
-def eval_loader(dataset: Any, indices: list[int], batch_size: int, collator: Collator) -> DataLoader:
+def eval_loader(
+    dataset: Any, indices: list[int], batch_size: int, collate: Callable[[list[Any]], Any], workers: int = 0
+) -> DataLoader:
     """Deterministic, in-order loader over ``indices`` of ``dataset``; keeps the last partial batch."""
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=workers,
+    )
 
 
 def iter_shard(
@@ -188,7 +212,8 @@ def iter_shard(
     """(dataset indices, batch on device) over this rank's share of ``dataset``."""
     idx = shard_indices(len(dataset))
     bs = batch_size or env.ev.batch_size
-    for start, batch in zip(range(0, len(idx), bs), eval_loader(dataset, idx, bs, env.collator(model)), strict=True):
+    loader = eval_loader(dataset, idx, bs, env.collator(model), env.cfg.data.num_workers)
+    for start, batch in zip(range(0, len(idx), bs), loader, strict=True):
         yield idx[start : start + bs], batch.to(env.device)
 
 
@@ -198,6 +223,27 @@ def gather_predictions(preds: list[dict[str, Any]], seconds: float) -> tuple[lis
     parts = D.gather_objects((preds, seconds))
     allp = sorted((p for part, _ in parts for p in part), key=lambda p: p["index"])  # type: ignore[union-attr]
     return allp, max(float(s) for _, s in parts)  # type: ignore[misc]
+
+
+@torch.no_grad()
+def warm_up(model: COPAModel, env: EvalEnv, runs: int = WARMUP_RUNS, text_len: int = 12) -> None:
+    """Untimed passes through every part of the model on random inputs of the evaluation's shapes.
+
+    First calls pay one-time costs (kernel selection, allocator growth, lazy init) that on a CPU can
+    take longer than the evaluation itself; like a benchmark's warm-up runs, they are kept out of
+    the reported throughput.
+    """
+    b, size = env.ev.batch_size, model.cfg.vision.image_size
+    images = torch.randn(b, 3, size, size, device=env.device)
+    ids = torch.randint(1, model.cfg.text.vocab_size, (b, text_len), device=env.device)
+    mask = torch.ones_like(ids)
+    for _ in range(runs):
+        with env.autocast():
+            model.image_embedding(images)
+            fused = model(images, ids, mask)
+            model.itm(fused.cls)
+            model.box_head(fused.cls)
+            model.lm_head(model.decode(ids[:, :4], None, *fused.context()))
 
 
 def throughput(n: int, seconds: float) -> dict[str, float]:

@@ -21,7 +21,16 @@ from copa.config import Config
 from copa.data.collate import Batch
 from copa.data.records import Record
 from copa.model.copa import COPAModel
-from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, gather_predictions, iter_shard, only, throughput
+from copa.tasks.base import (
+    EvalEnv,
+    EvalResult,
+    Task,
+    expanded_dataset,
+    gather_predictions,
+    iter_shard,
+    only,
+    throughput,
+)
 from copa.tasks.caption_metrics import caption_scores
 from copa.tasks.generation import generate, lm_loss, tokenize
 from copa.train import distributed as D
@@ -56,20 +65,29 @@ class CaptionTask(Task):
         for idx, batch in iter_shard(dataset, env, model):
             with env.watch, env.autocast():
                 ctx, cmask = self.context(model, batch.images)
-                captions = generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+                captions = generate(
+                    model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty
+                )
             for i, c in zip(idx, captions, strict=True):
                 rec = dataset.records[i]
-                preds.append({"index": i, "image_id": i, "image": rec.image, "caption": c, "references": rec.captions})
+                preds.append(
+                    {"index": i, "image_id": i, "image": rec.image, "caption": c, "references": rec.captions}
+                )
         preds, seconds = gather_predictions(preds, env.watch.seconds)
         metrics: dict[str, Any] = {"decode": mode, "prompt": self.options.prompt}
         if D.is_main():  # the scorers (two java processes) run once, not per rank
             refs = {p["image_id"]: p["references"] for p in preds}
             scores = caption_scores(
-                refs, {"model": {p["image_id"]: p["caption"] for p in preds}, "empty": {i: "" for i in refs}},
+                refs,
+                {"model": {p["image_id"]: p["caption"] for p in preds}, "empty": {i: "" for i in refs}},
                 meteor=self.options.meteor,
             )
             metrics.update(scores["model"])
             metrics.update({f"baseline_{k}": v for k, v in scores["empty"].items()})
         metrics.update(throughput(len(preds), seconds))
-        files = {"captions_coco_results.json": [{"image_id": p["image_id"], "caption": p["caption"]} for p in preds]}
+        files = {
+            "captions_coco_results.json": [
+                {"image_id": p["image_id"], "caption": p["caption"]} for p in preds
+            ]
+        }
         return EvalResult(metrics, preds, files)

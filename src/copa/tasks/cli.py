@@ -23,16 +23,37 @@ log = logging.getLogger(__name__)
 
 def _task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASK_NAMES, help="downstream task")
-    p.add_argument("--prompt", default=None, help='captioning prompt for the encoder side (default "a picture of")')
-    p.add_argument("--decode", choices=["greedy", "beam"], default=None,
-                   help="generation for vqa / caption (default: vqa greedy, caption beam)")
-    p.add_argument("--answer-list", default=None, metavar="FILE|train",
-                   help="vqa: rank these candidate answers by likelihood instead of generating")
-    p.add_argument("--itc-weight", type=float, default=None,
-                   help="retrieval: final score = ITM log-odds + w * ITC similarity (default 1)")
-    p.add_argument("--no-meteor", dest="meteor", action="store_false", default=None,
-                   help="caption: skip METEOR (saves a java start-up)")
-    p.add_argument("--random-crop", action="store_true", default=None, help="random resized crop when fine-tuning")
+    p.add_argument(
+        "--prompt", default=None, help='captioning prompt for the encoder side (default "a picture of")'
+    )
+    p.add_argument(
+        "--decode",
+        choices=["greedy", "beam"],
+        default=None,
+        help="generation for vqa / caption (default: vqa greedy, caption beam)",
+    )
+    p.add_argument(
+        "--answer-list",
+        default=None,
+        metavar="FILE|train",
+        help="vqa: rank these candidate answers by likelihood instead of generating",
+    )
+    p.add_argument(
+        "--itc-weight",
+        type=float,
+        default=None,
+        help="retrieval: final score = ITM log-odds + w * ITC similarity (default 1)",
+    )
+    p.add_argument(
+        "--no-meteor",
+        dest="meteor",
+        action="store_false",
+        default=None,
+        help="caption: skip METEOR (saves a java start-up)",
+    )
+    p.add_argument(
+        "--random-crop", action="store_true", default=None, help="random resized crop when fine-tuning"
+    )
 
 
 def _options(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
@@ -40,8 +61,14 @@ def _options(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> A
     from copa.tasks.base import TaskOptions
 
     values = {k: v for k, v in (saved or {}).items() if k in TaskOptions.__dataclass_fields__}
-    flags = {"prompt": args.prompt, "decode": args.decode, "answer_list": args.answer_list,
-             "itc_weight": args.itc_weight, "meteor": args.meteor, "random_crop": args.random_crop}
+    flags = {
+        "prompt": args.prompt,
+        "decode": args.decode,
+        "answer_list": args.answer_list,
+        "itc_weight": args.itc_weight,
+        "meteor": args.meteor,
+        "random_crop": args.random_crop,
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     return TaskOptions(**values)
 
@@ -52,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a COPA model on a downstream task, then evaluate it")
     _task_flags(p)
     add_common(p, out_default="runs/finetune")
-    p.add_argument("--init", default=None, help="COPA model directory to start from (e.g. a pretrain run's OUT/model)")
+    p.add_argument(
+        "--init", default=None, help="COPA model directory to start from (e.g. a pretrain run's OUT/model)"
+    )
     p.add_argument("--eval-split", default="val", help="split evaluated after training (val/test/none)")
     p.set_defaults(func=run_finetune)
 
@@ -60,9 +89,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _task_flags(e)
     add_common(e, out_default="runs/eval")
     e.add_argument("--ckpt", required=True, help="COPA model directory (e.g. a finetune run's OUT/model)")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (cfg.data.<split>)")
-    e.add_argument("--keep-ratio", type=float, default=None,
-                   help="keep ratio at evaluation (1.0 = unpruned); default cfg.eval.keep_ratio, else the model's")
+    e.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="data split (cfg.data.<split>)"
+    )
+    e.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=None,
+        help="keep ratio at evaluation (1.0 = unpruned); default cfg.eval.keep_ratio, else the model's",
+    )
     e.set_defaults(func=run_evaluate)
 
 
@@ -79,14 +114,19 @@ def run_finetune(args: argparse.Namespace, cfg: Config) -> int:
     split = None if args.eval_split in ("", "none") else args.eval_split
     try:
         res = finetune(make_task(args.task, _options(args)), cfg, args.out, init=args.init, eval_split=split)
-        if D.is_main():
-            _print({"out": str(res.out), "steps": res.steps, "first_loss": res.first_loss, "last_loss": res.last_loss,
-                    **(res.eval.metrics if res.eval else {})})
     except NonFiniteLossError as e:
-        log.error("%s", e)
+        log.error("fine-tuning stopped: %s", e)
         return 3
     finally:
         D.cleanup()
+    if D.is_main():
+        head = {
+            "out": str(res.out),
+            "steps": res.steps,
+            "first_loss": res.first_loss,
+            "last_loss": res.last_loss,
+        }
+        _print({**head, **(res.eval.metrics if res.eval else {})})
     return 0
 
 
@@ -100,8 +140,9 @@ def run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
         log.warning("%s was fine-tuned for %s, evaluating it on %s", args.ckpt, meta["task"], args.task)
     saved = meta.get("options") if meta.get("task") == args.task else None
     try:
-        res = evaluate_checkpoint(make_task(args.task, _options(args, saved)), args.ckpt, cfg, args.split, args.out,
-                                  args.keep_ratio)
+        res = evaluate_checkpoint(
+            make_task(args.task, _options(args, saved)), args.ckpt, cfg, args.split, args.out, args.keep_ratio
+        )
         if D.is_main():
             _print(res.metrics)
     finally:

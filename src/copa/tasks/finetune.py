@@ -33,7 +33,7 @@ from torch import nn
 from copa.config import Config, to_dict
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
-from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective
+from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
 from copa.train.trainer import NonFiniteLossError, RunLog, lr_lambda, make_loader, param_groups
 from copa.utils.device import autocast, resolve_precision
@@ -74,7 +74,9 @@ def set_resolution(model: COPAModel, image_size: int) -> bool:
         table = resize_pos_embed(vit.pos_embed.detach(), (grid, grid))
     vit.pos_embed = nn.Parameter(table.contiguous())
     vit.grid = grid
-    log.info("resolution %d -> %d px: position table resized to a %dx%d grid", v.image_size, image_size, grid, grid)
+    log.info(
+        "resolution %d -> %d px: position table resized to a %dx%d grid", v.image_size, image_size, grid, grid
+    )
     v.image_size = image_size  # the ViT shares this config object, so both stay consistent
     return True
 
@@ -92,8 +94,12 @@ def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
         model.set_keep_ratio(ratios)
         model.cfg.select.keep_ratios = ratios
     else:
-        log.warning("model.select.keep_ratios %s do not match the model's %d selection layers: keeping %s",
-                    ratios, len(model.cfg.select.layers), model.cfg.select.keep_ratios)
+        log.warning(
+            "model.select.keep_ratios %s do not match the model's %d selection layers: keeping %s",
+            ratios,
+            len(model.cfg.select.layers),
+            model.cfg.select.keep_ratios,
+        )
     return model
 
 
@@ -113,17 +119,49 @@ def _wrap(objective: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # each task leaves most heads unused, hence find_unused_parameters
-    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return DDP(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+
+
+def _accumulate(
+    wrapped: nn.Module, it: Any, device: torch.device, dtype: torch.dtype, accum: int, where: str
+) -> dict[str, float]:
+    """Forward + backward of ``accum`` batches; their mean loss terms. Raises on a non-finite loss
+    on any rank (every rank takes part in the check, so all stop together)."""
+    acc: dict[str, float] = {}
+    for _ in range(accum):
+        batch = next(it).to(device)
+        with autocast(device, dtype):
+            parts = wrapped(batch)
+        bad = D.all_reduce_mean(torch.tensor(float(not torch.isfinite(parts["loss"])), device=device))
+        if bad > 0:
+            raise NonFiniteLossError(f"non-finite loss at {where}")
+        (parts["loss"] / accum).backward()
+        for k, val in parts.items():
+            acc[k] = acc.get(k, 0.0) + float(val.detach()) / accum
+    return acc
+
+
+def _out_of_time(budget_s: float, t0: float, device: torch.device) -> bool:
+    """Whether the time budget is spent, agreed by all ranks (rank clocks differ; a rank stopping
+    alone would leave the others waiting in a collective)."""
+    if budget_s <= 0:
+        return False
+    late = torch.tensor(float(time.perf_counter() - t0 > budget_s), device=device)
+    return bool(D.all_reduce_mean(late) > 0)
 
 
 def finetune(
-    task: Task, cfg: Config, out: str | Path, init: str | Path | None = None, eval_split: str | None = "val",
+    task: Task,
+    cfg: Config,
+    out: str | Path,
+    init: str | Path | None = None,
+    eval_split: str | None = "val",
 ) -> FinetuneResult:
     """Fine-tune ``task`` from ``init`` into ``out`` (see the module docstring)."""
-    out = Path(out)
-    device = D.init_from_env()
-    main = D.is_main()
-    if main:
+    out, device, main = Path(out), D.init_from_env(), D.is_main()
+    if main:  # the run's config as given; the fine-tuned model's own config goes to OUT/model
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -146,17 +184,7 @@ def finetune(
     step = 0
     try:
         while step < t.steps:
-            acc: dict[str, float] = {}
-            for _ in range(t.grad_accum):
-                batch = next(it).to(device)
-                with autocast(device, dtype):
-                    parts = wrapped(batch)
-                bad = D.all_reduce_mean(torch.tensor(float(not torch.isfinite(parts["loss"])), device=device))
-                if bad > 0:
-                    raise NonFiniteLossError(f"non-finite {task.name} loss at step {step + 1}")
-                (parts["loss"] / t.grad_accum).backward()
-                for k, val in parts.items():
-                    acc[k] = acc.get(k, 0.0) + float(val.detach()) / t.grad_accum
+            acc = _accumulate(wrapped, it, device, dtype, t.grad_accum, f"{task.name} step {step + 1}")
             if t.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
             opt.step()
@@ -164,26 +192,50 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             step += 1
             losses.append(acc["loss"])
-            if step % t.log_every == 0 or step == t.steps or step == 1:
-                runlog.write("train_log", step, {**acc, "lr": sched.get_last_lr()[-1], "elapsed_s": time.perf_counter() - t0})
+            if step % t.log_every == 0 or step in (1, t.steps):
+                row = {**acc, "lr": sched.get_last_lr()[-1], "elapsed_s": time.perf_counter() - t0}
+                runlog.write("train_log", step, row)
                 if main:
-                    log.info("%s step %d/%d: %s", task.name, step, t.steps, {k: round(x, 4) for k, x in acc.items()})
-            if t.time_budget_s > 0 and time.perf_counter() - t0 > t.time_budget_s:
-                log.warning("time budget of %.0f s reached at step %d of %d: stopping", t.time_budget_s, step, t.steps)
+                    log.info(
+                        "%s step %d/%d: %s",
+                        task.name,
+                        step,
+                        t.steps,
+                        {k: round(x, 4) for k, x in acc.items()},
+                    )
+            if _out_of_time(t.time_budget_s, t0, device):
+                log.warning(
+                    "time budget of %.0f s reached at step %d of %d: stopping", t.time_budget_s, step, t.steps
+                )
                 break
     finally:
         runlog.close()
     wall = time.perf_counter() - t0
     model.eval()
-    meta = {META_KEY: {"task": task.name, "options": task.options.to_dict(), "steps": step, "init": str(init or ""),
-                       "train": cfg.data.train}}
+    meta = {
+        META_KEY: {
+            "task": task.name,
+            "options": task.options.to_dict(),
+            "steps": step,
+            "init": str(init or ""),
+            "train": cfg.data.train,
+        }
+    }
     if main:
         model.save_pretrained(out / "model", extra=meta)
-    summary = {"task": task.name, "steps": step, "first_loss": losses[0] if losses else math.nan,
-               "last_loss": losses[-1] if losses else math.nan, "wall_s": wall, "world_size": D.world_size(),
-               "precision": str(dtype).replace("torch.", ""), "image_size": v.image_size,
-               "keep_ratios": model.vision.keep_ratios, "train_samples": len(dataset),
-               "data_report": dataset.report.summary()}
+    summary = {
+        "task": task.name,
+        "steps": step,
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+        "wall_s": wall,
+        "world_size": D.world_size(),
+        "precision": str(dtype).replace("torch.", ""),
+        "image_size": v.image_size,
+        "keep_ratios": model.vision.keep_ratios,
+        "train_samples": len(dataset),
+        "data_report": dataset.report.summary(),
+    }
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     D.barrier()
@@ -193,7 +245,12 @@ def finetune(
 
 # --------------------------------------------------------------------------------- evaluation
 def run_evaluation(
-    task: Task, model: COPAModel, cfg: Config, split: str, out: str | Path | None, keep_ratio: float | None = None,
+    task: Task,
+    model: COPAModel,
+    cfg: Config,
+    split: str,
+    out: str | Path | None,
+    keep_ratio: float | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``cfg.data.<split>``; rank 0 writes ``metrics.json`` and
     ``predictions.jsonl`` (plus the task's extra files) into ``out``. The model's own keep ratios
@@ -210,14 +267,26 @@ def run_evaluation(
         v = model.cfg.vision
         data = task.build_dataset(cfg, split, False, v.image_size, v.patch_size)
         env = EvalEnv(cfg, device, dtype, task.options, Stopwatch(device))
+        warm_up(model, env)
         result = task.evaluate(model, data, env)
-        result.metrics.update({
-            "task": task.name, "split": split, "data": getattr(cfg.data, split),
-            "keep_ratio": model.vision.keep_ratios[0] if len(set(model.vision.keep_ratios)) == 1 else model.vision.keep_ratios,
-            "pruning": model.vision.pruning, "selector": model.cfg.select.selector, "image_size": v.image_size,
-            "precision": str(dtype).replace("torch.", ""), "device": str(device), "world_size": D.world_size(),
-            "batch_size": cfg.eval.batch_size,
-        })
+        result.metrics.update(
+            {
+                "task": task.name,
+                "split": split,
+                "data": getattr(cfg.data, split),
+                "keep_ratio": model.vision.keep_ratios[0]
+                if len(set(model.vision.keep_ratios)) == 1
+                else model.vision.keep_ratios,
+                "pruning": model.vision.pruning,
+                "selector": model.cfg.select.selector,
+                "image_size": v.image_size,
+                "precision": str(dtype).replace("torch.", ""),
+                "device": str(device),
+                "world_size": D.world_size(),
+                "batch_size": cfg.eval.batch_size,
+                "warmup_runs": WARMUP_RUNS,
+            }
+        )
     finally:
         model.set_keep_ratio(saved)
         model.train(was_training)
@@ -239,7 +308,11 @@ def write_outputs(result: EvalResult, out: Path) -> None:
 
 
 def evaluate_checkpoint(
-    task: Task, ckpt: str | Path, cfg: Config, split: str = "test", out: str | Path | None = None,
+    task: Task,
+    ckpt: str | Path,
+    cfg: Config,
+    split: str = "test",
+    out: str | Path | None = None,
     keep_ratio: float | None = None,
 ) -> EvalResult:
     """Load a saved model (``COPAModel.save_pretrained`` directory) and ``run_evaluation``; the

@@ -19,7 +19,9 @@ from copa.model.text import load_tokenizer
 def tokenize(model: COPAModel, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
     """(T,) strings -> ids, mask (T, L) long on ``device`` ("[CLS] ... [SEP]", padded)."""
     tok = load_tokenizer(model.cfg.text.tokenizer)
-    enc = tok(texts, padding="longest", truncation=True, max_length=model.cfg.decoder.max_len, return_tensors="pt")
+    enc = tok(
+        texts, padding="longest", truncation=True, max_length=model.cfg.decoder.max_len, return_tensors="pt"
+    )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -30,7 +32,9 @@ def shift(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ids[:, :-1], mask[:, :-1], labels
 
 
-def token_logprobs(model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def token_logprobs(
+    model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """Log-probability of every target token. ctx (B, S, D), ctx_mask (B, S), ids/mask (B, L)
     -> (logp (B, L-1) with 0 on padding, labels (B, L-1))."""
     dec_in, dec_mask, labels = shift(ids, mask)
@@ -50,8 +54,8 @@ def lm_loss(model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: 
     return F.cross_entropy(model.lm_head(h[valid]).float(), labels[valid])
 
 
-def _step(model: COPAModel, ctx: Tensor, ctx_mask: Tensor):  # noqa: ANN202 - decoder.StepFn
-    def step(tokens: Tensor, cache, start: int) -> Tensor:  # noqa: ANN001 - KVCache
+def _step(model: COPAModel, ctx: Tensor, ctx_mask: Tensor):
+    def step(tokens: Tensor, cache, start: int) -> Tensor:
         h = model.decode(tokens, None, ctx, ctx_mask, cache=cache, start=start)
         return model.lm_head(h[:, -1])
 
@@ -60,21 +64,40 @@ def _step(model: COPAModel, ctx: Tensor, ctx_mask: Tensor):  # noqa: ANN202 - de
 
 @torch.no_grad()
 def generate(
-    model: COPAModel, ctx: Tensor, ctx_mask: Tensor, mode: str = "greedy", beam: int = 3,
-    max_new: int = 12, length_penalty: float = 1.0,
+    model: COPAModel,
+    ctx: Tensor,
+    ctx_mask: Tensor,
+    mode: str = "greedy",
+    beam: int = 3,
+    max_new: int = 12,
+    length_penalty: float = 1.0,
 ) -> list[str]:
     """Texts decoded from context ctx (B, S, D), ctx_mask (B, S) with greedy or beam search."""
     tok = load_tokenizer(model.cfg.text.tokenizer)
     b = ctx.shape[0]
     bos = torch.full((b, 1), tok.cls_token_id, dtype=torch.long, device=ctx.device)
     if mode == "greedy" or beam <= 1:
-        out = greedy_search(_step(model, ctx, ctx_mask), model.decoder.new_cache(), bos, max_new,
-                            tok.sep_token_id, tok.pad_token_id)
+        out = greedy_search(
+            _step(model, ctx, ctx_mask),
+            model.decoder.new_cache(),
+            bos,
+            max_new,
+            tok.sep_token_id,
+            tok.pad_token_id,
+        )
     elif mode == "beam":
         # the search expects every row repeated per beam (cache, context, prompt)
         step = _step(model, ctx.repeat_interleave(beam, 0), ctx_mask.repeat_interleave(beam, 0))
-        out = beam_search(step, model.decoder.new_cache(), bos.repeat_interleave(beam, 0), max_new,
-                          tok.sep_token_id, beam=beam, length_penalty=length_penalty, pad_id=tok.pad_token_id)
+        out = beam_search(
+            step,
+            model.decoder.new_cache(),
+            bos.repeat_interleave(beam, 0),
+            max_new,
+            tok.sep_token_id,
+            beam=beam,
+            length_penalty=length_penalty,
+            pad_id=tok.pad_token_id,
+        )
     else:
         raise ValueError(f"decode mode must be greedy or beam, got {mode!r}")
     return [t.strip() for t in tok.batch_decode(out.tokens.tolist(), skip_special_tokens=True)]
@@ -96,7 +119,11 @@ def rank_candidates(
         n = ids.shape[0]
         # row (i, j) = context i with candidate j
         logp, _ = token_logprobs(
-            model, ctx.repeat_interleave(n, 0), ctx_mask.repeat_interleave(n, 0), ids.repeat(b, 1), mask.repeat(b, 1)
+            model,
+            ctx.repeat_interleave(n, 0),
+            ctx_mask.repeat_interleave(n, 0),
+            ids.repeat(b, 1),
+            mask.repeat(b, 1),
         )
         scores[:, s : s + n] = logp.sum(1).view(b, n)
     return scores

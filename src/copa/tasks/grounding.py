@@ -19,14 +19,25 @@ from copa.config import Config
 from copa.data.collate import Batch
 from copa.data.records import Record
 from copa.model.copa import COPAModel
-from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, gather_predictions, iter_shard, only, throughput
+from copa.tasks.base import (
+    EvalEnv,
+    EvalResult,
+    Task,
+    expanded_dataset,
+    gather_predictions,
+    iter_shard,
+    only,
+    throughput,
+)
 from copa.tasks.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from copa.tasks.metrics import grounding_metrics
 
 CENTRE_BOX = (0.5, 0.5, 0.5, 0.5)  # cx, cy, w, h of the baseline box
 
 
-def box_loss(pred: Tensor, target: Tensor, l1_weight: float = 1.0, giou_weight: float = 1.0) -> dict[str, Tensor]:
+def box_loss(
+    pred: Tensor, target: Tensor, l1_weight: float = 1.0, giou_weight: float = 1.0
+) -> dict[str, Tensor]:
     """pred, target: (B, 4) normalised cxcywh -> {"l1", "giou", "loss"} (means over the batch)."""
     l1 = F.l1_loss(pred.float(), target.float())
     giou = (1.0 - generalized_box_iou(cxcywh_to_xyxy(pred.float()), cxcywh_to_xyxy(target.float()))).mean()
@@ -62,9 +73,16 @@ class GroundingTask(Task):
                 boxes = self.predict(model, batch).float()
             iou = box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(batch.ref_boxes.float()))
             for j, i in enumerate(idx):
-                preds.append({"index": i, "image": dataset.records[i].image, "ref": batch.refs[j],
-                              "box_pred_cxcywh": boxes[j].tolist(), "box_gt_cxcywh": batch.ref_boxes[j].tolist(),
-                              "iou": float(iou[j])})
+                preds.append(
+                    {
+                        "index": i,
+                        "image": dataset.records[i].image,
+                        "ref": batch.refs[j],
+                        "box_pred_cxcywh": boxes[j].tolist(),
+                        "box_gt_cxcywh": batch.ref_boxes[j].tolist(),
+                        "iou": float(iou[j]),
+                    }
+                )
         preds, seconds = gather_predictions(preds, env.watch.seconds)
         pred = torch.tensor([p["box_pred_cxcywh"] for p in preds]).view(-1, 4)
         gt = torch.tensor([p["box_gt_cxcywh"] for p in preds]).view(-1, 4)

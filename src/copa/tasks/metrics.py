@@ -67,7 +67,9 @@ def _hit_prob(n: int, m: int, k: int) -> float:
     if k >= n - m + 1:
         return 1.0
     # 1 - C(n-m, k) / C(n, k), in logs so large galleries do not overflow
-    log_miss = (math.lgamma(n - m + 1) - math.lgamma(n - m - k + 1)) - (math.lgamma(n + 1) - math.lgamma(n - k + 1))
+    log_miss = (math.lgamma(n - m + 1) - math.lgamma(n - m - k + 1)) - (
+        math.lgamma(n + 1) - math.lgamma(n - k + 1)
+    )
     return 1.0 - math.exp(log_miss)
 
 

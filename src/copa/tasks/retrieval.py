@@ -35,15 +35,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
 from copa.config import Config
 from copa.data.collate import Batch
 from copa.data.dataset import PretrainDataset
 from copa.data.records import Record
 from copa.model.copa import COPAModel
-from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, only, shard_indices
-from copa.tasks.metrics import retrieval_metrics, random_retrieval_baseline
+from copa.tasks.base import EvalEnv, EvalResult, Task, eval_loader, expanded_dataset, only, shard_indices
+from copa.tasks.metrics import random_retrieval_baseline, retrieval_metrics
 from copa.train import distributed as D
 
 TOP_IN_PREDICTIONS = 5
@@ -75,7 +74,12 @@ def stack_images(samples: list[dict[str, Any]]) -> Tensor:
 
 @torch.no_grad()
 def itm_scores_shared_prefix(
-    model: COPAModel, images: Tensor, ids: Tensor, mask: Tensor, pair_image: Tensor, pair_text: Tensor,
+    model: COPAModel,
+    images: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    pair_image: Tensor,
+    pair_text: Tensor,
     batch_size: int = 64,
 ) -> Tensor:
     """ITM log-odds of (image, text) pairs, running each image's ViT prefix and each text once.
@@ -89,10 +93,11 @@ def itm_scores_shared_prefix(
     texts, inverse = pair_text.unique(return_inverse=True)
     txt = model.encode_text(ids[texts], mask[texts])  # (U, L, D): once per distinct text
     txt_mask = mask[texts]
+    query = model.text_query(txt, txt_mask)
     out = []
     for s in range(0, pair_image.shape[0], batch_size):
         pi, ti = pair_image[s : s + batch_size], inverse[s : s + batch_size]
-        vis = model.encode_image(prefix[pi], txt[ti, 0])  # text-aware selection per pair
+        vis = model.encode_image(prefix[pi], query[ti])  # text-aware selection per pair
         logits = model.itm(model.fuse(vis, txt[ti], txt_mask[ti]).cls).float()
         out.append(logits[:, 1] - logits[:, 0])
     return torch.cat(out) if out else torch.zeros(0, device=images.device)
@@ -120,7 +125,9 @@ class RetrievalTask(Task):
             rows.setdefault(img, r)  # records naming the same image file pool their captions
             texts += rec.captions
             owner += [img] * len(rec.captions)
-        return RetrievalData(ds, [rows[i] for i in range(len(rows))], texts, torch.tensor(owner, dtype=torch.long))
+        return RetrievalData(
+            ds, [rows[i] for i in range(len(rows))], texts, torch.tensor(owner, dtype=torch.long)
+        )
 
     # ------------------------------------------------------------------ training
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
@@ -136,12 +143,13 @@ class RetrievalTask(Task):
         """(image indices, images on device) in chunks of the eval batch size."""
         bs = env.ev.batch_size
         rows = [data.image_rows[i] for i in images]
-        loader = DataLoader(Subset(data.dataset, rows), batch_size=bs, shuffle=False, collate_fn=stack_images,
-                            num_workers=env.cfg.data.num_workers)
+        loader = eval_loader(data.dataset, rows, bs, stack_images, env.cfg.data.num_workers)
         for s, x in zip(range(0, len(images), bs), loader, strict=True):
             yield images[s : s + bs], x.to(env.device)
 
-    def _stage1(self, model: COPAModel, data: RetrievalData, ids: Tensor, mask: Tensor, env: EvalEnv) -> tuple[Tensor, Tensor, float]:
+    def _stage1(
+        self, model: COPAModel, data: RetrievalData, ids: Tensor, mask: Tensor, env: EvalEnv
+    ) -> tuple[Tensor, Tensor, float]:
         """Text-agnostic image and text ITC embeddings (I, E), (T, E) on every rank; model seconds."""
         my_img, my_txt = shard_indices(data.num_images), shard_indices(len(data.texts))
         img_parts, txt_parts = [], []
@@ -154,8 +162,13 @@ class RetrievalTask(Task):
                 with env.watch, env.autocast():
                     txt_parts.append(model.text_embedding(ids[t], mask[t]).float().cpu())
         e = model.cfg.embed_dim
-        local = (my_img, torch.cat(img_parts) if img_parts else torch.zeros(0, e),
-                 my_txt, torch.cat(txt_parts) if txt_parts else torch.zeros(0, e), env.watch.seconds)
+        local = (
+            my_img,
+            torch.cat(img_parts) if img_parts else torch.zeros(0, e),
+            my_txt,
+            torch.cat(txt_parts) if txt_parts else torch.zeros(0, e),
+            env.watch.seconds,
+        )
         img = torch.zeros(data.num_images, e)
         txt = torch.zeros(len(data.texts), e)
         seconds = 0.0
@@ -180,7 +193,9 @@ class RetrievalTask(Task):
             sel = torch.tensor([p for img in chunk for p in by_image[img]], dtype=torch.long)
             pi = torch.tensor([local[int(i)] for i in pairs[sel, 0]], device=env.device)
             with env.watch, env.autocast():
-                s = itm_scores_shared_prefix(model, x, ids, mask, pi, pairs[sel, 1].to(env.device), env.ev.batch_size)
+                s = itm_scores_shared_prefix(
+                    model, x, ids, mask, pi, pairs[sel, 1].to(env.device), env.ev.batch_size
+                )
             done += sel.tolist()
             scores.append(s.float().cpu())
         local_res = (done, torch.cat(scores) if scores else torch.zeros(0), env.watch.seconds - start)
@@ -198,8 +213,12 @@ class RetrievalTask(Task):
         img, txt, t1 = self._stage1(model, data, ids, mask, env)
         sim = img @ txt.t()  # (I, T) cosine similarities
         k_txt, k_img = min(env.ev.itm_topk, n_txt), min(env.ev.itm_topk, n_img)
-        cand_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, sim.topk(k_txt, dim=1).indices, True)
-        cand_t2i = torch.zeros(n_txt, n_img, dtype=torch.bool).scatter_(1, sim.t().topk(k_img, dim=1).indices, True)
+        cand_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(
+            1, sim.topk(k_txt, dim=1).indices, True
+        )
+        cand_t2i = torch.zeros(n_txt, n_img, dtype=torch.bool).scatter_(
+            1, sim.t().topk(k_img, dim=1).indices, True
+        )
         pairs = (cand_i2t | cand_t2i.t()).nonzero()  # (P, 2) [image, text], each pair scored once
         itm, t2 = self._stage2(model, data, ids, mask, pairs, env)
         itm_mat = torch.zeros(n_img, n_txt)
@@ -209,27 +228,44 @@ class RetrievalTask(Task):
         t2i = torch.where(cand_t2i, reranked.t(), sim.t() - _BELOW)
         metrics: dict[str, Any] = retrieval_metrics(i2t, t2i, data.text_image)
         metrics.update({f"itc_{k}": v for k, v in retrieval_metrics(sim, sim.t(), data.text_image).items()})
-        metrics.update({f"baseline_{k}": v for k, v in random_retrieval_baseline(data.text_image, n_img).items()})
+        metrics.update(
+            {f"baseline_{k}": v for k, v in random_retrieval_baseline(data.text_image, n_img).items()}
+        )
         seconds = t1 + t2
-        metrics.update({
-            "itm_topk": env.ev.itm_topk, "itc_weight": self.options.itc_weight, "num_images": n_img,
-            "num_texts": n_txt, "itm_pairs": int(pairs.shape[0]), "stage1_s": round(t1, 4), "stage2_s": round(t2, 4),
-            "itm_pairs_per_s": pairs.shape[0] / max(t2, 1e-9),
-            # queries (images + texts) per second of model time over both stages
-            "num_samples": n_img + n_txt, "model_time_s": round(seconds, 4), "samples_per_s": (n_img + n_txt) / max(seconds, 1e-9),
-        })
+        metrics.update(
+            {
+                "itm_topk": env.ev.itm_topk,
+                "itc_weight": self.options.itc_weight,
+                "num_images": n_img,
+                "num_texts": n_txt,
+                "itm_pairs": int(pairs.shape[0]),
+                "stage1_s": round(t1, 4),
+                "stage2_s": round(t2, 4),
+                "itm_pairs_per_s": pairs.shape[0] / max(t2, 1e-9),
+                # queries (images + texts) per second of model time over both stages
+                "num_samples": n_img + n_txt,
+                "model_time_s": round(seconds, 4),
+                "samples_per_s": (n_img + n_txt) / max(seconds, 1e-9),
+            }
+        )
         return EvalResult(metrics, self._predictions(data, i2t, t2i))
 
     def _predictions(self, data: RetrievalData, i2t: Tensor, t2i: Tensor) -> list[dict[str, Any]]:
         """Top candidates of every query, readable: captions for image queries, paths for text queries."""
-        preds: list[dict[str, Any]] = []
-        k_t, k_i = min(TOP_IN_PREDICTIONS, i2t.shape[1]), min(TOP_IN_PREDICTIONS, i2t.shape[0])
-        for i, (s, t) in enumerate(zip(*i2t.topk(k_t, dim=1), strict=True)):
-            preds.append({"query": "image", "image": data.image_path(i),
-                          "top": [{"text": data.texts[j], "score": round(float(v), 4),
-                                   "correct": int(data.text_image[j]) == i} for v, j in zip(s.tolist(), t.tolist(), strict=True)]})
-        for q, (s, t) in enumerate(zip(*t2i.topk(k_i, dim=1), strict=True)):
-            preds.append({"query": "text", "text": data.texts[q],
-                          "top": [{"image": data.image_path(j), "score": round(float(v), 4),
-                                   "correct": int(data.text_image[q]) == j} for v, j in zip(s.tolist(), t.tolist(), strict=True)]})
-        return preds
+        owner = data.text_image.tolist()
+
+        def top(scores: Tensor, name: Any, correct: Any) -> list[list[dict[str, Any]]]:
+            vals, idx = scores.topk(min(TOP_IN_PREDICTIONS, scores.shape[1]), dim=1)
+            return [
+                [
+                    {**name(j), "score": round(v, 4), "correct": correct(q, j)}
+                    for v, j in zip(vs, js, strict=True)
+                ]
+                for q, (vs, js) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True))
+            ]
+
+        by_image = top(i2t, lambda j: {"text": data.texts[j]}, lambda q, j: owner[j] == q)
+        by_text = top(t2i, lambda j: {"image": data.image_path(j)}, lambda q, j: owner[q] == j)
+        return [{"query": "image", "image": data.image_path(i), "top": t} for i, t in enumerate(by_image)] + [
+            {"query": "text", "text": data.texts[q], "top": t} for q, t in enumerate(by_text)
+        ]

@@ -30,7 +30,16 @@ from copa.config import Config
 from copa.data.collate import Batch
 from copa.data.records import Record
 from copa.model.copa import COPAModel
-from copa.tasks.base import EvalEnv, EvalResult, Task, expanded_dataset, gather_predictions, iter_shard, only, throughput
+from copa.tasks.base import (
+    EvalEnv,
+    EvalResult,
+    Task,
+    expanded_dataset,
+    gather_predictions,
+    iter_shard,
+    only,
+    throughput,
+)
 from copa.tasks.generation import generate, lm_loss, rank_candidates, tokenize
 from copa.tasks.metrics import majority_answer, normalize_answer, vqa_score
 
@@ -105,11 +114,21 @@ class VQATask(Task):
                     best = rank_candidates(model, ctx, cmask, cand_ids, cand_mask).argmax(1).tolist()
                     answers = [candidates[j] for j in best]
                 else:
-                    answers = generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+                    answers = generate(
+                        model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty
+                    )
             for i, answer, refs in zip(idx, answers, batch.answers, strict=True):
                 rec = dataset.records[i]
-                preds.append({"index": i, "image": rec.image, "question": rec.questions[0].q,
-                              "answers": refs, "prediction": answer, "score": vqa_score(answer, refs)})
+                preds.append(
+                    {
+                        "index": i,
+                        "image": rec.image,
+                        "question": rec.questions[0].q,
+                        "answers": refs,
+                        "prediction": answer,
+                        "score": vqa_score(answer, refs),
+                    }
+                )
         preds, seconds = gather_predictions(preds, env.watch.seconds)
         refs = [p["answers"] for p in preds]
         train_refs = split_answers(env.cfg, "train")

@@ -145,7 +145,7 @@ class PretrainObjective(nn.Module):
         ids, mask = batch.caption_ids, batch.caption_mask
         prefix = m.image_prefix(batch.images)  # (B, 1+N, D): once per image per step
         txt = m.encode_text(ids, mask)
-        txt_cls = txt[:, 0]
+        txt_cls = m.text_query(txt, mask)
         sim = neg_txt = neg_img = itm_kept = None
 
         if w["itc"] or w["itm"]:
@@ -168,7 +168,7 @@ class PretrainObjective(nn.Module):
         if w["mlm"]:
             mids, mlabels = mask_tokens(ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob)
             mtxt = m.encode_text(mids, mask)
-            fused = m.fuse(m.encode_image(prefix, mtxt[:, 0]), mtxt, mask)
+            fused = m.fuse(m.encode_image(prefix, m.text_query(mtxt, mask)), mtxt, mask)
             chosen = mlabels != -100  # the vocabulary projection runs on masked positions only
             logits = m.mlm_head(fused.text[chosen])
             losses["mlm"] = F.cross_entropy(logits.float(), mlabels[chosen])
@@ -176,7 +176,7 @@ class PretrainObjective(nn.Module):
         if w["prefix_lm"]:
             pids, pmask, dec_in, dec_mask, target = split_prefix(ids, mask, self.cls_id, self.sep_id, self.pad_id)
             ptxt = m.encode_text(pids, pmask)
-            fused = m.fuse(m.encode_image(prefix, ptxt[:, 0]), ptxt, pmask)
+            fused = m.fuse(m.encode_image(prefix, m.text_query(ptxt, pmask)), ptxt, pmask)
             ctx, cmask = fused.context()
             h = m.decode(dec_in, dec_mask, ctx, cmask)
             valid = target != -100
@@ -201,7 +201,7 @@ class PretrainObjective(nn.Module):
         sel, block = selectors[0], m.vision.blocks[m.vision.prefix_depth]
         parts = []
         if batch.phrase_ids.shape[0] > 0:
-            ph = m.encode_text(batch.phrase_ids, batch.phrase_mask)[:, 0]
+            ph = m.encode_query(batch.phrase_ids, batch.phrase_mask)
             logits = sel(prefix[batch.phrase_image], ph, block)
             parts.append(bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight))
         boxed = batch.has_boxes.nonzero().squeeze(1)

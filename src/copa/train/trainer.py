@@ -224,7 +224,7 @@ def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
     sel, block = model.vision.selectors[0], model.vision.blocks[model.vision.prefix_depth]
     prefix = model.image_prefix(batch.images)
     if batch.phrase_ids.shape[0]:
-        q = model.encode_text(batch.phrase_ids, batch.phrase_mask)[:, 0]
+        q = model.encode_query(batch.phrase_ids, batch.phrase_mask)
         meter.add("phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels)
     boxed = batch.has_boxes.nonzero().squeeze(1)
     if boxed.numel():

@@ -1,0 +1,296 @@
+"""Downstream tasks on the micro model and the synthetic scenes: each task's loss falls on a fixed
+batch, ``copa finetune`` + ``copa evaluate`` write valid metrics.json files, the shared-prefix ITM
+re-ranking equals full per-pair forwards, fine-tuning at a higher resolution resizes the position
+table consistently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from copa.cli import main
+from copa.model.copa import COPAModel
+from copa.tasks.registry import TASK_NAMES, make_task
+from copa.train.trainer import make_loader
+from tests.conftest import MICRO, TRAIN_MICRO, micro_config, train_config
+
+EVAL_SETS = ["eval.batch_size=8", "eval.itm_topk=4", "eval.max_new_tokens=4", "eval.beam_size=2"]
+
+COMMON_KEYS = {
+    "task",
+    "split",
+    "keep_ratio",
+    "pruning",
+    "samples_per_s",
+    "model_time_s",
+    "num_samples",
+    "precision",
+}
+TASK_KEYS = {
+    "retrieval": {
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+        "r_mean",
+        "itc_r_mean",
+        "baseline_r_mean",
+        "baseline_i2t_r1",
+        "baseline_t2i_r1",
+        "itm_pairs",
+    },
+    "vqa": {"accuracy", "baseline_accuracy", "baseline_majority_answer", "decode"},
+    "caption": {"bleu4", "cider", "rouge_l", "baseline_bleu4", "baseline_cider", "decode"},
+    "grounding": {"acc@0.5", "miou", "baseline_acc@0.5", "baseline_miou"},
+}
+
+
+@pytest.fixture(scope="module")
+def micro_init(tmp_path_factory) -> Path:
+    """A saved micro COPA model (random weights) to fine-tune from."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("init") / "model"
+    COPAModel(micro_config().model).save_pretrained(path)
+    return path
+
+
+def _sets(synth_dir, *extra: str) -> list[str]:
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        *EVAL_SETS,
+        f"data.train={synth_dir}/train.json",
+        f"data.val={synth_dir}/val.json",
+        f"data.test={synth_dir}/test.json",
+        *extra,
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_loss_falls_on_a_fixed_batch(name, micro_init, synth_dir):
+    cfg = train_config(synth_dir)
+    task = make_task(name)
+    torch.manual_seed(0)
+    model = COPAModel.from_pretrained(micro_init).train()
+    batch = next(
+        iter(make_loader(task.build_dataset(cfg, "train", True, 32, 8), cfg, train=True, batch_size=8))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)  # retrieval samples hard negatives: the same draw for first and last
+        return task.loss(model, batch)["loss"]
+
+    first = float(loss().detach())
+    for _ in range(20):
+        out = loss()
+        assert torch.isfinite(out)
+        out.backward()
+        opt.step()
+        opt.zero_grad()
+    last = float(loss().detach())
+    assert last < 0.9 * first, (name, first, last)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_cli_finetune_then_evaluate_writes_metrics(name, micro_init, synth_dir, tmp_path):
+    sets = _sets(synth_dir, "train.steps=2")
+    extra = ["--no-meteor"] if name == "caption" else []
+    out = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "finetune",
+                name,
+                "--config",
+                "configs/tiny.yaml",
+                *sets,
+                *extra,
+                "--init",
+                str(micro_init),
+                "--out",
+                str(out),
+                "--eval-split",
+                "none",
+            ]
+        )
+        == 0
+    )
+    assert (out / "model" / "model.safetensors").exists() and (out / "train_log.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["task"] == name
+    assert (
+        main(
+            [
+                "evaluate",
+                name,
+                "--config",
+                "configs/tiny.yaml",
+                *sets,
+                *extra,
+                "--ckpt",
+                str(out / "model"),
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "test"),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert COMMON_KEYS | TASK_KEYS[name] <= set(metrics), (COMMON_KEYS | TASK_KEYS[name]) - set(metrics)
+    assert metrics["keep_ratio"] == 0.5 and metrics["pruning"] is True and metrics["samples_per_s"] > 0
+    lines = (tmp_path / "test" / "predictions.jsonl").read_text().splitlines()
+    assert lines and all(isinstance(json.loads(x), dict) for x in lines)
+    if name == "caption":
+        assert "meteor" not in metrics and (tmp_path / "test" / "captions_coco_results.json").exists()
+        assert metrics["baseline_cider"] == 0.0
+
+
+def test_finetune_evaluates_and_keep_ratio_flag(micro_init, synth_dir, tmp_path):
+    """Default finetune evaluates on val into OUT; --keep-ratio 1.0 evaluates unpruned."""
+    sets = _sets(synth_dir, "train.steps=1")
+    out = tmp_path / "g"
+    assert (
+        main(
+            [
+                "finetune",
+                "grounding",
+                "--config",
+                "configs/tiny.yaml",
+                *sets,
+                "--init",
+                str(micro_init),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    val = json.loads((out / "metrics.json").read_text())
+    assert val["split"] == "val" and val["keep_ratio"] == 0.5
+    assert (
+        main(
+            [
+                "evaluate",
+                "grounding",
+                "--config",
+                "configs/tiny.yaml",
+                *sets,
+                "--ckpt",
+                str(out / "model"),
+                "--keep-ratio",
+                "1.0",
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "full"),
+            ]
+        )
+        == 0
+    )
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert full["keep_ratio"] == 1.0 and full["pruning"] is False
+    assert full["num_samples"] == val["num_samples"]
+
+
+def test_shared_prefix_itm_equals_full_pairs():
+    from copa.tasks.retrieval import itm_scores_shared_prefix
+
+    torch.manual_seed(0)
+    # the pretrained MiniLM text encoder: random micro text states are too alike to steer selection
+    cfg = micro_config(
+        "model.text.pretrained=minilm",
+        "model.text.width=384",
+        "model.text.heads=12",
+        "model.text.intermediate=1536",
+        "model.text.layers=6",
+        "model.fusion.heads=12",
+        "model.decoder.heads=12",
+    )
+    model = COPAModel(cfg.model).eval()
+    with torch.no_grad():  # a text-sensitive TPD, so each text really selects its own patches
+        model.vision.selectors[0].fc_text.weight.mul_(50)
+    texts = [
+        "a red circle",
+        "two blue squares on the left",
+        "a star",
+        "a green triangle above a circle",
+        "yes",
+    ]
+    enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = enc.input_ids, enc.attention_mask
+    images = torch.randn(3, 3, 32, 32)
+    pi = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    pt = torch.tensor([0, 1, 2, 1, 3, 0, 2, 3, 4, 4])
+    with torch.no_grad():
+        shared = itm_scores_shared_prefix(model, images, ids, mask, pi, pt, batch_size=4)
+        logits = model.itm(model(images[pi], ids[pt], mask[pt]).cls)
+        kept = model.encode_image(
+            model.image_prefix(images[pi]), model.encode_query(ids[pt], mask[pt])
+        ).kept
+    full = logits[:, 1] - logits[:, 0]
+    assert shared.shape == (10,)
+    assert torch.allclose(shared, full, atol=1e-5), (shared - full).abs().max()
+    # selection is text-aware: image 0 keeps different patches for different texts
+    kept0 = {tuple(kept[j].sort().values.tolist()) for j in range(10) if pi[j] == 0}
+    assert len(kept0) > 1
+
+
+def test_higher_resolution_resizes_position_table(micro_init, synth_dir, tmp_path):
+    from copa.tasks.finetune import prepare_model
+
+    cfg = train_config(synth_dir, "model.vision.image_size=48", "model.select.keep_ratios=[0.25]")
+    model = prepare_model(cfg, micro_init)
+    assert model.cfg.vision.image_size == 48 and model.vision.num_patches == 36
+    assert model.vision.pos_embed.shape == (1, 37, 64) and model.vision.keep_ratios == [0.25]
+    model.save_pretrained(tmp_path / "m")
+    again = COPAModel.from_pretrained(tmp_path / "m").eval()
+    assert again.cfg.vision.image_size == 48 and again.cfg.select.keep_ratios == [0.25]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(again.image_embedding(x), model.eval().image_embedding(x))
+
+
+def test_rank_candidates_layout_matches_one_by_one():
+    from copa.tasks.generation import rank_candidates, token_logprobs, tokenize
+
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model).eval()
+    ctx, cmask = torch.randn(2, 7, 64), torch.ones(2, 7, dtype=torch.long)
+    cmask[1, 5:] = 0
+    ids, mask = tokenize(model, ["red", "two blue", "a small green star"], torch.device("cpu"))
+    with torch.no_grad():
+        scores = rank_candidates(model, ctx, cmask, ids, mask, chunk=2)  # chunks of 2 + 1 candidates
+        for i in range(2):
+            for j in range(3):
+                logp, _ = token_logprobs(
+                    model, ctx[i : i + 1], cmask[i : i + 1], ids[j : j + 1], mask[j : j + 1]
+                )
+                assert scores[i, j].item() == pytest.approx(logp.sum().item(), abs=1e-4)
+
+
+def test_vqa_answer_list_ranking_and_beam(micro_init, synth_dir):
+    from copa.tasks.base import TaskOptions
+    from copa.tasks.finetune import run_evaluation
+    from copa.tasks.vqa import load_answer_list
+
+    cfg = train_config(synth_dir, *EVAL_SETS)
+    model = COPAModel.from_pretrained(micro_init).eval()
+    cands = load_answer_list("train", cfg)
+    assert {"yes", "no"} <= set(cands) and len(cands) == len(set(cands))
+    ranked = run_evaluation(make_task("vqa", TaskOptions(answer_list="train")), model, cfg, "val", None)
+    assert ranked.metrics["decode"] == "rank"
+    assert all(p["prediction"] in cands for p in ranked.predictions)
+    beam = run_evaluation(
+        make_task("vqa", TaskOptions(decode="beam")), model, cfg, "val", None, keep_ratio=1.0
+    )
+    assert beam.metrics["decode"] == "beam" and beam.metrics["keep_ratio"] == 1.0
+    assert model.vision.keep_ratios == [0.5]  # the model's own ratio is restored after evaluation
