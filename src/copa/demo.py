@@ -36,11 +36,20 @@ class DemoPlan:
     eval_images: int = 200
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    finetune_steps: int = 40
+    finetune_budget_s: float = 60.0
+    no_pta_pretrain: bool = True
 
 
-FULL = DemoPlan()
-QUICK = DemoPlan(n_train=240, n_val=48, n_test=48, pretrain_steps=16, pretrain_budget_s=60.0, batch_size=16,
-                 eval_images=48, picture_images=2, keep_sweep=[0.25, 0.5, 1.0])
+FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=70, pretrain_budget_s=200.0,
+                eval_images=100)
+QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, pretrain_steps=12, pretrain_budget_s=45.0, batch_size=16,
+                 eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0], finetune_steps=4,
+                 finetune_budget_s=15.0, no_pta_pretrain=False)
+
+# task -> (headline metric key in metrics.json, its label)
+TASK_METRICS = {"retrieval": ("r_mean", "mean recall (%)"), "vqa": ("accuracy", "accuracy (%)"),
+                "caption": ("cider", "CIDEr"), "grounding": ("acc@0.5", "accuracy@IoU0.5 (%)")}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,6 +156,60 @@ class Demo:
                 sweep[r] = pta_eval(model, cfg, "test", r, self.plan.eval_images)
             self.results["pta_vs_keep"] = sweep
 
+    def tasks(self, model_dir: Path, no_pta_dir: Path | None) -> None:
+        """Fine-tune each task once (TPD + PTA model), evaluate pruned and unpruned, and with the
+        other selectors swapped in (same weights) for the ablation table."""
+        from copa.evaluation import with_selector
+        from copa.model.copa import load
+        from copa.tasks.base import TaskOptions
+        from copa.tasks.finetune import finetune, run_evaluation
+        from copa.tasks.registry import make_task
+
+        p = self.plan
+        sets = [f"train.steps={p.finetune_steps}", f"train.time_budget_s={p.finetune_budget_s}",
+                f"train.warmup={max(1, p.finetune_steps // 10)}", "train.lr=1e-4", "train.lr_vit=1e-4"]
+        cfg = self.config(*sets)
+        keep = cfg.model.select.keep_ratios[0]
+        self.results.setdefault("tasks", {})
+        self.results.setdefault("ablation_tasks", {})
+        ablation = self.results["ablation_tasks"]
+        for name, (key, label) in TASK_METRICS.items():
+            with self.stage(f"task: {name}"):
+                task = make_task(name, TaskOptions(meteor=not self.quick))
+                out = self.out / "tasks" / name
+                finetune(task, cfg, out, init=model_dir, eval_split=None)
+                self.command(["finetune", name, "--config", self.config_path, "--init", str(model_dir),
+                              "--out", str(out), *sum((["--set", s] for s in [*self.base_sets(), *self.overrides, *sets]), [])])
+                model = load(out / "model")
+                rows = {}
+                for setting, ratio in ((f"pruned (keep {keep})", keep), ("unpruned (keep 1.0)", 1.0)):
+                    tag = "pruned" if ratio < 1.0 else "unpruned"
+                    res = run_evaluation(task, model, cfg, "test", out / f"test_{tag}", ratio)
+                    self.command(["evaluate", name, "--ckpt", str(out / "model"), "--split", "test",
+                                  "--keep-ratio", str(ratio), "--out", str(out / f"test_{tag}")])
+                    m = res.metrics
+                    rows[setting] = {"metric_name": label, "metric": m.get(key), "baseline": m.get(f"baseline_{key}"),
+                                     "samples_per_s": m.get("samples_per_s"), "keep_ratio": ratio}
+                    if ratio == 1.0:
+                        ablation.setdefault("none", {})[f"{name}_metric"] = m.get(key)
+                        ablation["none"][f"{name}_sps"] = m.get("samples_per_s")
+                    else:
+                        ablation.setdefault("tpd + PTA (COPA)", {})[f"{name}_metric"] = m.get(key)
+                        ablation["tpd + PTA (COPA)"][f"{name}_sps"] = m.get("samples_per_s")
+                self.results["tasks"][name] = rows
+                if name in ("vqa", "grounding", "retrieval"):
+                    for sel in ("cls_attn", "text_attn"):
+                        res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
+                        ablation.setdefault(sel, {})[f"{name}_metric"] = res.metrics.get(key)
+                        ablation[sel][f"{name}_sps"] = res.metrics.get("samples_per_s")
+                    if no_pta_dir is not None:
+                        out2 = self.out / "tasks_no_pta" / name
+                        finetune(task, cfg, out2, init=no_pta_dir, eval_split=None)
+                        res = run_evaluation(task, load(out2 / "model"), cfg, "test", None, keep)
+                        ablation.setdefault("tpd without PTA", {})[f"{name}_metric"] = res.metrics.get(key)
+                        ablation["tpd without PTA"][f"{name}_sps"] = res.metrics.get("samples_per_s")
+                    torch.set_grad_enabled(True)
+
     def pictures(self, model_dir: Path) -> None:
         from copa.evaluation import kept_for_texts
         from copa.model.copa import load
@@ -178,9 +241,10 @@ class Demo:
         self.synth()
         model = self.pretrain()
         no_pta = None
-        if not self.quick:
+        if self.plan.no_pta_pretrain:
             no_pta = self.pretrain("pretrain_no_pta", ("train.loss_weights.pta=0.0",))
         self.selector_ablation(model, no_pta)
+        self.tasks(model, no_pta)
         self.pictures(model)
         self.report()
         return 0

@@ -55,8 +55,8 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
         return []
     tasks = res.get("ablation_tasks", {})
     header = ["selector", "object-patch recall (phrase)", "recall (text-agnostic)", "AP (phrase)"]
-    extra_cols = [("vqa_acc", "VQA acc"), ("grounding_acc", "grounding acc@0.5"), ("retrieval_r_mean", "retrieval mean R"),
-                  ("pairs_per_s", "pairs/s")]
+    extra_cols = [("vqa_metric", "VQA acc (%)"), ("grounding_metric", "grounding acc@0.5 (%)"),
+                  ("retrieval_metric", "retrieval mean R (%)"), ("vqa_sps", "VQA samples/s")]
     present = [c for c in extra_cols if any(c[0] in t for t in tasks.values())]
     header += [c[1] for c in present]
     rows = []
