@@ -38,3 +38,9 @@ def test_round_trip_dict():
     from copa.config import from_dict
 
     assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_partial_mapping_override_keeps_other_defaults():
+    cfg = load_config("configs/tiny.yaml", ["train.loss_weights.pta=0.0"])
+    assert cfg.train.loss_weights["pta"] == 0.0
+    assert cfg.train.loss_weights["itc"] == 1.0 and cfg.train.loss_weights["mlm"] == 1.0

@@ -210,6 +210,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        # a partial mapping (e.g. --set train.loss_weights.pta=0) updates the default mapping
+        if f.name in kwargs and isinstance(kwargs[f.name], dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if isinstance(default, dict):
+                kwargs[f.name] = {**default, **kwargs[f.name]}
     return cls(**kwargs)
 
 

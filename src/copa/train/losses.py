@@ -186,6 +186,8 @@ class PretrainObjective(nn.Module):
         if w["pta"]:
             losses["pta"] = self.pta_loss(prefix, batch)
 
+        if not losses:
+            raise ValueError(f"every pre-training loss has weight 0: {w}")
         total = sum(w[k] * v for k, v in losses.items())
         return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept)
 
