@@ -1,0 +1,152 @@
+"""``copa bench`` on a micro model: keep-setting parser, JSON keys, FLOP ratios, CLI (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from copa.bench import (
+    BenchError,
+    KeepSetting,
+    bench_inference,
+    bench_train,
+    build_bench_model,
+    count_flops,
+    cpu_tensor_peak,
+    parse_keep,
+    parse_keeps,
+)
+from tests.conftest import MICRO, micro_config
+
+INFER_KEYS = {
+    "precision", "keep", "layers", "ratios", "visual_tokens", "batch", "flops", "flops_vit", "flops_ratio",
+    "flops_ratio_vit", "images_per_s", "pairs_per_s", "speedup_vit", "speedup_e2e", "efficiency",
+    "efficiency_vit", "achieved_flops_per_s", "achieved_flops_per_s_vit", "peak_share", "peak_share_vit",
+    "peak_memory_mb", "peak_rss_mb", "time_e2e", "time_vit", "retried_calls",
+}
+TRAIN_KEYS = {
+    "precision", "keep", "batch", "flops", "flops_ratio", "samples_per_s", "speedup", "efficiency",
+    "achieved_flops_per_s", "peak_memory_mb", "peak_rss_mb", "time_step",
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "layers", "ratios"),
+    [("none", (), ()), ("6:0.5", (6,), (0.5,)), ("4:0.7,8:0.5", (4, 8), (0.7, 0.5)),
+     (" 3 : 0.4 , 9:1 ", (3, 9), (0.4, 1.0)), ("NONE", (), ())],
+)
+def test_parse_keep(spec, layers, ratios):
+    s = parse_keep(spec, num_layers=12)
+    assert (s.layers, s.ratios) == (layers, ratios)
+    assert s.pruned == any(r < 1 for r in ratios)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("", "empty"), ("6", "not LAYER:RATIO"), ("6:0.5:1", "not LAYER:RATIO"), ("a:0.5", "not an integer"),
+     ("6:half", "not a number"), ("6:0", r"in \(0, 1\]"), ("6:1.5", r"in \(0, 1\]"), ("6:nan", r"in \(0, 1\]"),
+     ("0:0.5", "must be in 1..11"), ("12:0.5", "must be in 1..11"), ("8:0.5,4:0.5", "strictly increase"),
+     ("4:0.5,4:0.5", "strictly increase"), ("4:0.5,", "not LAYER:RATIO")],
+)
+def test_parse_keep_rejects_bad_input(spec, message):
+    with pytest.raises(BenchError, match=message):
+        parse_keep(spec, num_layers=12)
+
+
+def test_parse_keeps_puts_unpruned_first_once():
+    settings = parse_keeps(["6:0.5", "none", "6:0.5", "4:0.7,8:0.5"], 12)
+    assert [s.name for s in settings] == ["none", "6:0.5", "4:0.7,8:0.5"]
+
+
+def test_count_flops_includes_cpu_sdpa():
+    q = torch.randn(2, 3, 10, 8)
+    with torch.inference_mode():
+        flops = count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * 2 * 3 * 10 * 10 * 8)  # QK^T and PV
+
+
+def test_cpu_tensor_peak_sees_live_tensors():
+    x = torch.randn(256, 256)
+
+    def f():
+        a = x @ x  # 256 KiB
+        b = a + 1  # 256 KiB, both alive
+        del a
+        return (b * 2).sum()
+
+    peak = cpu_tensor_peak(f)
+    assert peak is not None and 2 * 256 * 256 * 4 <= peak < 4 * 256 * 256 * 4
+
+
+@pytest.fixture(scope="module")
+def micro():
+    cfg = micro_config()
+    return cfg, build_bench_model(cfg, None, torch.device("cpu"))
+
+
+def test_bench_inference_micro(micro):
+    cfg, model = micro
+    own = model.vision.selectors
+    settings = parse_keeps(["2:0.5", "1:0.7,3:0.5"], cfg.model.vision.layers)
+    recs = bench_inference(model, settings, batch=2, text_len=6, runs=1, warmup=1,
+                           precisions=[torch.float32, torch.bfloat16], decode=True, peaks={"fp32": 1e9})
+    assert [(r["precision"], r["keep"]) for r in recs] == [
+        (p, k) for p in ("fp32", "bf16") for k in ("none", "2:0.5", "1:0.7,3:0.5")
+    ]
+    n = model.vision.num_patches
+    for r in recs:
+        assert INFER_KEYS <= set(r)
+        assert r["efficiency"] == pytest.approx(r["speedup_e2e"] / r["flops_ratio"])
+        assert r["pairs_per_s"] > 0 and r["images_per_s"] > 0 and r["peak_memory_mb"] > 0
+        if r["keep"] == "none":
+            assert r["flops_ratio"] == 1.0 and r["speedup_e2e"] == 1.0 and r["visual_tokens"] == 1 + n
+        else:
+            assert r["flops_ratio"] > 1.0 and r["flops_ratio_vit"] > 1.0 and r["flops"] < recs[0]["flops"]
+    assert recs[1]["visual_tokens"] == 1 + n // 2 + 1  # [CLS, K kept, fused]
+    assert recs[0]["peak_share"] is not None and recs[3]["peak_share"] is None
+    json.dumps(recs)  # serialisable as it is
+    # the model is handed back as it came: own selectors, fp32
+    assert model.vision.selectors is own and next(model.parameters()).dtype == torch.float32
+
+
+def test_bench_inference_needs_unpruned_first(micro):
+    _, model = micro
+    with pytest.raises(BenchError, match="unpruned"):
+        bench_inference(model, [KeepSetting((2,), (0.5,))], batch=1, runs=1, warmup=0)
+
+
+def test_bench_train_micro(micro):
+    cfg, model = micro
+    settings = parse_keeps(["2:0.5"], cfg.model.vision.layers)
+    recs = bench_train(model, cfg, settings, batch=2, text_len=6, runs=1, warmup=0, dtype=torch.float32)
+    assert [r["keep"] for r in recs] == ["none", "2:0.5"]
+    for r in recs:
+        assert TRAIN_KEYS <= set(r) and r["samples_per_s"] > 0
+    assert recs[0]["flops_ratio"] == 1.0 and recs[1]["flops_ratio"] > 1.0
+    assert not model.training
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    from copa.cli import main
+
+    sets = [a for o in MICRO for a in ("--set", o)]
+    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1", "--warmup", "1",
+               "--keep", "2:0.5", "--precision", "fp32", "--peak-size", "64", "--text-len", "6",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"hardware", "matmul_peak", "results", "memory_method", "date", "command"} <= set(data)
+    assert {"cpu", "cpu_cores", "torch", "torch_threads"} <= set(data["hardware"])
+    assert set(data["matmul_peak"]) == {"bf16", "fp32"}
+    assert [r["keep"] for r in data["results"]] == ["none", "2:0.5"]
+    assert "| fp32 | 2:0.5 |" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_keep(tmp_path):
+    from copa.cli import main
+
+    sets = [a for o in MICRO for a in ("--set", o)]
+    assert main(["bench", "--config", "configs/tiny.yaml", *sets, "--keep", "9:0.5", "--out", str(tmp_path)]) == 2
