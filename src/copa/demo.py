@@ -210,6 +210,44 @@ class Demo:
                         ablation["tpd without PTA"][f"{name}_sps"] = res.metrics.get("samples_per_s")
                     torch.set_grad_enabled(True)
 
+    def bench(self) -> None:
+        """copa bench on the tiny preset: speed vs keep ratio, pruned and unpruned in one run."""
+        from copa.bench import bench_inference, build_bench_model, hardware_info, parse_keeps
+        from copa.viz import xy_plot
+
+        with self.stage("benchmark"):
+            cfg = self.config()
+            layer = cfg.model.select.layers[0]
+            specs = [f"{layer}:{r:g}" for r in self.plan.keep_sweep if r < 1.0]
+            model = build_bench_model(cfg, None, torch.device("cpu"))
+            runs = 2 if self.quick else 5
+            recs = bench_inference(model, parse_keeps(specs, cfg.model.vision.layers), batch=8, runs=runs, warmup=1)
+            self.command(["bench", "--config", self.config_path, "--batch", "8", "--runs", str(runs),
+                          *sum((["--keep", k] for k in specs), []), "--out", str(self.out / "bench")])
+            hw = hardware_info(torch.device("cpu"))
+            rows = [{"setting": r["keep"], **{k: r.get(k) for k in ("flops_ratio", "speedup_vit", "speedup_e2e",
+                                                                      "efficiency", "pairs_per_s", "images_per_s")}}
+                    for r in recs]
+            self.results["bench"] = {"hardware": f"{hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, "
+                                                 f"batch 8, median of {runs} runs", "rows": rows}
+            keep_of = {f"{layer}:{r:g}": r for r in self.plan.keep_sweep}
+            pts = sorted((keep_of.get(r["setting"], 1.0), r) for r in rows)
+            pics = self.results.setdefault("pictures", {})
+            pics["speed_vs_keep"] = xy_plot(
+                self.out / "speed_vs_keep.png",
+                {"end-to-end pairs/s": ([k for k, _ in pts], [r["pairs_per_s"] for _, r in pts]),
+                 "ViT images/s": ([k for k, _ in pts], [r["images_per_s"] for _, r in pts])},
+                "keep ratio", "throughput", "Speed vs keep ratio (tiny, this machine)").name
+            sweep = self.results.get("pta_vs_keep", {})
+            if sweep:
+                ks = sorted(sweep)
+                pics["accuracy_vs_keep"] = xy_plot(
+                    self.out / "accuracy_vs_keep.png",
+                    {"object-patch recall (phrase)": (ks, [sweep[k].get("recall_phrase") for k in ks]),
+                     "object-patch recall (text-agnostic)": (ks, [sweep[k].get("recall_agnostic") for k in ks]),
+                     "random selection": (ks, [sweep[k].get("recall_random", k) for k in ks])},
+                    "keep ratio", "recall", "Object-patch recall vs keep ratio").name
+
     def pictures(self, model_dir: Path) -> None:
         from copa.evaluation import kept_for_texts
         from copa.model.copa import load
@@ -227,7 +265,7 @@ class Demo:
             if rows:
                 pics["kept_patches"] = kept_patches_figure(self.out / "kept_patches.png", rows, model.vision.grid,
                                                            cfg.model.vision.image_size).name
-            self.results["pictures"] = pics
+            self.results.setdefault("pictures", {}).update(pics)
 
     def report(self) -> None:
         from copa.report import write_report
@@ -245,6 +283,7 @@ class Demo:
             no_pta = self.pretrain("pretrain_no_pta", ("train.loss_weights.pta=0.0",))
         self.selector_ablation(model, no_pta)
         self.tasks(model, no_pta)
+        self.bench()
         self.pictures(model)
         self.report()
         return 0
