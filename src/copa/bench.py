@@ -1016,7 +1016,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                                  "precision": _dtype_name(tdtype), "step": "PretrainObjective fwd+bwd+clip+AdamW"}
     hw["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     path.write_text(json.dumps(result, indent=2))
-    header = (f"{cfg.name} @ {result['image_size']} px, batch {args.batch}, {hw['cpu']} "
+    batch_txt = f"train batch {args.train_batch}" if args.train_only else f"batch {args.batch}"
+    header = (f"{cfg.name} @ {result['image_size']} px, {batch_txt}, {hw['cpu']} "
               f"({hw['cpu_cores_usable']} cores, {hw['torch_threads']} threads), torch {hw['torch']}"
               + (f", GPU {hw['gpu']}" if "gpu" in hw else ""))
     print(header)
