@@ -379,6 +379,9 @@ def cpu_tensor_peak(fn: Callable[[], Any]) -> int | None:
     return peak
 
 
+_NO_MEMORY: dict[str, float | None] = {"peak_memory_mb": None, "peak_rss_mb": None}
+
+
 class PeakMemory:
     """Peak memory of one call, two views.
 
@@ -619,6 +622,7 @@ def bench_inference(
     peaks: dict[str, float] | None = None,
     seed: int = 0,
     min_util: float = 0.0,
+    memory: bool = True,
 ) -> list[dict[str, Any]]:
     """Throughput and FLOPs of the ViT alone and of the whole model for every keep setting.
 
@@ -663,7 +667,7 @@ def bench_inference(
                     flops[s] = (count_flops(e2e_fn(s)), count_flops(vit_fn(s)))
             # peak memory of one e2e forward per setting
             resident = _tensor_bytes(model, *switch.selectors.values(), images, ids, mask, query)
-            peak_mb = {s: mem.measure(e2e_fn(s), resident) for s in settings}
+            peak_mb = {s: mem.measure(e2e_fn(s), resident) if memory else _NO_MEMORY for s in settings}
             log.info("%s: timing %d settings x %d runs (+%d warm-up), batch %d, interleaved",
                      pname, len(settings), runs, warmup, batch)
             fns: dict[str, Callable[[], Any]] = {}
@@ -775,6 +779,7 @@ def bench_train(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     min_util: float = 0.0,
+    memory: bool = True,
 ) -> list[dict[str, Any]]:
     """Samples/s of one pre-training step (``PretrainObjective`` forward + backward + grad clipping
     + AdamW), unpruned (selector ``none``) vs each pruned setting; same weights, same batch, bf16
@@ -816,8 +821,8 @@ def bench_train(
     # FLOPs of forward + backward (the optimizer step is not a matmul); this first step per setting
     # also allocates the AdamW state, which then counts as resident in the memory pass
     flops = {s: count_flops(step_fn(s)) for s in settings}
-    peak_mb = {}
-    for s in settings:
+    peak_mb = {s: _NO_MEMORY for s in settings}
+    for s in settings if memory else []:
         resident = _tensor_bytes(model, *switch.selectors.values(), *_batch_tensors(data), *_opt_tensors(opt))
         peak_mb[s] = mem.measure(step_fn(s), resident)
     log.info("train: timing %d settings x %d steps (+%d warm-up), batch %d, interleaved",
@@ -914,6 +919,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CPU, for shared machines: before each timed call wait (up to 1 min) until a probe gets "
                    "this CPU utilisation (process CPU time / wall / threads), and re-time a call (up to 3 "
                    "times) that got less, i.e. another process took a core; 0 = off (default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes (faster)")
     p.add_argument("--peak-size", type=int, default=4096, help="matmul size for the peak FLOP/s probe (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -996,7 +1002,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         records = bench_inference(
             model, settings, batch=args.batch, text_len=args.text_len, runs=args.runs, warmup=args.warmup,
             precisions=dtypes, bf16_mode=args.bf16_mode, decode=args.decode, peaks=peaks, seed=args.seed,
-            min_util=args.min_util,
+            min_util=args.min_util, memory=not args.no_memory,
         )
         result["results"] = records
         path.write_text(json.dumps(result, indent=2))  # keep the inference numbers if training fails
@@ -1011,6 +1017,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         result["train"] = bench_train(
             model, cfg, settings, batch=args.train_batch, text_len=args.text_len, runs=args.train_runs,
             warmup=args.train_warmup, dtype=tdtype, seed=args.seed, min_util=args.min_util,
+            memory=not args.no_memory,
         )
         result["train_setup"] = {"batch": args.train_batch, "runs": args.train_runs, "warmup": args.train_warmup,
                                  "precision": _dtype_name(tdtype), "step": "PretrainObjective fwd+bwd+clip+AdamW"}
