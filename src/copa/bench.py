@@ -797,7 +797,7 @@ def bench_train(
     objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight)
     data = synthetic_batch(model, batch, text_len, seed).to(device)
     switch.apply(settings[0])
-    groups = param_groups(model, t.lr, t.lr_vit, t.weight_decay)
+    groups = param_groups(model, t)
     extra = [q for q in switch.parameters()]
     if extra:
         groups.append({"params": extra, "lr": t.lr, "weight_decay": t.weight_decay})

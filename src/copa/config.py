@@ -119,6 +119,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-4
     lr_vit: float = 1e-4
+    # the pretrained text encoder; None: same as lr (see copa.train.trainer.param_groups for why lower)
+    lr_text: float | None = 3e-5
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1

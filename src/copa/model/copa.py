@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from copa.config import ModelConfig, model_config_from_dict, to_dict
 from copa.model.decoder import Decoder
-from copa.model.heads import BoxHead, ITCHead, TiedLMHead
+from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
 from copa.model.fusion import FusionEncoder
 from copa.model.text import TextEncoder, load_tokenizer
@@ -61,7 +62,7 @@ class COPAModel(nn.Module):
         self.itm = nn.Linear(dt, 2)
         self.mlm_head = TiedLMHead(dt, self.text.word_embeddings)
         self.lm_head = TiedLMHead(dt, self.text.word_embeddings)
-        self.box_head = BoxHead(dt)
+        self.box_head = PatchBoxHead(dt)
         if load_text_weights and cfg.text.pretrained:
             self._init_from_text()
 
@@ -142,6 +143,13 @@ class COPAModel(nn.Module):
         txt = self.encode_text(ids, mask)
         vision = self.encode_image(self.image_prefix(images), self.text_query(txt, mask), keep_ratios)
         return self.fuse(vision, txt, mask)
+
+    def ground(self, fused: FusedOutput) -> GroundingOutput:
+        """Box of the object a pair's text refers to, from the fused patch states (grounding)."""
+        v = fused.vision
+        index = v.patch_index
+        grid = math.isqrt(v.num_patches)
+        return self.box_head(fused.image[:, 1 : 1 + index.shape[1]], fused.cls, index, grid)
 
     def image_embedding(self, images: Tensor) -> Tensor:
         """Text-agnostic ITC embedding (B, E) for retrieval."""

@@ -38,10 +38,12 @@ def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int = 1
 
 @dataclass
 class VisionOutput:
-    """tokens: (B, T, D) after the final norm, T = 1+K(+1 fused) or 1+N unpruned."""
+    """tokens: (B, T, D) after the final norm, T = 1+K(+1 fused) or 1+N unpruned; ``num_patches``
+    is N, the patch count of the input grid (square)."""
 
     tokens: Tensor
     selections: list[Selection] = field(default_factory=list)
+    num_patches: int = 0
 
     @property
     def kept(self) -> Tensor | None:
@@ -51,6 +53,14 @@ class VisionOutput:
     @property
     def cls(self) -> Tensor:
         return self.tokens[:, 0]
+
+    @property
+    def patch_index(self) -> Tensor:
+        """(B, K) original patch index (row-major on the grid) of ``tokens[:, 1:1+K]``; all N when unpruned."""
+        if self.selections:
+            return self.selections[-1].kept
+        b = self.tokens.shape[0]
+        return torch.arange(self.num_patches, device=self.tokens.device).expand(b, -1)
 
 
 class VisionTransformer(nn.Module):
@@ -156,7 +166,7 @@ class VisionTransformer(nn.Module):
                 candidates, dropped = kept, dropped + nc - k
                 has_fused = self.select_cfg.fuse_dropped
             x = self._run(x, layer, layers[s + 1])
-        return VisionOutput(self.norm(x), selections)
+        return VisionOutput(self.norm(x), selections, n)
 
     def forward(
         self, images: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None

@@ -242,7 +242,7 @@ def warm_up(model: COPAModel, env: EvalEnv, runs: int = WARMUP_RUNS, text_len: i
             model.image_embedding(images)
             fused = model(images, ids, mask)
             model.itm(fused.cls)
-            model.box_head(fused.cls)
+            model.ground(fused)
             model.lm_head(model.decode(ids[:, :4], None, *fused.context()))
 
 

@@ -174,7 +174,7 @@ def finetune(
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
     wrapped = _wrap(TaskObjective(model, task), device)
-    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
     torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
     it = iter(make_loader(dataset, cfg, train=True))

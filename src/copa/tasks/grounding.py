@@ -1,6 +1,8 @@
-"""Visual grounding: the referring expression is the TPD query; the box head on the fused [CLS]
-regresses a normalised (cx, cy, w, h) box. Loss: L1 + GIoU on samples whose box survived the
-transform. Metric: accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box centred on the image
+"""Visual grounding: the referring expression is the TPD query; the patch-anchored box head
+(``copa.model.heads.PatchBoxHead``) scores every kept patch for holding the object's centre and
+regresses a normalised (cx, cy, w, h) box from it. Loss, on samples whose box survived the
+transform: cross-entropy of the patch scores against the kept patch nearest the true centre, plus
+L1 + GIoU of that patch's box. Metric: accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box centred on the image
 (``CENTRE_BOX``, half its width and height).
 
 Input: JSON records with ``refs: [{"phrase", "box": [x, y, w, h] pixels}]``; each ref becomes one
@@ -19,6 +21,7 @@ from copa.config import Config
 from copa.data.collate import Batch
 from copa.data.records import Record
 from copa.model.copa import COPAModel
+from copa.model.heads import GroundingOutput
 from copa.tasks.base import (
     EvalEnv,
     EvalResult,
@@ -44,6 +47,21 @@ def box_loss(
     return {"l1": l1, "giou": giou, "loss": l1_weight * l1 + giou_weight * giou}
 
 
+def patch_box_loss(out: GroundingOutput, target: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Loss of the patch-anchored head. target: (B, 4) normalised cxcywh; valid: (B,) bool.
+
+    The responsible patch is the kept patch whose centre is nearest the true box centre (the
+    patch holding it, unless the selector dropped that one): its score is trained by
+    cross-entropy over the kept patches, its box by L1 + GIoU.
+    """
+    scores, boxes, centres, target = out.scores[valid], out.boxes[valid], out.centres[valid], target[valid].float()
+    resp = (centres - target[:, None, :2]).square().sum(-1).argmin(1)  # (B,)
+    ce = F.cross_entropy(scores, resp)
+    chosen = boxes.gather(1, resp[:, None, None].expand(-1, 1, 4)).squeeze(1)
+    parts = box_loss(chosen, target)
+    return {"patch_ce": ce, "l1": parts["l1"], "giou": parts["giou"], "loss": ce + parts["loss"]}
+
+
 class GroundingTask(Task):
     name = "grounding"
 
@@ -53,17 +71,20 @@ class GroundingTask(Task):
 
         return expanded_dataset(cfg, split, train, image_size, patch_size, expand, self.options.random_crop)
 
+    def forward(self, model: COPAModel, batch: Batch) -> GroundingOutput:
+        return model.ground(model(batch.images, batch.ref_ids, batch.ref_mask))
+
     def predict(self, model: COPAModel, batch: Batch) -> Tensor:
         """(B, 4) normalised cxcywh boxes for the batch's referring expressions."""
-        return model.box_head(model(batch.images, batch.ref_ids, batch.ref_mask).cls)
+        return self.forward(model, batch).box
 
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
-        pred = self.predict(model, batch)
+        out = self.forward(model, batch)
         valid = batch.ref_valid
         if not bool(valid.any()):  # every box cropped away: a zero loss that keeps the graph
-            zero = pred.sum() * 0.0
-            return {"l1": zero, "giou": zero, "loss": zero}
-        return box_loss(pred[valid], batch.ref_boxes[valid])
+            zero = out.scores.sum() * 0.0 + out.boxes.sum() * 0.0
+            return {"patch_ce": zero, "l1": zero, "giou": zero, "loss": zero}
+        return patch_box_loss(out, batch.ref_boxes, valid)
 
     @torch.no_grad()
     def evaluate(self, model: COPAModel, dataset: Any, env: EvalEnv) -> EvalResult:

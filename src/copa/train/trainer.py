@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from copa.config import Config, to_dict
+from copa.config import Config, TrainConfig, to_dict
 from copa.model.copa import COPAModel
 from copa.train import distributed as D
 from copa.train.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -35,21 +35,35 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ optimisation
-def param_groups(model: COPAModel, lr: float, lr_vit: float, wd: float) -> list[dict[str, Any]]:
-    """ViT backbone at ``lr_vit`` (pretrained features move slowly), everything else at ``lr``;
-    no weight decay on biases, norms, embeddings and other 1-D parameters."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def param_groups(model: COPAModel, t: TrainConfig) -> list[dict[str, Any]]:
+    """Three learning rates: the ViT backbone at ``lr_vit``, the pretrained text encoder at
+    ``lr_text`` and everything else (selectors, fusion, decoder, heads) at ``lr``; no weight decay
+    on biases, norms, embeddings and other 1-D parameters.
+
+    The text encoder gets its own, lower rate because at the new modules' rate (3e-4) it loses its
+    pretrained sentence structure within a few dozen steps: every caption maps to nearly the same
+    vector and ITC sits at chance (ln B) for ~100 steps; at 3e-5 ITC learns from the start (BENCHMARKS.md).
+    """
+    rates = {"vit": t.lr_vit, "text": t.lr, "rest": t.lr}
+    if t.lr_text is not None:
+        rates["text"] = t.lr_text
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        vit = name.startswith("vision.") and not name.startswith("vision.selectors")
+        if name.startswith("vision.") and not name.startswith("vision.selectors"):
+            part = "vit"
+        elif name.startswith("text."):
+            part = "text"
+        else:
+            part = "rest"
         decay = p.ndim >= 2 and "embed" not in name and "token" not in name
-        groups.setdefault((vit, decay), []).append(p)
+        groups.setdefault((part, decay), []).append(p)
     return [
-        {"params": ps, "lr": lr_vit if vit else lr, "weight_decay": wd if decay else 0.0, "base_lr": lr_vit if vit else lr}
-        for (vit, decay), ps in groups.items()
+        {"params": ps, "lr": rates[part], "weight_decay": t.weight_decay if decay else 0.0, "base_lr": rates[part], "name": f"{part}{'' if decay else '_nodecay'}"}
+        for (part, decay), ps in groups.items()
     ]
 
 
@@ -306,7 +320,7 @@ def pretrain(
     wrapped = _wrap(objective, cfg, device)
     fsdp = D.world_size() > 1 and cfg.train.distributed == "fsdp"
     # the optimizer is built after wrapping: FSDP replaces parameters with sharded ones
-    opt = torch.optim.AdamW(param_groups(model, t.lr, t.lr_vit, t.weight_decay), betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
     if state is not None:
         if fsdp:

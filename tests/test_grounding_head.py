@@ -1,0 +1,62 @@
+"""The patch-anchored grounding head: box decoding around each kept patch, the responsible-patch
+loss, and its use on pruned and unpruned fused states."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from copa.model.heads import PatchBoxHead
+from copa.tasks.grounding import patch_box_loss
+
+
+def test_boxes_stay_near_their_patch_and_best_score_wins():
+    torch.manual_seed(0)
+    head = PatchBoxHead(16, reach=1.5)
+    grid = 4
+    index = torch.tensor([[0, 5, 15], [3, 12, 6]])  # (B=2, K=3) row-major patch indices
+    tokens, text = torch.randn(2, 3, 16), torch.randn(2, 16)
+    out = head(tokens, text, index, grid)
+    assert out.boxes.shape == (2, 3, 4) and out.scores.shape == (2, 3) and out.box.shape == (2, 4)
+    # patch 5 on a 4x4 grid is row 1, column 1: centre (1.5/4, 1.5/4)
+    assert torch.allclose(out.centres[0, 1], torch.tensor([1.5 / 4, 1.5 / 4]))
+    assert torch.allclose(out.centres[1, 0], torch.tensor([3.5 / 4, 0.5 / 4]))  # patch 3: row 0, column 3
+    offset = (out.boxes[..., :2] - out.centres).abs()
+    assert bool((offset <= 1.5 / grid + 1e-6).all())
+    assert bool(((out.boxes[..., 2:] > 0) & (out.boxes[..., 2:] < 1)).all())
+    best = out.scores.argmax(1)
+    assert torch.equal(out.box, out.boxes[torch.arange(2), best])
+
+
+def test_loss_trains_the_patch_nearest_the_true_centre():
+    torch.manual_seed(0)
+    head = PatchBoxHead(8)
+    grid = 4
+    index = torch.tensor([[0, 10, 15]])  # patch 10: row 2, column 2, centre (0.625, 0.625)
+    tokens = torch.randn(1, 3, 8, requires_grad=True)
+    out = head(tokens, torch.randn(1, 8), index, grid)
+    target = torch.tensor([[0.6, 0.7, 0.2, 0.2]])
+    parts = patch_box_loss(out, target, torch.tensor([True]))
+    assert math.isclose(float(parts["patch_ce"].detach()), float(-out.scores.detach().log_softmax(1)[0, 1]), rel_tol=1e-5)
+    parts["loss"].backward()
+    # only the responsible patch's box is regressed; the others get gradient through the scores only
+    g = tokens.grad.abs().sum(-1)[0]
+    assert bool((g > 0).all())
+    # a dropped true-centre patch hands the job to the nearest kept one: patch 15, centre (0.875, 0.875)
+    out2 = head(tokens.detach(), torch.randn(1, 8), torch.tensor([[0, 5, 15]]), grid)
+    p2 = patch_box_loss(out2, target, torch.tensor([True]))
+    assert math.isclose(float(p2["patch_ce"]), float(-out2.scores.log_softmax(1)[0, 2]), rel_tol=1e-5)
+
+
+def test_ground_on_pruned_and_unpruned_model(micro_model):
+    m = micro_model
+    images = torch.randn(2, 3, m.cfg.vision.image_size, m.cfg.vision.image_size)
+    ids = torch.tensor([[101, 2417, 4418, 102], [101, 2630, 2675, 102]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        pruned = m.ground(m(images, ids, mask))
+        full = m.ground(m(images, ids, mask, keep_ratios=[1.0] * len(m.cfg.select.layers)))
+    n = m.vision.num_patches
+    assert full.scores.shape == (2, n) and pruned.scores.shape[1] < n
+    assert bool(((pruned.box >= -0.5) & (pruned.box <= 1.5)).all())
