@@ -64,7 +64,7 @@ def test_split_prefix_reassembles_caption():
     ids = torch.tensor([[101, 5, 6, 7, 8, 102, 0], [101, 9, 10, 102, 0, 0, 0]])
     mask = (ids != 0).long()
     for _ in range(20):
-        pre, pmask, dec_in, dmask, target = split_prefix(ids, mask, 101, 102, 0)
+        pre, pmask, dec_in, _dmask, target = split_prefix(ids, mask, 101, 102, 0)
         for b in range(2):
             prefix_words = [t for t in pre[b][pmask[b].bool()].tolist() if t not in (101, 102)]
             rest = [t for t in target[b].tolist() if t != -100]

@@ -192,7 +192,7 @@ def test_fusion_connected_layer_updates_image_stream(micro_model):
     assert m.fusion.connected == [False, True]
     img, txt, mask = torch.randn(2, 5, 64), torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.long)
     with torch.no_grad():
-        out_img, out_txt = m.fusion(img, txt, mask)
+        out_img, _out_txt = m.fusion(img, txt, mask)
     assert out_img.shape == img.shape and not torch.allclose(out_img, img)
 
 

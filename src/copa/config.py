@@ -186,7 +186,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if args and type(None) in args:  # Optional[X]
         if value is None:
             return None
-        inner = [a for a in args if a is not type(None)][0]
+        inner = next(a for a in args if a is not type(None))
         return _coerce(inner, value, where)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

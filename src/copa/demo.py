@@ -9,10 +9,10 @@ benchmark -> ``OUT/report.md`` + ``OUT/report.html`` with tables and pictures.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +39,14 @@ class DemoPlan:
     finetune_steps: int = 40
     finetune_budget_s: float = 60.0
     no_pta_pretrain: bool = True
+    # the first steps run once without PTA and both pre-trainings (COPA, no-PTA ablation) branch
+    # from there: same data order and compute, PTA on or off for the rest; 0 = two separate runs
+    shared_steps: int = 0
+    itm_topk: int = 16
 
 
-FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=70, pretrain_budget_s=200.0,
-                eval_images=100)
+FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=80, shared_steps=40, pretrain_budget_s=135.0,
+                eval_images=100, finetune_steps=40, finetune_budget_s=30.0, itm_topk=4)
 QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, pretrain_steps=12, pretrain_budget_s=45.0, batch_size=16,
                  eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0], finetune_steps=4,
                  finetune_budget_s=15.0, no_pta_pretrain=False)
@@ -61,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def set_flags(sets: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"] (for the reproduce commands)."""
+    return [a for s in sets for a in ("--set", s)]
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace, cfg: Config) -> None:
         self.plan = QUICK if args.quick else FULL
@@ -74,7 +83,7 @@ class Demo:
         self.t0 = time.perf_counter()
 
     # -------------------------------------------------------------- helpers
-    def stage(self, name: str):  # noqa: ANN201
+    def stage(self, name: str):
         demo = self
 
         class _Stage:
@@ -98,7 +107,7 @@ class Demo:
     def base_sets(self) -> list[str]:
         p = self.plan
         return [f"data.train={self.data}/train.json", f"data.val={self.data}/val.json",
-                f"data.test={self.data}/test.json", f"train.batch_size={p.batch_size}"]
+                f"data.test={self.data}/test.json", f"train.batch_size={p.batch_size}", f"eval.itm_topk={p.itm_topk}"]
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
@@ -117,23 +126,43 @@ class Demo:
                           "--n-val", str(p.n_val), "--n-test", str(p.n_test), "--seed", "0"])
             self.results["data"] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
 
-    def pretrain(self, name: str = "pretrain", extra: tuple[str, ...] = ()) -> Path:
+    def pretrain(self, name: str = "pretrain", extra: tuple[str, ...] = (), stop_at: int | None = None,
+                 branch_from: Path | None = None) -> Path:
         from copa.train.trainer import pretrain
 
         p = self.plan
+        every = p.shared_steps or p.pretrain_steps
         sets = [f"train.steps={p.pretrain_steps}", f"train.time_budget_s={p.pretrain_budget_s}",
-                f"train.val_every={max(1, p.pretrain_steps // 4)}", f"train.ckpt_every={p.pretrain_steps}",
+                f"train.val_every={max(1, p.pretrain_steps // 4)}", f"train.ckpt_every={every}",
                 f"train.warmup={max(2, p.pretrain_steps // 10)}", *extra]
         cfg = self.config(*sets)
         out = self.out / name
         with self.stage(name):
-            res = pretrain(cfg, out)
-            self.command(["pretrain", "--config", self.config_path, "--out", str(out),
-                          *sum((["--set", s] for s in [*self.base_sets(), *self.overrides, *sets]), [])])
+            if branch_from is not None and out.exists():  # a re-run of the demo: branch afresh
+                shutil.rmtree(out)
+            res = pretrain(cfg, out, stop_at=stop_at, branch_from=branch_from)
+            flags = ["--stop-at", str(stop_at)] if stop_at is not None else []
+            flags += ["--branch-from", str(branch_from)] if branch_from is not None else []
+            self.command(["pretrain", "--config", self.config_path, "--out", str(out), *flags,
+                          *set_flags([*self.base_sets(), *self.overrides, *sets])])
             summary = json.loads((out / "summary.json").read_text())
             self.results[name] = {"steps": res.steps, "final_val": res.final, "wall_s": summary["wall_s"],
-                                  "stopped_early": summary["stopped_early"], "precision": summary["precision"]}
+                                  "stopped_early": summary["stopped_early"] and stop_at is None,
+                                  "precision": summary["precision"], "branched_from": str(branch_from or "")}
         return out / "model"
+
+    def pretrain_all(self) -> tuple[Path, Path | None]:
+        """The COPA pre-training and, for the ablation, the same pre-training without PTA."""
+        p = self.plan
+        no_pta = ("train.loss_weights.pta=0.0",)
+        if not p.no_pta_pretrain:
+            return self.pretrain(), None
+        if p.shared_steps <= 0:
+            return self.pretrain(), self.pretrain("pretrain_no_pta", no_pta)
+        self.pretrain("pretrain_shared", no_pta, stop_at=p.shared_steps)
+        trunk = self.out / "pretrain_shared"
+        self.results["pretrain_shared_steps"] = p.shared_steps
+        return self.pretrain(branch_from=trunk), self.pretrain("pretrain_no_pta", no_pta, branch_from=trunk)
 
     def selector_ablation(self, model_dir: Path, no_pta_dir: Path | None) -> None:
         """Object-patch recall / AP on the test split per selector, at the same keep ratio."""
@@ -179,7 +208,7 @@ class Demo:
                 out = self.out / "tasks" / name
                 finetune(task, cfg, out, init=model_dir, eval_split=None)
                 self.command(["finetune", name, "--config", self.config_path, "--init", str(model_dir),
-                              "--out", str(out), *sum((["--set", s] for s in [*self.base_sets(), *self.overrides, *sets]), [])])
+                              "--out", str(out), *set_flags([*self.base_sets(), *self.overrides, *sets])])
                 model = load(out / "model")
                 rows = {}
                 for setting, ratio in ((f"pruned (keep {keep})", keep), ("unpruned (keep 1.0)", 1.0)):
@@ -197,6 +226,12 @@ class Demo:
                         ablation.setdefault("tpd + PTA (COPA)", {})[f"{name}_metric"] = m.get(key)
                         ablation["tpd + PTA (COPA)"][f"{name}_sps"] = m.get("samples_per_s")
                 self.results["tasks"][name] = rows
+                if name in ("vqa", "grounding"):  # task accuracy vs keep ratio, same fine-tuned weights
+                    curve = {keep: rows[f"pruned (keep {keep})"]["metric"], 1.0: rows["unpruned (keep 1.0)"]["metric"]}
+                    for r in self.plan.keep_sweep:
+                        if r not in curve:
+                            curve[r] = run_evaluation(task, model, cfg, "test", None, r).metrics.get(key)
+                    self.results.setdefault("task_vs_keep", {})[name] = dict(sorted(curve.items()))
                 if name in ("vqa", "grounding", "retrieval"):
                     for sel in ("cls_attn", "text_attn"):
                         res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
@@ -223,7 +258,7 @@ class Demo:
             runs = 2 if self.quick else 5
             recs = bench_inference(model, parse_keeps(specs, cfg.model.vision.layers), batch=8, runs=runs, warmup=1)
             self.command(["bench", "--config", self.config_path, "--batch", "8", "--runs", str(runs),
-                          *sum((["--keep", k] for k in specs), []), "--out", str(self.out / "bench")])
+                          *[a for k in specs for a in ("--keep", k)], "--out", str(self.out / "bench")])
             hw = hardware_info(torch.device("cpu"))
             rows = [{"setting": r["keep"], **{k: r.get(k) for k in ("flops_ratio", "speedup_vit", "speedup_e2e",
                                                                       "efficiency", "pairs_per_s", "images_per_s")}}
@@ -241,12 +276,17 @@ class Demo:
             sweep = self.results.get("pta_vs_keep", {})
             if sweep:
                 ks = sorted(sweep)
+                series = {"object-patch recall (phrase)": (ks, [sweep[k].get("recall_phrase") for k in ks]),
+                          "object-patch recall (text-agnostic)": (ks, [sweep[k].get("recall_agnostic") for k in ks]),
+                          "random selection (recall)": (ks, [sweep[k].get("recall_random", k) for k in ks])}
+                for task, label in (("vqa", "VQA accuracy"), ("grounding", "grounding acc@0.5")):
+                    curve = self.results.get("task_vs_keep", {}).get(task)
+                    if curve:  # percentages -> fractions, to share the axis with recall
+                        kk = sorted(curve)
+                        series[label] = (kk, [None if curve[k] is None else curve[k] / 100 for k in kk])
                 pics["accuracy_vs_keep"] = xy_plot(
-                    self.out / "accuracy_vs_keep.png",
-                    {"object-patch recall (phrase)": (ks, [sweep[k].get("recall_phrase") for k in ks]),
-                     "object-patch recall (text-agnostic)": (ks, [sweep[k].get("recall_agnostic") for k in ks]),
-                     "random selection": (ks, [sweep[k].get("recall_random", k) for k in ks])},
-                    "keep ratio", "recall", "Object-patch recall vs keep ratio").name
+                    self.out / "accuracy_vs_keep.png", series, "keep ratio", "recall / accuracy (fraction)",
+                    "Accuracy vs keep ratio (test split)").name
 
     def pictures(self, model_dir: Path) -> None:
         from copa.evaluation import kept_for_texts
@@ -277,10 +317,7 @@ class Demo:
 
     def run(self) -> int:
         self.synth()
-        model = self.pretrain()
-        no_pta = None
-        if self.plan.no_pta_pretrain:
-            no_pta = self.pretrain("pretrain_no_pta", ("train.loss_weights.pta=0.0",))
+        model, no_pta = self.pretrain_all()
         self.selector_ablation(model, no_pta)
         self.tasks(model, no_pta)
         self.bench()

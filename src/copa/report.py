@@ -23,28 +23,49 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _get(d: dict[Any, Any], k: float) -> Any:
+    """d[k] for a float key that a JSON round trip may have turned into a string."""
+    for key, v in d.items():
+        if float(key) == k:
+            return v
+    return None
+
+
+def _pretrain_sentence(res: dict[str, Any]) -> str:
+    pre = res["pretrain"]
+    text = f"{pre['steps']} steps ({pre['precision']})"
+    shared = res.get("pretrain_shared")
+    if shared and pre.get("branched_from"):
+        text += (f": the first {shared['steps']} steps without PTA in {shared['wall_s']:.0f} s, shared with the "
+                 f"no-PTA ablation (both branch from that checkpoint), then PTA on for the rest, {pre['wall_s']:.0f} s")
+    else:
+        text += f" in {pre['wall_s']:.0f} s"
+    if pre["stopped_early"]:
+        text += " — stopped early by the time budget"
+    return text + "."
+
+
 def _pta_blocks(res: dict[str, Any]) -> list[Block]:
     out: list[Block] = []
     pre = res.get("pretrain")
     if pre:
         v = pre["final_val"]
         out += [("h2", "Pre-training (tiny preset, synthetic scenes, with PTA)"),
-                ("p", f"{pre['steps']} steps in {pre['wall_s']:.0f} s ({pre['precision']})"
-                      f"{' — stopped early by the time budget' if pre['stopped_early'] else ''}."),
+                ("p", _pretrain_sentence(res)),
                 ("table", (["metric (validation)", "value"],
                            [[k, _fmt(v.get(k))] for k in ("pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
                                                            "pta_ap_phrase", "pta_ap_agnostic", "val_itc", "val_itm",
                                                            "val_mlm", "val_prefix_lm", "val_pta") if k in v]))]
-        out.append(("p", "Object-patch recall = share of the patches under the queried object's box that survive "
+        out.append(("p", ("Object-patch recall = share of the patches under the queried object's box that survive "
                          f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
-                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation."))
+                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation.")))
     pics = res.get("pictures", {})
     if "loss_curves" in pics:
         out += [("h3", "Loss curves"), ("img", (pics["loss_curves"], "loss curves"))]
     if "kept_patches" in pics:
         out += [("h3", "Kept patches for two different texts"),
-                ("p", "Each row: a test image, then the patches the model keeps (bright) for two object phrases and "
-                      "for the text-agnostic query."),
+                ("p", ("Each row: a test image, then the patches the model keeps (bright) for two object phrases and "
+                      "for the text-agnostic query.")),
                 ("img", (pics["kept_patches"], "kept patches"))]
     return out
 
@@ -66,7 +87,11 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
                     + [_fmt(t.get(c[0])) for c in present])
     note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). `cls_attn` (EViT-style), "
             "`text_attn` (TRIPS-style) and `none` share the weights of the COPA pre-training and differ in the "
-            "selector only; `tpd without PTA` is its own pre-training with the PTA weight set to 0.")
+            "selector only; `tpd without PTA` is its own pre-training with the PTA weight set to 0"
+            + (" (same data order and number of steps; the first "
+               f"{res['pretrain_shared']['steps']} steps, run without PTA, are shared with COPA's)"
+               if res.get("pretrain_shared") and res.get("pretrain", {}).get("branched_from") else "")
+            + ", fine-tuned like COPA's. Throughput is VQA samples/s on the test split.")
     out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
     sweep = res.get("pta_vs_keep")
     if sweep:
@@ -74,6 +99,12 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
                 ("table", (["keep ratio", "recall (phrase)", "recall (text-agnostic)", "random"],
                            [[k, _fmt(v.get("recall_phrase")), _fmt(v.get("recall_agnostic")), _fmt(v.get("recall_random"))]
                             for k, v in sweep.items()]))]
+    curves = res.get("task_vs_keep", {})
+    if curves:
+        keeps = sorted({float(k) for c in curves.values() for k in c})
+        out += [("h3", "Task accuracy vs keep ratio (same fine-tuned weights)"),
+                ("table", (["task"] + [f"keep {k:g}" for k in keeps],
+                           [[t] + [_fmt(_get(c, k)) for k in keeps] for t, c in curves.items()]))]
     pics = res.get("pictures", {})
     for key, title in (("accuracy_vs_keep", "Accuracy vs keep ratio"), ("speed_vs_keep", "Speed vs keep ratio")):
         if key in pics:
@@ -108,8 +139,8 @@ def blocks(res: dict[str, Any]) -> list[Block]:
     title = "COPA demo report" + (" (quick)" if res.get("quick") else "")
     hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     out: list[Block] = [("h1", title),
-                        ("p", f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
-                              f"Data: {res.get('data', {})} synthetic scenes (train/val/test).")]
+                        ("p", (f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
+                              f"Data: {res.get('data', {})} synthetic scenes (train/val/test)."))]
     out += _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res) + _bench_blocks(res)
     timings = res.get("timings_s", {})
     if timings:
@@ -139,9 +170,9 @@ def to_markdown(bs: list[Block]) -> str:
 
 def to_html(bs: list[Block]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>COPA demo report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>",
+             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>"),
              "</head><body>"]
     for kind, v in bs:
         if kind in ("h1", "h2", "h3"):

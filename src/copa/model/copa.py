@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from copa.config import ModelConfig, model_config_from_dict, to_dict
 from copa.model.decoder import Decoder
+from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
-from copa.model.fusion import FusionEncoder
 from copa.model.text import TextEncoder, load_tokenizer
 from copa.model.vit import VisionOutput, VisionTransformer
 
@@ -82,7 +82,7 @@ class COPAModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     @property
-    def tokenizer(self):  # noqa: ANN201 - transformers type
+    def tokenizer(self):
         return load_tokenizer(self.cfg.text.tokenizer)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:

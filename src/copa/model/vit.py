@@ -25,7 +25,7 @@ def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int = 1
     """Bicubic interpolation of a (1, P+N, D) position table to a new patch grid (P prefix rows kept)."""
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     n, d = grid.shape[1], grid.shape[2]
-    old = int(round(n**0.5))
+    old = round(n**0.5)
     if old * old != n:
         raise ValueError(f"position table has {n} patch rows, not a square grid")
     if (old, old) == tuple(new_grid):

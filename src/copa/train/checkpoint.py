@@ -85,3 +85,38 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+
+
+def check_fork(src: Path, dst: Path) -> Path:
+    """The checkpoint ``fork_run(src, dst)`` would copy; raises if there is none or ``dst`` has one
+    (cheap, so every process of a distributed run can check before one of them copies)."""
+    ckpt = latest_checkpoint(Path(src))
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint to branch from in {src} (expected {src}/checkpoints/latest)")
+    if latest_checkpoint(Path(dst)) is not None:
+        raise FileExistsError(f"{dst} already has checkpoints; branch into a new directory (or --resume it)")
+    return ckpt
+
+
+def fork_run(src: Path, dst: Path) -> Path:
+    """Start run directory ``dst`` as a branch of run ``src``: copy src's latest checkpoint (model,
+    optimizer, scheduler, RNG, data position) and its CSV logs, so ``pretrain(..., resume=True)``
+    on ``dst`` continues exactly where ``src`` stopped, typically with different settings (an
+    ablation that shares the first steps). Refuses to overwrite a run that already has checkpoints.
+    """
+    ckpt = check_fork(src, dst)
+    src, dst = Path(src), Path(dst)
+    root = dst / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{ckpt.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    tmp.rename(root / ckpt.name)
+    for name in ("train_log.csv", "val_log.csv"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    marker = root / f".latest.{os.getpid()}"
+    marker.write_text(ckpt.name)
+    marker.replace(root / "latest")
+    log.info("branched %s from %s", dst, ckpt)
+    return root / ckpt.name

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--init", default=None, help="start from a saved COPA model directory")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as a preemption would")
+    p.add_argument("--branch-from", default=None, metavar="RUN",
+                   help="start OUT as a branch of run directory RUN: copy its latest checkpoint and logs, then "
+                   "resume with this command's settings (ablations that share their first steps)")
     p.set_defaults(func=run)
 
 
@@ -27,9 +30,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.trainer import NonFiniteLossError, pretrain
 
     try:
-        res = pretrain(cfg, args.out, resume=args.resume, init=args.init, stop_at=args.stop_at)
+        res = pretrain(cfg, args.out, resume=args.resume, init=args.init, stop_at=args.stop_at,
+                       branch_from=args.branch_from)
         if D.is_main():
             print(json.dumps({"out": str(res.out), "steps": res.steps, **res.final}, indent=2))
+    except (FileNotFoundError, FileExistsError) as e:
+        log.error("%s", e)
+        return 2
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 3

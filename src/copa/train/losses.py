@@ -139,7 +139,7 @@ class PretrainObjective(nn.Module):
     def _special(self, ids: Tensor) -> Tensor:
         return (ids == self.cls_id) | (ids == self.sep_id) | (ids == self.pad_id)
 
-    def forward(self, batch) -> StepOutput:  # noqa: ANN001 - copa.data.collate.Batch
+    def forward(self, batch) -> StepOutput:
         m, w = self.model, self.weights
         losses: dict[str, Tensor] = {}
         ids, mask = batch.caption_ids, batch.caption_mask
@@ -191,7 +191,7 @@ class PretrainObjective(nn.Module):
         total = sum(w[k] * v for k, v in losses.items())
         return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept)
 
-    def pta_loss(self, prefix: Tensor, batch) -> Tensor:  # noqa: ANN001
+    def pta_loss(self, prefix: Tensor, batch) -> Tensor:
         """BCE of first-stage selector logits vs patch labels, for phrase queries and the
         text-agnostic query (union of boxes). Zero (with a graph) when no sample carries boxes or the
         selector has no parameters to train."""

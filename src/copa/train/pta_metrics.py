@@ -18,7 +18,7 @@ def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     AP = mean over positives of precision at that positive's rank; ties are broken by position,
     pessimistically for positives (negatives with an equal score rank first), so AP never flatters.
     """
-    q, n = scores.shape
+    n = scores.shape[1]
     labels = labels.float()
     # sort by score desc; among equal scores put negatives first (pessimistic tie-breaking)
     key = scores.double() - labels.double() * 1e-12

@@ -21,7 +21,15 @@ from torch.utils.data import DataLoader
 from copa.config import Config, TrainConfig, to_dict
 from copa.model.copa import COPAModel
 from copa.train import distributed as D
-from copa.train.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from copa.train.checkpoint import (
+    check_fork,
+    fork_run,
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from copa.train.losses import LOSS_NAMES, PretrainObjective
 from copa.train.pta_metrics import PTAMeter
 from copa.train.sampler import EpochSeeded, ResumableSampler, loader_generator
@@ -67,7 +75,7 @@ def param_groups(model: COPAModel, t: TrainConfig) -> list[dict[str, Any]]:
     ]
 
 
-def lr_lambda(warmup: int, total: int, floor: float = 0.05):  # noqa: ANN201
+def lr_lambda(warmup: int, total: int, floor: float = 0.05):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -88,9 +96,9 @@ def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> d
         path = getattr(d, split)
         out[split] = make_dataset(
             path, d, v.image_size, v.patch_size, train=split == "train",
-            **({} if _is_stream(path, d.format) else dict(
-                decode=d.decode_check, crop_ratio=d.crop_ratio, max_side=d.max_image_side,
-                min_side=d.min_image_side, max_caption_chars=d.max_caption_chars)),
+            **({} if _is_stream(path, d.format) else {
+                "decode": d.decode_check, "crop_ratio": d.crop_ratio, "max_side": d.max_image_side,
+                "min_side": d.min_image_side, "max_caption_chars": d.max_caption_chars}),
         )
         report = getattr(out[split], "report", None)
         log.info("%s: %s from %s; bad input: %s", split,
@@ -113,7 +121,7 @@ class EndlessStream(torch.utils.data.IterableDataset):
     def __init__(self, base: Any, start: int = 0) -> None:
         self.base, self.start = base, start
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         epoch, seen = 0, 0
         while True:
             self.base.set_epoch(epoch)
@@ -285,13 +293,23 @@ def _full_state(model: COPAModel, opt: torch.optim.Optimizer, fsdp: bool) -> tup
 
 
 def pretrain(
-    cfg: Config, out: str | Path, resume: bool = False, init: str | None = None, stop_at: int | None = None
+    cfg: Config, out: str | Path, resume: bool = False, init: str | None = None, stop_at: int | None = None,
+    branch_from: str | Path | None = None,
 ) -> TrainResult:
     """Pre-train ``cfg`` into ``out``. ``resume`` continues from the latest checkpoint there;
-    ``stop_at`` ends this invocation after that step, as a preemption would (resume later)."""
+    ``stop_at`` ends this invocation after that step, as a preemption would (resume later);
+    ``branch_from`` first copies another run's latest checkpoint into ``out`` and resumes from it
+    under ``cfg`` (``fork_run``)."""
     out = Path(out)
     device = D.init_from_env()
     main = D.is_main()
+    if branch_from is not None:
+        check_fork(Path(branch_from), out)  # on every rank, so a bad path fails everywhere, not in a barrier
+        D.barrier()
+        if main:
+            fork_run(Path(branch_from), out)
+        D.barrier()
+        resume = True
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
