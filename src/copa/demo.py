@@ -45,8 +45,8 @@ class DemoPlan:
     itm_topk: int = 16
 
 
-FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=80, shared_steps=40, pretrain_budget_s=125.0,
-                eval_images=100, finetune_steps=40, finetune_budget_s=27.0, itm_topk=4)
+FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=80, shared_steps=40, pretrain_budget_s=120.0,
+                eval_images=100, finetune_steps=40, finetune_budget_s=25.0, itm_topk=4)
 QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, pretrain_steps=12, pretrain_budget_s=45.0, batch_size=16,
                  eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0], finetune_steps=4,
                  finetune_budget_s=15.0, no_pta_pretrain=False)
@@ -133,7 +133,7 @@ class Demo:
         p = self.plan
         every = p.shared_steps or p.pretrain_steps
         sets = [f"train.steps={p.pretrain_steps}", f"train.time_budget_s={p.pretrain_budget_s}",
-                f"train.val_every={max(1, p.pretrain_steps // 4)}", f"train.ckpt_every={every}",
+                f"train.val_every={max(1, p.pretrain_steps // 2)}", f"train.ckpt_every={every}",
                 f"train.warmup={max(2, p.pretrain_steps // 10)}", *extra]
         cfg = self.config(*sets)
         out = self.out / name
