@@ -116,13 +116,22 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
     tasks = res.get("tasks")
     if not tasks:
         return []
-    rows = []
+    rows, behind = [], []
     for task, by_keep in tasks.items():
         for setting, m in by_keep.items():
-            rows.append([task, setting, m.get("metric_name", ""), _fmt(m.get("metric")), _fmt(m.get("baseline")),
-                         _fmt(m.get("samples_per_s"), 1)])
-    return [("h2", "Downstream tasks: pruned vs unpruned"),
-            ("table", (["task", "setting", "metric", "value", "trivial baseline", "samples/s"], rows))]
+            value, base = m.get("metric"), m.get("baseline")
+            margin = value - base if isinstance(value, (int, float)) and isinstance(base, (int, float)) else None
+            if margin is not None and margin <= 0:
+                behind.append(f"{task} ({setting})")
+            rows.append([task, setting, m.get("metric_name", ""), _fmt(value), _fmt(base),
+                         "—" if margin is None else f"{margin:+.3f}", _fmt(m.get("samples_per_s"), 1)])
+    out: list[Block] = [("h2", "Downstream tasks: pruned vs unpruned"),
+                        ("table", (["task", "setting", "metric", "value", "trivial baseline", "margin", "samples/s"],
+                                   rows))]
+    if behind:
+        out.append(("p", "Not above the trivial baseline at this run's fine-tuning budget: " + ", ".join(behind)
+                    + ". Short fine-tunes first learn the answer prior; BENCHMARKS.md has longer runs."))
+    return out
 
 
 def _bench_blocks(res: dict[str, Any]) -> list[Block]:
