@@ -166,7 +166,8 @@ class SelectionSwitch:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1000 + i)
                 mods = [
-                    make_selector(self.base_select.selector, vit.cfg.width, model.cfg.text.width, self.base_select.tpd_hidden)
+                    make_selector(self.base_select.selector, vit.cfg.width, model.cfg.text.width, self.base_select.tpd_hidden,
+                                  self.base_select.tpd_form)
                     for _ in s.layers
                 ]
                 mods = [m for m in mods if m is not None]

@@ -36,10 +36,15 @@ class VisionConfig:
 
 @dataclass
 class SelectConfig:
-    selector: str = "tpd"  # "tpd" | "text_attn" | "cls_attn" | "none"
+    selector: str = "tpd"  # "tpd" | "text_attn" | "cls_attn" | "random" | "none"
     layers: list[int] = field(default_factory=lambda: [3])  # select before block i (0-based) = after i blocks
     keep_ratios: list[float] = field(default_factory=lambda: [0.5])  # of the patches entering each stage
     tpd_hidden: int = 256
+    # how the text enters the TPD: "additive" (the paper's MLP on [LN(v); W t]), "bilinear" or "film"
+    # (multiplicative; see copa.model.selection.TPD and BENCHMARKS.md for the measured difference)
+    tpd_form: str = "additive"
+    # scale the kept tokens by 1 + s - s.detach() (forward unchanged) so task losses train the selection
+    straight_through: bool = False
     fuse_dropped: bool = True
 
 
@@ -121,6 +126,10 @@ class TrainConfig:
     lr_vit: float = 1e-4
     # the pretrained text encoder; None: same as lr (see copa.train.trainer.param_groups for why lower)
     lr_text: float | None = 3e-5
+    # the selectors (TPD); None: same as lr
+    lr_selector: float | None = None
+    # freeze the text encoder's embeddings and its first N layers (-1: all of it; 0: train it all)
+    freeze_text_layers: int = 0
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1
@@ -136,6 +145,11 @@ class TrainConfig:
         default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0, "pta": 1.0}
     )
     pta_pos_weight: float = 2.0
+    # weight of PTA's phrase-level negatives (the other objects of the image; losses.phrase_contrast_loss)
+    pta_contrast: float = 0.0
+    # images with boxes put into every batch (drawn from the boxed share, which stays as it is in the
+    # data): how much PTA signal a step sees; 0 = plain shuffling, as many as chance brings
+    boxed_per_batch: int = 0
     mlm_prob: float = 0.15
 
 

@@ -27,29 +27,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoPlan:
+    """How much the demo does. Every stage ends after a fixed number of steps (seeded), so the
+    numbers are the same on every machine; the time budgets are only a safety net against a
+    machine far slower than planned, and the report flags any stage that hit one."""
+
     n_train: int = 2000
-    n_val: int = 200
-    n_test: int = 200
-    pretrain_steps: int = 120
-    pretrain_budget_s: float = 330.0
+    n_val: int = 100
+    n_test: int = 100
     batch_size: int = 32
-    eval_images: int = 200
+    # pre-training: ``trunk_steps`` without PTA shared by every pre-training row, then
+    # ``branch_steps`` per row (COPA with ~5% boxed images, no PTA, boxes on every image)
+    trunk_steps: int = 40
+    branch_steps: int = 40
+    boxed_per_batch: int = 16
+    ablation_rows: bool = True
+    eval_images: int = 100
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    finetune_steps: int = 40
-    finetune_budget_s: float = 60.0
-    no_pta_pretrain: bool = True
-    # the first steps run once without PTA and both pre-trainings (COPA, no-PTA ablation) branch
-    # from there: same data order and compute, PTA on or off for the rest; 0 = two separate runs
-    shared_steps: int = 0
-    itm_topk: int = 16
+    finetune_steps: dict[str, int] = field(default_factory=lambda: {
+        "retrieval": 30, "vqa": 50, "caption": 30, "grounding": 50})
+    itm_topk: int = 4
+    safety_factor: float = 4.0  # budget = planned seconds on a 2-core AVX2 machine x this
+    planned_step_s: float = 3.5  # one pre-training step there (fp32), for the safety net only
 
 
-FULL = DemoPlan(n_train=2000, n_val=100, n_test=100, pretrain_steps=80, shared_steps=40, pretrain_budget_s=120.0,
-                eval_images=100, finetune_steps=40, finetune_budget_s=25.0, itm_topk=4)
-QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, pretrain_steps=12, pretrain_budget_s=45.0, batch_size=16,
-                 eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0], finetune_steps=4,
-                 finetune_budget_s=15.0, no_pta_pretrain=False)
+FULL = DemoPlan()
+QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, batch_size=16, trunk_steps=4, branch_steps=8, boxed_per_batch=4,
+                 ablation_rows=False, eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0],
+                 finetune_steps={"retrieval": 4, "vqa": 4, "caption": 4, "grounding": 4})
+
+COPA_ROW = "tpd + PTA, boxes on ~5% (COPA)"
+ALL_BOXES_ROW = "tpd + PTA, boxes on every image"
 
 # task -> (headline metric key in metrics.json, its label)
 TASK_METRICS = {"retrieval": ("r_mean", "mean recall (%)"), "vqa": ("accuracy", "accuracy (%)"),
@@ -131,10 +139,12 @@ class Demo:
         from copa.train.trainer import pretrain
 
         p = self.plan
-        every = p.shared_steps or p.pretrain_steps
-        sets = [f"train.steps={p.pretrain_steps}", f"train.time_budget_s={p.pretrain_budget_s}",
-                f"train.val_every={max(1, p.pretrain_steps // 2)}", f"train.ckpt_every={every}",
-                f"train.warmup={max(2, p.pretrain_steps // 10)}", *extra]
+        total = p.trunk_steps + p.branch_steps
+        steps = (stop_at or total) - (p.trunk_steps if branch_from is not None else 0)
+        budget = p.safety_factor * p.planned_step_s * steps
+        sets = [f"train.steps={total}", f"train.time_budget_s={budget:.0f}",
+                f"train.val_every={max(1, total // 2)}", f"train.ckpt_every={p.trunk_steps or total}",
+                f"train.warmup={max(2, total // 10)}", *extra]
         cfg = self.config(*sets)
         out = self.out / name
         with self.stage(name):
@@ -146,48 +156,63 @@ class Demo:
             self.command(["pretrain", "--config", self.config_path, "--out", str(out), *flags,
                           *set_flags([*self.base_sets(), *self.overrides, *sets])])
             summary = json.loads((out / "summary.json").read_text())
+            hit = summary["stopped_early"] and (stop_at is None or res.steps < stop_at)
+            if hit:
+                self.flag_budget(name, res.steps, stop_at or total)
             self.results[name] = {"steps": res.steps, "final_val": res.final, "wall_s": summary["wall_s"],
-                                  "stopped_early": summary["stopped_early"] and stop_at is None,
-                                  "precision": summary["precision"], "branched_from": str(branch_from or "")}
+                                  "stopped_early": hit, "precision": summary["precision"],
+                                  "branched_from": str(branch_from or "")}
         return out / "model"
 
-    def pretrain_all(self) -> tuple[Path, Path | None]:
-        """The COPA pre-training and, for the ablation, the same pre-training without PTA."""
-        p = self.plan
-        no_pta = ("train.loss_weights.pta=0.0",)
-        if not p.no_pta_pretrain:
-            return self.pretrain(), None
-        if p.shared_steps <= 0:
-            return self.pretrain(), self.pretrain("pretrain_no_pta", no_pta)
-        self.pretrain("pretrain_shared", no_pta, stop_at=p.shared_steps)
-        trunk = self.out / "pretrain_shared"
-        self.results["pretrain_shared_steps"] = p.shared_steps
-        return self.pretrain(branch_from=trunk), self.pretrain("pretrain_no_pta", no_pta, branch_from=trunk)
+    def flag_budget(self, stage: str, done: int, planned: int) -> None:
+        """A stage cut by its safety-net time budget: loud in the log and in the report."""
+        log.error("SAFETY NET: stage %s stopped by its time budget after %d of %d steps; its numbers are not "
+                  "comparable with other machines'", stage, done, planned)
+        self.results.setdefault("budget_hits", []).append({"stage": stage, "steps": done, "planned": planned})
 
-    def selector_ablation(self, model_dir: Path, no_pta_dir: Path | None) -> None:
-        """Object-patch recall / AP on the test split per selector, at the same keep ratio."""
+    def pretrain_all(self) -> dict[str, Path]:
+        """The pre-training rows: a trunk without PTA, then COPA (PTA from the ~5% of images with
+        boxes), the same without PTA, and the same with boxes on every image: same data order,
+        same steps, only PTA and its labels differ."""
+        p = self.plan
+        boxed = (f"train.boxed_per_batch={p.boxed_per_batch}",)
+        no_pta = ("train.loss_weights.pta=0.0",)
+        if not p.ablation_rows:
+            return {"copa": self.pretrain(extra=boxed)}
+        self.pretrain("pretrain_shared", no_pta, stop_at=p.trunk_steps)
+        trunk = self.out / "pretrain_shared"
+        self.results["pretrain_shared_steps"] = p.trunk_steps
+        all_boxes = (f"data.train={self.data}/train_all_boxes.json", *boxed)
+        return {"copa": self.pretrain(extra=boxed, branch_from=trunk),
+                "no_pta": self.pretrain("pretrain_no_pta", (*boxed, *no_pta), branch_from=trunk),
+                "all_boxes": self.pretrain("pretrain_all_boxes", all_boxes, branch_from=trunk)}
+
+    def selector_ablation(self, models: dict[str, Path]) -> None:
+        """Object-patch recall, AP and text specificity on the test split per selector, at the same
+        keep ratio: parameter-free selectors swapped into COPA's weights, and the pre-training rows."""
         from copa.evaluation import pta_eval, with_selector
         from copa.model.copa import load
 
         with self.stage("selector ablation (PTA quality)"):
             cfg = self.config()
-            model = load(model_dir)
+            model = load(models["copa"])
             keep = cfg.model.select.keep_ratios[0]
+            n = self.plan.eval_images
             rows = {}
-            for sel in ("none", "cls_attn", "text_attn", "tpd"):
-                m = with_selector(model, sel)
-                rows[sel if sel != "tpd" else "tpd + PTA (COPA)"] = pta_eval(m, cfg, "test", keep, self.plan.eval_images)
-            if no_pta_dir is not None:
-                rows["tpd without PTA"] = pta_eval(load(no_pta_dir), cfg, "test", keep, self.plan.eval_images)
+            for sel in ("none", "random", "cls_attn", "text_attn"):
+                rows[sel] = pta_eval(with_selector(model, sel), cfg, "test", keep, n)
+            if "no_pta" in models:
+                rows["tpd without PTA"] = pta_eval(load(models["no_pta"]), cfg, "test", keep, n)
+            rows[COPA_ROW] = pta_eval(model, cfg, "test", keep, n)
+            if "all_boxes" in models:
+                rows[ALL_BOXES_ROW] = pta_eval(load(models["all_boxes"]), cfg, "test", keep, n)
             self.results["ablation_pta"] = {"keep_ratio": keep, "rows": rows}
-            sweep = {}
-            for r in self.plan.keep_sweep:
-                sweep[r] = pta_eval(model, cfg, "test", r, self.plan.eval_images)
-            self.results["pta_vs_keep"] = sweep
+            self.results["pta_vs_keep"] = {r: pta_eval(model, cfg, "test", r, n) for r in self.plan.keep_sweep}
 
-    def tasks(self, model_dir: Path, no_pta_dir: Path | None) -> None:
-        """Fine-tune each task once (TPD + PTA model), evaluate pruned and unpruned, and with the
-        other selectors swapped in (same weights) for the ablation table."""
+    def tasks(self, models: dict[str, Path]) -> None:
+        """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, with the
+        other selectors swapped in (same weights), and, for VQA and grounding, fine-tuned from the
+        other pre-training rows: the ablation table."""
         from copa.evaluation import with_selector
         from copa.model.copa import load
         from copa.tasks.base import TaskOptions
@@ -195,19 +220,26 @@ class Demo:
         from copa.tasks.registry import make_task
 
         p = self.plan
-        sets = [f"train.steps={p.finetune_steps}", f"train.time_budget_s={p.finetune_budget_s}",
-                f"train.warmup={max(1, p.finetune_steps // 10)}", "train.lr=1e-4", "train.lr_vit=1e-4"]
-        cfg = self.config(*sets)
-        keep = cfg.model.select.keep_ratios[0]
         self.results.setdefault("tasks", {})
-        self.results.setdefault("ablation_tasks", {})
-        ablation = self.results["ablation_tasks"]
+        ablation = self.results.setdefault("ablation_tasks", {})
+
+        def record(row: str, name: str, metrics: dict[str, Any], key: str) -> None:
+            ablation.setdefault(row, {})[f"{name}_metric"] = metrics.get(key)
+            ablation[row][f"{name}_sps"] = metrics.get("samples_per_s")
+
         for name, (key, label) in TASK_METRICS.items():
+            steps = p.finetune_steps[name]
+            sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * 2.0 * steps:.0f}",
+                    f"train.warmup={max(1, steps // 10)}", "train.lr=1e-4", "train.lr_vit=1e-4"]
+            cfg = self.config(*sets)
+            keep = cfg.model.select.keep_ratios[0]
             with self.stage(f"task: {name}"):
                 task = make_task(name, TaskOptions(meteor=not self.quick))
                 out = self.out / "tasks" / name
-                finetune(task, cfg, out, init=model_dir, eval_split=None)
-                self.command(["finetune", name, "--config", self.config_path, "--init", str(model_dir),
+                ft = finetune(task, cfg, out, init=models["copa"], eval_split=None)
+                if ft.steps < steps:
+                    self.flag_budget(f"task: {name}", ft.steps, steps)
+                self.command(["finetune", name, "--config", self.config_path, "--init", str(models["copa"]),
                               "--out", str(out), *set_flags([*self.base_sets(), *self.overrides, *sets])])
                 model = load(out / "model")
                 rows = {}
@@ -219,12 +251,7 @@ class Demo:
                     m = res.metrics
                     rows[setting] = {"metric_name": label, "metric": m.get(key), "baseline": m.get(f"baseline_{key}"),
                                      "samples_per_s": m.get("samples_per_s"), "keep_ratio": ratio}
-                    if ratio == 1.0:
-                        ablation.setdefault("none", {})[f"{name}_metric"] = m.get(key)
-                        ablation["none"][f"{name}_sps"] = m.get("samples_per_s")
-                    else:
-                        ablation.setdefault("tpd + PTA (COPA)", {})[f"{name}_metric"] = m.get(key)
-                        ablation["tpd + PTA (COPA)"][f"{name}_sps"] = m.get("samples_per_s")
+                    record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 self.results["tasks"][name] = rows
                 if name in ("vqa", "grounding"):  # task accuracy vs keep ratio, same fine-tuned weights
                     curve = {keep: rows[f"pruned (keep {keep})"]["metric"], 1.0: rows["unpruned (keep 1.0)"]["metric"]}
@@ -233,17 +260,18 @@ class Demo:
                             curve[r] = run_evaluation(task, model, cfg, "test", None, r).metrics.get(key)
                     self.results.setdefault("task_vs_keep", {})[name] = dict(sorted(curve.items()))
                 if name in ("vqa", "grounding", "retrieval"):
-                    for sel in ("cls_attn", "text_attn"):
+                    for sel in ("random", "cls_attn", "text_attn"):
                         res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
-                        ablation.setdefault(sel, {})[f"{name}_metric"] = res.metrics.get(key)
-                        ablation[sel][f"{name}_sps"] = res.metrics.get("samples_per_s")
-                    if no_pta_dir is not None:
-                        out2 = self.out / "tasks_no_pta" / name
-                        finetune(task, cfg, out2, init=no_pta_dir, eval_split=None)
+                        record(sel, name, res.metrics, key)
+                if name in ("vqa", "grounding"):
+                    for row, label_row in (("no_pta", "tpd without PTA"),):
+                        if row not in models:
+                            continue
+                        out2 = self.out / f"tasks_{row}" / name
+                        finetune(task, cfg, out2, init=models[row], eval_split=None)
                         res = run_evaluation(task, load(out2 / "model"), cfg, "test", None, keep)
-                        ablation.setdefault("tpd without PTA", {})[f"{name}_metric"] = res.metrics.get(key)
-                        ablation["tpd without PTA"][f"{name}_sps"] = res.metrics.get("samples_per_s")
-                    torch.set_grad_enabled(True)
+                        record(label_row, name, res.metrics, key)
+                torch.set_grad_enabled(True)
 
     def bench(self) -> None:
         """copa bench on the tiny preset: speed vs keep ratio, pruned and unpruned in one run."""
@@ -317,11 +345,11 @@ class Demo:
 
     def run(self) -> int:
         self.synth()
-        model, no_pta = self.pretrain_all()
-        self.selector_ablation(model, no_pta)
-        self.tasks(model, no_pta)
+        models = self.pretrain_all()
+        self.selector_ablation(models)
+        self.tasks(models)
         self.bench()
-        self.pictures(model)
+        self.pictures(models["copa"])
         self.report()
         return 0
 

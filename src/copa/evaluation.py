@@ -27,7 +27,8 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
         return model
     vit = copy.copy(model.vision)
     vit._modules = dict(model.vision._modules)
-    sel = make_selector(selector, model.cfg.vision.width, model.cfg.text.width, model.cfg.select.tpd_hidden)
+    sel = make_selector(selector, model.cfg.vision.width, model.cfg.text.width, model.cfg.select.tpd_hidden,
+                        model.cfg.select.tpd_form)
     vit.selectors = nn.ModuleList([] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers])
     vit.keep_ratios = list(model.vision.keep_ratios)
     out = copy.copy(model)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("table", (header, rows)) | ("img", (file, alt)) | ("code", text)
+Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("alert", text: shown in red) | ("table", (header, rows)) | ("img", (file, alt)) | ("code", text)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -37,12 +37,20 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
     shared = res.get("pretrain_shared")
     if shared and pre.get("branched_from"):
         text += (f": the first {shared['steps']} steps without PTA in {shared['wall_s']:.0f} s, shared with the "
-                 f"no-PTA ablation (both branch from that checkpoint), then PTA on for the rest, {pre['wall_s']:.0f} s")
+                 f"ablation rows (no PTA; boxes on every image), which branch from the same checkpoint, then PTA "
+                 f"on for the rest, {pre['wall_s']:.0f} s")
     else:
         text += f" in {pre['wall_s']:.0f} s"
-    if pre["stopped_early"]:
-        text += " — stopped early by the time budget"
-    return text + "."
+    return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
+
+
+def _budget_blocks(res: dict[str, Any]) -> list[Block]:
+    hits = res.get("budget_hits", [])
+    if not hits:
+        return []
+    lines = ", ".join(f"{h['stage']} ({h['steps']} of {h['planned']} steps)" for h in hits)
+    return [("alert", "SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
+                      f"the planned ones and not comparable with other machines': {lines}.")]
 
 
 def _pta_blocks(res: dict[str, Any]) -> list[Block]:
@@ -53,12 +61,15 @@ def _pta_blocks(res: dict[str, Any]) -> list[Block]:
         out += [("h2", "Pre-training (tiny preset, synthetic scenes, with PTA)"),
                 ("p", _pretrain_sentence(res)),
                 ("table", (["metric (validation)", "value"],
-                           [[k, _fmt(v.get(k))] for k in ("pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
+                           [[k, _fmt(v.get(k))] for k in ("pta_specificity@0.25", "pta_specificity@0.5",
+                                                           "pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
                                                            "pta_ap_phrase", "pta_ap_agnostic", "val_itc", "val_itm",
                                                            "val_mlm", "val_prefix_lm", "val_pta") if k in v]))]
         out.append(("p", ("Object-patch recall = share of the patches under the queried object's box that survive "
                          f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
-                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation.")))
+                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation. Text specificity = recall of "
+                         "the queried object's patches minus recall of the other objects' patches of the same image, "
+                         "at keep 0.25 / 0.5: 0 for random selection and for any text-blind selector.")))
     pics = res.get("pictures", {})
     if "loss_curves" in pics:
         out += [("h3", "Loss curves"), ("img", (pics["loss_curves"], "loss curves"))]
@@ -75,7 +86,8 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     if not ab:
         return []
     tasks = res.get("ablation_tasks", {})
-    header = ["selector", "object-patch recall (phrase)", "recall (text-agnostic)", "AP (phrase)"]
+    header = ["selector", "text specificity @0.25", "@0.5", "object-patch recall (phrase)", "recall (text-agnostic)",
+              "AP (phrase)"]
     extra_cols = [("vqa_metric", "VQA acc (%)"), ("grounding_metric", "grounding acc@0.5 (%)"),
                   ("retrieval_metric", "retrieval mean R (%)"), ("vqa_sps", "VQA samples/s")]
     present = [c for c in extra_cols if any(c[0] in t for t in tasks.values())]
@@ -83,15 +95,18 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     rows = []
     for name, r in ab["rows"].items():
         t = tasks.get(name, {})
-        rows.append([name, _fmt(r.get("recall_phrase")), _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
+        rows.append([name, _fmt(r.get("specificity@0.25")), _fmt(r.get("specificity@0.5")), _fmt(r.get("recall_phrase")),
+                     _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
                     + [_fmt(t.get(c[0])) for c in present])
-    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). `cls_attn` (EViT-style), "
+    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). `random`, `cls_attn` (EViT-style), "
             "`text_attn` (TRIPS-style) and `none` share the weights of the COPA pre-training and differ in the "
-            "selector only; `tpd without PTA` is its own pre-training with the PTA weight set to 0"
-            + (" (same data order and number of steps; the first "
-               f"{res['pretrain_shared']['steps']} steps, run without PTA, are shared with COPA's)"
+            "selector only; `tpd without PTA` and `boxes on every image` are their own pre-trainings (PTA weight 0; "
+            "PTA labels on all training images instead of ~5%)"
+            + (" with the same data order and number of steps; the first "
+               f"{res['pretrain_shared']['steps']} steps, run without PTA, are shared with COPA's"
                if res.get("pretrain_shared") and res.get("pretrain", {}).get("branched_from") else "")
-            + ", fine-tuned like COPA's. Throughput is VQA samples/s on the test split.")
+            + "; their VQA and grounding rows are fine-tuned like COPA's. Random selection scores recall = keep "
+              "ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split.")
     out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
     sweep = res.get("pta_vs_keep")
     if sweep:
@@ -134,6 +149,49 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
     return out
 
 
+# the learning issue's targets for the full demo: (label, how to read it from results, target, baseline label)
+TARGETS = [
+    ("text specificity @0.25 (COPA)", ("ablation", "specificity@0.25"), 0.5, "0 (random / text-blind)"),
+    ("object-patch recall @0.5 (phrase)", ("pretrain", "pta_recall_phrase"), 0.9, "0.5 (random)"),
+    ("VQA accuracy (%)", ("task", "vqa"), 70.0, "majority answer"),
+    ("grounding acc@0.5 (%)", ("task", "grounding"), 60.0, "centre box"),
+    ("retrieval mean recall (%)", ("task", "retrieval"), 50.0, "random ranking"),
+    ("CIDEr", ("task", "caption"), 1.5, "empty caption"),
+]
+
+
+def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any]:
+    kind, key = where
+    if kind == "ablation":
+        rows = res.get("ablation_pta", {}).get("rows", {})
+        copa = next((r for name, r in rows.items() if "COPA" in name), {})
+        return copa.get(key), 0.0
+    if kind == "pretrain":
+        return res.get("pretrain", {}).get("final_val", {}).get(key), res.get("pretrain", {}).get(
+            "final_val", {}).get("pta_recall_random")
+    rows = res.get("tasks", {}).get(key, {})
+    pruned = next((m for s, m in rows.items() if s.startswith("pruned")), {})
+    return pruned.get("metric"), pruned.get("baseline")
+
+
+def _target_blocks(res: dict[str, Any]) -> list[Block]:
+    if res.get("quick"):
+        return []
+    rows, missed = [], []
+    for label, where, target, base_label in TARGETS:
+        value, base = _target_value(res, where)
+        ok = isinstance(value, (int, float)) and not math.isnan(value) and value >= target
+        if not ok:
+            missed.append(label)
+        rows.append([label, _fmt(value), f">= {target:g}", f"{_fmt(base)} ({base_label})", "met" if ok else "MISSED"])
+    out: list[Block] = [("h2", "Targets (test split; pruned model at the recommended keep ratio)"),
+                        ("table", (["metric", "this run", "target", "trivial baseline", ""], rows))]
+    if missed:
+        out.append(("alert", "Targets missed in this run: " + ", ".join(missed)
+                    + ". The learning curves in BENCHMARKS.md say what more steps buy."))
+    return out
+
+
 def _bench_blocks(res: dict[str, Any]) -> list[Block]:
     b = res.get("bench")
     if not b:
@@ -150,7 +208,8 @@ def blocks(res: dict[str, Any]) -> list[Block]:
     out: list[Block] = [("h1", title),
                         ("p", (f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
                               f"Data: {res.get('data', {})} synthetic scenes (train/val/test)."))]
-    out += _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res) + _bench_blocks(res)
+    out += _budget_blocks(res) + _target_blocks(res) + _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res)
+    out += _bench_blocks(res)
     timings = res.get("timings_s", {})
     if timings:
         out += [("h2", "Stage timings"), ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()]))]
@@ -166,6 +225,8 @@ def to_markdown(bs: list[Block]) -> str:
             lines += ["#" * int(kind[1]) + " " + v, ""]
         elif kind == "p":
             lines += [v, ""]
+        elif kind == "alert":
+            lines += [f"> **{v}**", ""]
         elif kind == "table":
             header, rows = v
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -188,6 +249,8 @@ def to_html(bs: list[Block]) -> str:
             parts.append(f"<{kind}>{html.escape(v)}</{kind}>")
         elif kind == "p":
             parts.append(f"<p>{html.escape(v)}</p>")
+        elif kind == "alert":
+            parts.append(f"<p style='color:#b00;font-weight:bold'>{html.escape(v)}</p>")
         elif kind == "table":
             header, rows = v
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")

@@ -49,12 +49,16 @@ def select_and_fuse(
     k: int,
     fuse: bool = True,
     fused_prev: tuple[Tensor, float] | None = None,
+    straight_through: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Keep the top-k patches of ``x`` and fuse the rest.
 
     x: (B, 1+N, D) with [CLS] first; logits: (B, N). ``fused_prev`` = (token (B, 1, D), alpha) is
     the fused token of an earlier stage and the share alpha of all dropped patches it stands for;
     the new fused token is the count-weighted mean of both, so it still averages every dropped patch.
+    ``straight_through`` multiplies each kept token by ``1 + sigmoid(l) - sigmoid(l).detach()``:
+    the forward pass is unchanged (the factor is exactly 1), but every loss on the output now sends
+    gradient into the kept patches' logits, which ``gather`` alone never does.
     Returns (out, order, weights): out (B, 1+K+1, D) = [CLS, kept, fused] (no fused token when
     ``fuse`` is False or K = N); order (B, N) positions sorted by logit, best first; weights (B, N-K).
     """
@@ -64,6 +68,9 @@ def select_and_fuse(
     _, order = logits.sort(dim=1, descending=True)
     keep_idx = order[:, :k]
     kept = patches.gather(1, keep_idx.unsqueeze(-1).expand(b, k, d))
+    if straight_through and torch.is_grad_enabled() and logits.requires_grad:
+        s = torch.sigmoid(logits.gather(1, keep_idx).float())
+        kept = kept * (1.0 + (s - s.detach())).to(kept.dtype).unsqueeze(-1)  # exactly 1 forward
     if not fuse or k == n:
         return torch.cat([cls, kept], dim=1), order, None
     drop_idx = order[:, k:]
@@ -84,33 +91,65 @@ class Selector(nn.Module):
         raise NotImplementedError
 
 
-class TPD(Selector):
-    """Text-aware Patch Detector: ``s_i = sigmoid(MLP([LN(v_i); W t]))``.
+TPD_FORMS = ("additive", "bilinear", "film")
 
-    The first MLP layer on the concatenation is split into a patch part and a text part, so the
-    text part is computed once per sample and broadcast over patches (same function, less work).
+
+class TPD(Selector):
+    """Text-aware Patch Detector: patch logits from LN-normalised patch tokens and a text query.
+
+    ``form`` chooses how the text enters (all three share the patch branch ``fc_patch`` on
+    ``LN(v_i)`` and the text projection ``W t``):
+
+    - ``additive`` (the paper's ``s_i = sigmoid(MLP([LN(v_i); W t]))``): the first MLP layer on the
+      concatenation, split into a patch part and a text part computed once per sample. The text
+      can only add the same vector to every patch's hidden state, so a text-blind "objectness"
+      ranking is the easy optimum (measured: text specificity ~0).
+    - ``bilinear``: ``p_i . q / sqrt(h) + o(p_i)``, a patch embedding ``p_i = MLP(LN(v_i))`` matched
+      against a text embedding ``q``, plus a text-independent objectness term ``o``; "this patch
+      matches this text" is one dot product.
+    - ``film``: the text scales and shifts the patch hidden state,
+      ``MLP(GELU(fc_patch(LN v_i) * (1 + g(t)) + b(t)))``.
+
     Without a text, the query is a learned vector (text-agnostic mode).
     """
 
     needs_text = True
 
-    def __init__(self, dim: int, text_dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, text_dim: int, hidden: int, form: str = "additive") -> None:
         super().__init__()
+        if form not in TPD_FORMS:
+            raise ValueError(f"unknown TPD form {form!r}; expected one of {TPD_FORMS}")
+        self.form = form
         self.norm = nn.LayerNorm(dim)
         self.text_proj = nn.Linear(text_dim, dim)
         self.fc_patch = nn.Linear(dim, hidden)
-        self.fc_text = nn.Linear(dim, hidden, bias=False)
         self.act = nn.GELU()
-        self.fc_out = nn.Linear(hidden, 1)
+        if form == "additive":
+            self.fc_text = nn.Linear(dim, hidden, bias=False)
+            self.fc_out = nn.Linear(hidden, 1)
+        elif form == "bilinear":
+            self.fc_embed = nn.Linear(hidden, hidden)
+            self.fc_text = nn.Linear(dim, hidden)
+            self.fc_out = nn.Linear(hidden, 1)  # objectness
+        else:
+            self.fc_text = nn.Linear(dim, 2 * hidden)
+            self.fc_out = nn.Linear(hidden, 1)
         self.agnostic_query = nn.Parameter(torch.randn(text_dim) * 0.02)
 
     def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock | None = None) -> Tensor:
         """x: (B, 1+N, D), query: (B, Dt) or None -> logits (B, N)"""
         if query is None:
             query = self.agnostic_query.to(x.dtype).expand(x.shape[0], -1)
-        t = self.fc_text(self.text_proj(query))  # (B, hidden)
-        h = self.fc_patch(self.norm(x[:, 1:])) + t.unsqueeze(1)
-        return self.fc_out(self.act(h)).squeeze(-1)
+        t = self.fc_text(self.text_proj(query))  # (B, hidden) or (B, 2 hidden) for film
+        h = self.fc_patch(self.norm(x[:, 1:]))  # (B, N, hidden)
+        if self.form == "additive":
+            return self.fc_out(self.act(h + t.unsqueeze(1))).squeeze(-1)
+        if self.form == "bilinear":
+            p = self.fc_embed(self.act(h))  # (B, N, hidden)
+            match = (p @ t.unsqueeze(-1)).squeeze(-1) / math.sqrt(p.shape[-1])
+            return match + self.fc_out(p).squeeze(-1)
+        gain, shift = t.unsqueeze(1).chunk(2, dim=-1)
+        return self.fc_out(self.act(h * (1.0 + gain) + shift)).squeeze(-1)
 
 
 def _attention_logits(q: Tensor, k: Tensor) -> Tensor:
@@ -149,16 +188,38 @@ class TextAttention(Selector):
         return _attention_logits(q, k)
 
 
-def make_selector(name: str, dim: int, text_dim: int, hidden: int) -> Selector | None:
+class RandomSelector(Selector):
+    """K patches uniformly at random: the baseline many token-reduction methods fail to beat.
+
+    Logits are i.i.d. uniform per sample and patch, drawn from a private generator seeded once, so
+    an evaluation is repeatable; no parameters, text ignored.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._gen: dict[str, torch.Generator] = {}
+
+    def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock | None = None) -> Tensor:
+        key = str(x.device)
+        if key not in self._gen:
+            self._gen[key] = torch.Generator(device=x.device).manual_seed(self.seed)
+        b, n = x.shape[0], x.shape[1] - 1
+        return torch.rand(b, n, generator=self._gen[key], device=x.device).to(x.dtype)
+
+
+def make_selector(name: str, dim: int, text_dim: int, hidden: int, form: str = "additive") -> Selector | None:
     if name == "tpd":
-        return TPD(dim, text_dim, hidden)
+        return TPD(dim, text_dim, hidden, form)
     if name == "text_attn":
         return TextAttention(dim, text_dim)
     if name == "cls_attn":
         return ClsAttention()
+    if name == "random":
+        return RandomSelector()
     if name == "none":
         return None
-    raise ValueError(f"unknown selector {name!r}; expected tpd, text_attn, cls_attn or none")
+    raise ValueError(f"unknown selector {name!r}; expected tpd, text_attn, cls_attn, random or none")
 
 
 def tpd_scores(logits: Tensor) -> Tensor:

@@ -91,6 +91,26 @@ class TextEncoder(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
 
+    def freeze(self, layers: int) -> None:
+        """Stop training the embeddings and the first ``layers`` layers (all of them for -1).
+
+        Autograd then records nothing below the first trainable layer, so a frozen bottom costs a
+        forward pass only: no backward, no optimizer state.
+        """
+        blocks = list(self.bert.encoder.layer)
+        n = len(blocks) if layers < 0 else min(layers, len(blocks))
+        self.frozen = [self.bert.embeddings, *blocks[:n]]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Frozen parts stay in eval mode: their dropout would only add noise (and time) to fixed features."""
+        super().train(mode)
+        for module in getattr(self, "frozen", []):
+            module.eval()
+        return self
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> hidden states (B, L, Dt); [CLS] is position 0."""
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

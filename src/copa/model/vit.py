@@ -83,7 +83,7 @@ class VisionTransformer(nn.Module):
             ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
-        sel = [make_selector(select.selector, d, text_dim, select.tpd_hidden) for _ in select.layers]
+        sel = [make_selector(select.selector, d, text_dim, select.tpd_hidden, select.tpd_form) for _ in select.layers]
         self.selectors = nn.ModuleList([s for s in sel if s is not None])
         self.keep_ratios = list(select.keep_ratios)
         self.grad_checkpointing = False
@@ -160,7 +160,8 @@ class VisionTransformer(nn.Module):
                 prev = None
                 if has_fused:
                     prev = (x[:, -1:], dropped / (dropped + nc - k))
-                x, order, weights = select_and_fuse(core, logits, k, self.select_cfg.fuse_dropped, prev)
+                x, order, weights = select_and_fuse(core, logits, k, self.select_cfg.fuse_dropped, prev,
+                                                   self.select_cfg.straight_through)
                 kept = candidates.gather(1, order[:, :k])
                 selections.append(Selection(logits, candidates, kept, weights))
                 candidates, dropped = kept, dropped + nc - k

@@ -168,6 +168,8 @@ def finetune(
     model = prepare_model(cfg, init)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.train.freeze_text_layers:
+        model.text.freeze(cfg.train.freeze_text_layers)
     model.to(device).train()
     cfg = dataclasses.replace(cfg, model=model.cfg)  # the loader tokenizes with the model's own tokenizer
     dtype = resolve_precision(cfg.train.precision, device)

@@ -109,6 +109,29 @@ def split_prefix(ids: Tensor, mask: Tensor, cls_id: int, sep_id: int, pad_id: in
     return pre[:, :keep], pre_mask[:, :keep], dec_in, dec_mask, target
 
 
+def phrase_contrast_loss(logits: Tensor, labels: Tensor, image: Tensor) -> Tensor:
+    """Phrase-level negatives for PTA: a patch of object ``a`` must score higher under ``a``'s phrase
+    than under the phrase of any other object of the same image.
+
+    BCE alone counts the other objects' patches as negatives no harder than the background, so a
+    text-blind "objectness" ranking already earns most of it; this term rewards only what tells the
+    objects of one image apart. logits, labels: (P, N); image: (P,) -> scalar (0 with a graph when no
+    image has two phrases). For each patch under exactly one phrase's box, cross-entropy over the
+    image's phrases (softmax over their logits at that patch) toward the phrase whose box it is in.
+    """
+    lg = logits.float()
+    same = image[:, None] == image[None, :]  # (P, P), includes the row itself
+    pos = labels.bool()
+    exclusive = pos & ((pos.float().unsqueeze(0) * same.unsqueeze(-1).float()).sum(1) == 1)  # (P, N)
+    multi = same.sum(1) > 1
+    target = exclusive & multi[:, None]
+    if not bool(target.any()):
+        return lg.sum() * 0.0
+    other = lg.unsqueeze(0).expand(lg.shape[0], -1, -1).masked_fill(~same.unsqueeze(-1), float("-inf"))
+    lse = torch.logsumexp(other, dim=1)  # (P, N) over the phrases of the row's image
+    return (lse - lg)[target].mean()
+
+
 @dataclass
 class StepOutput:
     loss: Tensor
@@ -122,7 +145,8 @@ class StepOutput:
 class PretrainObjective(nn.Module):
     """All pre-training losses for one batch; wrap this module with DDP/FSDP."""
 
-    def __init__(self, model: COPAModel, weights: dict[str, float], mlm_prob: float = 0.15, pta_pos_weight: float = 2.0) -> None:
+    def __init__(self, model: COPAModel, weights: dict[str, float], mlm_prob: float = 0.15, pta_pos_weight: float = 2.0,
+                 pta_contrast: float = 0.0) -> None:
         super().__init__()
         unknown = set(weights) - set(LOSS_NAMES)
         if unknown:
@@ -132,6 +156,7 @@ class PretrainObjective(nn.Module):
         self.itc_loss = ITCLoss()
         self.mlm_prob = mlm_prob
         self.pta_pos_weight = pta_pos_weight
+        self.pta_contrast = pta_contrast
         tok = model.tokenizer
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
         self.vocab = tok.vocab_size
@@ -205,7 +230,10 @@ class PretrainObjective(nn.Module):
         if batch.phrase_ids.shape[0] > 0:
             ph = m.encode_query(batch.phrase_ids, batch.phrase_mask)
             logits = sel(prefix[batch.phrase_image], ph, block)
-            parts.append(bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight))
+            loss = bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight)
+            if self.pta_contrast:
+                loss = loss + self.pta_contrast * phrase_contrast_loss(logits, batch.phrase_labels, batch.phrase_image)
+            parts.append(loss)
         boxed = batch.has_boxes.nonzero().squeeze(1)
         if boxed.numel() > 0:
             logits = sel(prefix[boxed], None, block)

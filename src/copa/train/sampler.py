@@ -43,6 +43,42 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank
 
 
+class BoxedMixSampler(Sampler[int]):
+    """Every batch of ``batch_size`` holds ``boxed`` samples from the ``pool`` (the images that carry
+    boxes) and ``batch_size - boxed`` from the plain stream over all samples.
+
+    PTA learns only from boxed images; with ~5% of the images boxed, plain shuffling shows a batch of
+    32 one or two of them, and a short run a few dozen in all. Oversampling keeps the share of boxed
+    *images* in the data as it is (the paper's setting) while giving every step the same PTA signal.
+    Both streams are ``ResumableSampler``-style (seeded per epoch, rank-strided, resumable at any
+    sample position that is a multiple of ``batch_size``); keys are ``epoch * n + index`` as there.
+    """
+
+    def __init__(self, n: int, pool: list[int], boxed: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world: int = 1, start: int = 0) -> None:
+        if not 0 < boxed < batch_size:
+            raise ValueError(f"boxed_per_batch must be in (0, batch_size={batch_size}), got {boxed}")
+        if len(pool) < world:
+            raise ValueError(f"{len(pool)} boxed images cannot be split over {world} processes")
+        self.pool = np.asarray(pool, dtype=np.int64)
+        self.n, self.boxed, self.batch_size = n, boxed, batch_size
+        batches = start // batch_size
+        self.plain = ResumableSampler(n, seed, rank, world, True, batches * (batch_size - boxed))
+        self.extra = ResumableSampler(len(pool), seed + 7919, rank, world, True, batches * boxed)
+
+    def __iter__(self) -> Iterator[int]:
+        plain, extra = iter(self.plain), iter(self.extra)
+        while True:
+            for _ in range(self.batch_size - self.boxed):
+                yield next(plain)
+            for _ in range(self.boxed):
+                epoch, j = divmod(next(extra), len(self.pool))
+                yield int(epoch * self.n + self.pool[j])
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+
 class EpochSeeded(Dataset):
     """Wraps a ``PretrainDataset``: item ``epoch * n + i`` is sample ``i`` augmented with an RNG
     seeded by ``(seed, epoch, i)``."""

@@ -32,7 +32,7 @@ from copa.train.checkpoint import (
 )
 from copa.train.losses import LOSS_NAMES, PretrainObjective
 from copa.train.pta_metrics import PTAMeter
-from copa.train.sampler import EpochSeeded, ResumableSampler, loader_generator
+from copa.train.sampler import BoxedMixSampler, EpochSeeded, ResumableSampler, loader_generator
 from copa.utils.device import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def param_groups(model: COPAModel, t: TrainConfig) -> list[dict[str, Any]]:
     pretrained sentence structure within a few dozen steps: every caption maps to nearly the same
     vector and ITC sits at chance (ln B) for ~100 steps; at 3e-5 ITC learns from the start (BENCHMARKS.md).
     """
-    rates = {"vit": t.lr_vit, "text": t.lr, "rest": t.lr}
+    rates = {"vit": t.lr_vit, "text": t.lr, "selector": t.lr, "rest": t.lr}
     if t.lr_text is not None:
         rates["text"] = t.lr_text
+    if t.lr_selector is not None:
+        rates["selector"] = t.lr_selector
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -65,6 +67,8 @@ def param_groups(model: COPAModel, t: TrainConfig) -> list[dict[str, Any]]:
             part = "vit"
         elif name.startswith("text."):
             part = "text"
+        elif name.startswith("vision.selectors"):
+            part = "selector"
         else:
             part = "rest"
         decay = p.ndim >= 2 and "embed" not in name and "token" not in name
@@ -136,7 +140,8 @@ class EndlessStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_size: int | None = None) -> DataLoader:
+def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_size: int | None = None,
+                boxed_per_batch: int = 0) -> DataLoader:
     """Endless, deterministic and resumable batches (``start`` = samples this rank already consumed).
 
     Map-style data resumes exactly (per-sample RNG from epoch and index); a shard stream resumes at
@@ -149,7 +154,15 @@ def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_si
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return DataLoader(EndlessStream(dataset, start), batch_size=bs, num_workers=cfg.data.num_workers,
                           collate_fn=collate, drop_last=True)
-    sampler = ResumableSampler(len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start)
+    boxed = boxed_per_batch if train else 0
+    pool = [i for i, r in enumerate(getattr(dataset, "records", [])) if r.objects] if boxed else []
+    if boxed and pool:
+        sampler: torch.utils.data.Sampler = BoxedMixSampler(len(dataset), pool, boxed, bs, cfg.seed, D.rank(),
+                                                            D.world_size(), start)
+    else:
+        if boxed:
+            log.warning("train.boxed_per_batch=%d but no training record has boxes: plain shuffling", boxed)
+        sampler = ResumableSampler(len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start)
     return DataLoader(
         EpochSeeded(dataset, cfg.seed),
         batch_size=bs,
@@ -247,7 +260,7 @@ def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
     prefix = model.image_prefix(batch.images)
     if batch.phrase_ids.shape[0]:
         q = model.encode_query(batch.phrase_ids, batch.phrase_mask)
-        meter.add("phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels)
+        meter.add("phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels, batch.phrase_image)
     boxed = batch.has_boxes.nonzero().squeeze(1)
     if boxed.numel():
         meter.add("agnostic", sel(prefix[boxed], None, block), batch.union_labels[boxed])
@@ -318,12 +331,14 @@ def pretrain(
     if init:
         model.cfg.select = cfg.model.select
         model.set_keep_ratio(cfg.model.select.keep_ratios)
+    if cfg.train.freeze_text_layers:
+        model.text.freeze(cfg.train.freeze_text_layers)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device).train()
     dtype = resolve_precision(cfg.train.precision, device)
     t = cfg.train
-    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight)
+    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast)
     datasets = build_datasets(cfg)
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
@@ -356,7 +371,8 @@ def pretrain(
         torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)
 
     per_step = t.batch_size * t.grad_accum
-    train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step)
+    train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step,
+                               boxed_per_batch=t.boxed_per_batch)
     val_bs = t.batch_size
     if hasattr(datasets["val"], "__len__"):
         val_bs = max(1, min(t.batch_size, len(datasets["val"]) // D.world_size()))
@@ -412,7 +428,10 @@ def pretrain(
                                                  "grad_norm": float(grad_norm), "samples_per_s": sps,
                                                  "elapsed_s": time.perf_counter() - t0})
                 window_t, window_n = time.perf_counter(), 0
-            budget_hit = t.time_budget_s > 0 and time.perf_counter() - t0 > t.time_budget_s
+            # decided together: a rank that stopped alone would leave the others waiting in the
+            # next collective (validation's all-gather) until the process-group timeout
+            budget_hit = t.time_budget_s > 0 and bool(D.all_reduce_mean(torch.tensor(
+                float(time.perf_counter() - t0 > t.time_budget_s), device=device)) > 0)
             if step % t.val_every == 0 or step == t.steps or budget_hit:
                 last_val = validate(objective, val_loader, device, dtype)
                 runlog.write("val_log", step, last_val)
