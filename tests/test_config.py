@@ -44,3 +44,11 @@ def test_partial_mapping_override_keeps_other_defaults():
     cfg = load_config("configs/tiny.yaml", ["train.loss_weights.pta=0.0"])
     assert cfg.train.loss_weights["pta"] == 0.0
     assert cfg.train.loss_weights["itc"] == 1.0 and cfg.train.loss_weights["mlm"] == 1.0
+
+
+def test_distributed_mode_is_validated():
+    assert load_config(None, ["train.distributed=fsdp"]).train.distributed == "fsdp"
+    with pytest.raises(ConfigError, match="train.distributed"):
+        load_config(None, ["train.distributed=fsdp2"])
+    with pytest.raises(ConfigError, match="train.distributed"):
+        load_config(None, ["train.distributed=DDP"])

@@ -113,6 +113,9 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------------------ train
+DISTRIBUTED = ("ddp", "fsdp")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -137,6 +140,11 @@ class TrainConfig:
     )
     pta_pos_weight: float = 2.0
     mlm_prob: float = 0.15
+
+    def __post_init__(self) -> None:
+        # checked here, not where it is used: a typo (e.g. "fsdp2") would otherwise silently mean DDP
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"train.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
 
 
 @dataclass
