@@ -19,6 +19,8 @@ T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------- model
+# The defaults are the tiny preset (configs/tiny.yaml), so `Config()` (a command without --config)
+# builds a working model.
 @dataclass
 class VisionConfig:
     image_size: int = 128
@@ -58,21 +60,21 @@ class TextConfig:
     # the text vector that queries the TPD and feeds ITC: "cls" (BERT) or "mean" over tokens
     # (sentence encoders such as the packaged MiniLM were trained with mean pooling; their [CLS]
     # barely varies between sentences, which left ITC at chance and the TPD text-blind)
-    pooling: str = "cls"
+    pooling: str = "mean"
 
 
 @dataclass
 class FusionConfig:
     layers: int = 2
     stride: int = 2  # every stride-th layer is connected attention over [image; text]
-    heads: int = 6
+    heads: int = 12  # as the text encoder's layers that initialise it (MiniLM: 12)
     init_from_text: bool = True  # initialise self-attention/FFN from the text encoder's last layers
 
 
 @dataclass
 class DecoderConfig:
     layers: int = 2
-    heads: int = 6
+    heads: int = 12
     init_from_text: bool = True
     max_len: int = 40
 
