@@ -131,3 +131,17 @@ def test_mask_tokens_never_leave_a_batch_without_targets():
         ids, mask, special = _short_captions(2, seed)
         _, labels = mask_tokens(ids, mask, 30522, 103, special, 0.15)
         assert (labels != -100).any()
+
+
+def test_itc_similarities_are_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.3 * torch.randn(16, 32, generator=g), dim=-1)
+    scale, ids = torch.tensor([100.0]), torch.arange(16)
+    ref_loss, ref_sim = ITCLoss()(img, txt, scale, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, sim = ITCLoss()(img, txt, scale, ids)
+    assert sim.dtype == torch.float32 and loss.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: at scale 100 its logits are off by up to ~0.4
+    assert (sim - ref_sim).abs().max() < 1e-4
+    assert (loss - ref_loss).abs() < 1e-5

@@ -32,8 +32,12 @@ class ITCLoss(nn.Module):
         """img, txt: (B, E) unit vectors; image_ids: (B,) -> (loss, local similarity (B, B) detached)"""
         all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
         all_ids = all_gather_nograd(image_ids)
-        logits_i2t = scale * img @ all_txt.t()  # (B, world*B)
-        logits_t2i = scale * txt @ all_img.t()
+        # fp32 even under bf16 autocast: bf16's 8-bit mantissa puts errors of ~0.4 on logits of
+        # scale ~100, as large as the margins between hard negatives
+        with torch.autocast(img.device.type, enabled=False):
+            img, txt, all_img, all_txt, scale = (t.float() for t in (img, txt, all_img, all_txt, scale))
+            logits_i2t = scale * img @ all_txt.t()  # (B, world*B)
+            logits_t2i = scale * txt @ all_img.t()
         pos = (image_ids[:, None] == all_ids[None, :]).float()
         targets = pos / pos.sum(1, keepdim=True)
         loss = 0.5 * (
