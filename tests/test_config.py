@@ -44,3 +44,26 @@ def test_partial_mapping_override_keeps_other_defaults():
     cfg = load_config("configs/tiny.yaml", ["train.loss_weights.pta=0.0"])
     assert cfg.train.loss_weights["pta"] == 0.0
     assert cfg.train.loss_weights["itc"] == 1.0 and cfg.train.loss_weights["mlm"] == 1.0
+
+
+def test_distributed_mode_is_validated():
+    assert load_config(None, ["train.distributed=fsdp"]).train.distributed == "fsdp"
+    with pytest.raises(ConfigError, match="train.distributed"):
+        load_config(None, ["train.distributed=fsdp2"])
+    with pytest.raises(ConfigError, match="train.distributed"):
+        load_config(None, ["train.distributed=DDP"])
+
+
+def test_defaults_are_the_tiny_preset_and_build_a_model():
+    from copa.model.copa import COPAModel
+
+    assert Config().model == load_config("configs/tiny.yaml").model
+    assert load_config("configs/base.yaml").model.text.pooling == "cls"  # BERT-base keeps [CLS]
+    import torch
+
+    cfg = Config().model
+    model = COPAModel(cfg).eval()  # failed with fusion/decoder heads 6 vs MiniLM's 12
+    ids, mask = torch.tensor([[101, 2417, 4540, 102]]), torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size), ids, mask)
+    assert out.text.shape == (1, 4, cfg.text.width) and torch.isfinite(out.text).all()

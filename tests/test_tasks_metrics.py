@@ -78,13 +78,45 @@ def test_vqa_normalisation_and_soft_score():
     assert vqa_score("Yes.", ["yes"]) == 1.0  # one reference: exact match after normalisation
     assert vqa_score("no", ["yes"]) == 0.0
     refs = ["red", "red", "orange", "Red", "dark red"]
-    assert vqa_score("red", refs) == 1.0  # 3 matches -> min(1, 3/3)
-    assert vqa_score("orange", refs) == pytest.approx(1 / 3)
-    assert vqa_score("dark red", refs) == pytest.approx(1 / 3)
+    # leave-one-out mean of min(1, matches/3): 3 subsets hold 2 "red", 2 subsets hold 3
+    assert vqa_score("red", refs) == pytest.approx((3 * 2 / 3 + 2 * 1.0) / 5)
+    assert vqa_score("orange", refs) == pytest.approx(4 / 15)
     assert vqa_score("blue", refs) == 0.0
-    assert vqa_score("red", ["red", "blue"]) == pytest.approx(1 / 3)  # several refs: soft even at 1 match
-    assert vqa_accuracy(["red", "blue"], [refs, ["blue"]]) == pytest.approx(100.0)
+    assert vqa_score("red", ["red", "blue"]) == pytest.approx(1 / 6)
+    assert vqa_accuracy(["red", "blue"], [refs, ["blue"]]) == pytest.approx(100.0 * (0.8 + 1.0) / 2)
     assert majority_answer([["yes"], ["no"], ["Yes"], ["2"]]) == "yes"
+
+
+def test_vqa_accuracy_is_the_official_mean_over_10_choose_9_subsets():
+    # with 10 references, 0..4+ matching answers score 0, 0.3, 0.6, 0.9, 1 (min(1, m/3) gave 1/3, 2/3, 1)
+    expect = [0.0, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    for m, e in enumerate(expect):
+        assert vqa_score("two", ["2"] * m + ["3"] * (10 - m)) == pytest.approx(e), m
+    refs = ["yes"] * 2 + ["no"] * 8
+    assert vqa_accuracy(["Yes", "no"], [refs, refs]) == pytest.approx(100.0 * (0.6 + 1.0) / 2)
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("Two dogs.", "2 dogs"),  # number words -> digits, final period dropped
+        ("none", "0"),
+        ("The Ten", "10"),  # articles dropped
+        ("an apple", "apple"),
+        ("dont", "don't"),  # contractions regain their apostrophe
+        ("couldnt've", "couldn't've"),
+        ("isn't", "isn't"),
+        ("2.5", "2.5"),  # a period before a digit is a decimal point
+        ("1,000", "1000"),  # digit,digit: punctuation deleted, not spaced
+        ("red, white", "red white"),  # punctuation next to a space is deleted
+        ("black-and-white", "black and white"),  # elsewhere it becomes a space
+        ("yes!", "yes"),
+        ("  Left\tside\n", "left side"),
+        ("cat's", "cat's"),  # apostrophes are kept
+    ],
+)
+def test_vqa_answer_normalisation_known_cases(raw, norm):
+    assert normalize_answer(raw) == norm
 
 
 # ------------------------------------------------------------------------------ box ops

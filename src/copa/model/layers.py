@@ -96,22 +96,47 @@ class SelfAttention(nn.Module):
         return self.proj(merge_heads(out))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a whole sample with probability p
+    and scale the surviving samples by 1 / (1 - p); the identity in eval mode."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, ...) -> same shape"""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)); both branches with
+    stochastic depth ``drop_path``."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, D) -> (B, L, D)"""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class KVCache:

@@ -54,6 +54,39 @@ def bert_config(cfg: TextConfig) -> BertConfig:
     )
 
 
+# BertConfig fields that shape the encoder -> the model.text key that sets them (None: fixed by
+# ``bert_config``). ``from_pretrained`` of a saved COPA model rebuilds the encoder from the config,
+# not from the text checkpoint, so any difference would train one model and reload another.
+_ARCH_FIELDS = {
+    "hidden_size": "width",
+    "vocab_size": "vocab_size",
+    "num_attention_heads": "heads",
+    "intermediate_size": "intermediate",
+    "hidden_act": None,
+    "layer_norm_eps": None,
+    "max_position_embeddings": None,
+    "type_vocab_size": None,
+    "position_embedding_type": None,
+}
+
+
+def check_checkpoint(loaded: BertConfig, cfg: TextConfig, path: str) -> None:
+    """Raise if the text checkpoint's architecture differs from what ``cfg`` rebuilds on reload."""
+    expect = bert_config(cfg)
+    bad = []
+    for name, key in _ARCH_FIELDS.items():
+        # transformers 5 dropped position_embedding_type (absolute only); older versions default to it
+        default = "absolute" if name == "position_embedding_type" else None
+        got, want = getattr(loaded, name, default), getattr(expect, name, default)
+        if got != want:
+            where = f"model.text.{key}={want!r}" if key else f"COPA builds {want!r}"
+            bad.append(f"{name}: checkpoint {got!r}, {where}")
+    if cfg.layers > loaded.num_hidden_layers:
+        bad.append(f"num_hidden_layers: checkpoint {loaded.num_hidden_layers}, model.text.layers={cfg.layers}")
+    if bad:
+        raise ValueError(f"text checkpoint {path} does not match model.text: " + "; ".join(bad))
+
+
 class TextEncoder(nn.Module):
     """BERT text encoder; exposes its embeddings for the tied MLM/LM heads and the decoder."""
 
@@ -69,14 +102,10 @@ class TextEncoder(nn.Module):
                 bert = BertModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="sdpa")
             finally:
                 hf_logging.set_verbosity(verbosity)
+            check_checkpoint(bert.config, cfg, path)
             if cfg.layers < bert.config.num_hidden_layers:
                 bert.encoder.layer = bert.encoder.layer[: cfg.layers]
                 bert.config.num_hidden_layers = cfg.layers
-            got = (bert.config.hidden_size, bert.config.vocab_size)
-            if got != (cfg.width, cfg.vocab_size):
-                raise ValueError(
-                    f"checkpoint {path} has width/vocab {got}, config says {(cfg.width, cfg.vocab_size)}"
-                )
             log.info("text encoder: loaded %d layers from %s", cfg.layers, path)
         else:
             bert = BertModel(bert_config(cfg), add_pooling_layer=False)

@@ -79,8 +79,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid**2, d) * 0.02)
         self.ln_pre = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
+        # stochastic depth rising linearly from 0 at the first block to drop_path at the last
+        rates = [cfg.drop_path * i / max(1, cfg.layers - 1) for i in range(cfg.layers)]
         self.blocks = nn.ModuleList(
-            ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)
+            ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, drop_path=r) for r in rates
         )
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
         sel = [make_selector(select.selector, d, text_dim, select.tpd_hidden, select.tpd_form) for _ in select.layers]

@@ -69,7 +69,7 @@ def generate(
     ctx_mask: Tensor,
     mode: str = "greedy",
     beam: int = 3,
-    max_new: int = 12,
+    max_new: int = 30,
     length_penalty: float = 1.0,
 ) -> list[str]:
     """Texts decoded from context ctx (B, S, D), ctx_mask (B, S) with greedy or beam search."""

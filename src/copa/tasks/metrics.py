@@ -14,6 +14,7 @@ count against it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -87,26 +88,77 @@ def random_retrieval_baseline(text_image: Tensor, n_img: int) -> dict[str, float
 
 
 # ------------------------------------------------------------------------------------------ VQA
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = re.compile(r"[^\w\s]")
+# The VQA evaluation's answer normalisation (Antol et al. 2015; v2 evaluation), written from its
+# description: punctuation is deleted where it touches a space (or the text has a digit,digit comma)
+# and becomes a space elsewhere; a period is deleted unless a digit follows (so "2.5" survives);
+# then, word by word and lowercased, number words become digits, articles are dropped and
+# contractions written without an apostrophe get it back.
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_DIGIT_COMMA = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# unambiguous ones only: "its", "ill", "well", "were", "id", "hell", "shell" are words too
+_CANONICAL = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
+    "he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am mightn't "
+    "mightn't've might've mustn't must've needn't o'clock shan't she'd've she's should've shouldn't "
+    "shouldn't've somebody'd somebody'll somebody's someone'd someone'll someone's something'd "
+    "something'll something's that's there'd there'd've there're there's they'd they'd've they'll "
+    "they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd "
+    "where's where've who'd who'd've who'll who're who's who've why'll why're why's won't would've "
+    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
+).split()
+
+
+def _apostrophe_variants(word: str) -> list[str]:
+    """Every spelling of ``word`` with one or more of its apostrophes left out ("couldn'tve", ...)."""
+    parts = word.split("'")
+    out = []
+    for keep in itertools.product(("'", ""), repeat=len(parts) - 1):
+        if "" in keep:
+            out.append(parts[0] + "".join(k + p for k, p in zip(keep, parts[1:], strict=True)))
+    return out
+
+
+_CONTRACTIONS = {v: w for w in _CANONICAL for v in _apostrophe_variants(w)}
 
 
 def normalize_answer(text: str) -> str:
-    """Light VQA normalisation: lowercase, punctuation -> space, drop articles, squeeze spaces."""
-    text = _PUNCT.sub(" ", text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    """The official VQA answer normalisation (see above): "Two dogs." -> "2 dogs", "dont" -> "don't"."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    # the delete-or-space choice is made on the input, not on the partly processed text
+    delete = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for p in _PUNCTUATION:
+        if p in text:
+            out = out.replace(p, "" if delete or f"{p} " in text or f" {p}" in text else " ")
+    out = _PERIOD.sub("", out)
+    words = []
+    for w in out.lower().split():
+        w = _NUMBERS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
 
 
 def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """Per-question score in [0, 1]: ``min(1, #matching references / 3)`` with several reference
-    answers (the VQA soft score), exact match (after ``normalize_answer``) with one."""
+    """The VQA accuracy of one prediction, in [0, 1].
+
+    With n > 1 reference answers (10 in VQA v2): the mean, over the n ways of leaving one reference
+    out, of ``min(1, #matches among the other n-1 / 3)`` (after ``normalize_answer``); so with 10
+    references 0, 1, 2, 3, 4+ matches score 0, 0.3, 0.6, 0.9, 1. With one reference, exact match
+    (leaving it out would leave nothing to match).
+    """
     if not answers:
         raise ValueError("a question needs at least one reference answer")
     pred = normalize_answer(prediction)
-    matches = sum(normalize_answer(a) == pred for a in answers)
-    if len(answers) == 1:
-        return float(matches)
-    return min(1.0, matches / 3.0)
+    hits = [normalize_answer(a) == pred for a in answers]
+    if len(hits) == 1:
+        return float(hits[0])
+    matches = sum(hits)
+    return sum(min(1.0, (matches - h) / 3.0) for h in hits) / len(hits)
 
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:

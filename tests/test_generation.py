@@ -1,0 +1,59 @@
+"""Generation: captions may be as long as the references, and every row stops at its own [SEP]."""
+
+from __future__ import annotations
+
+import torch
+
+from copa.config import EvalConfig
+from copa.model.decoder import beam_search, greedy_search
+from copa.tasks import generation
+
+
+def _scripted(script: list[list[int]], vocab: int):
+    """A step function that predicts ``script[row][i]`` as the i-th new token of each row (repeated per
+    beam row when there are more rows than scripts)."""
+
+    def step(tokens, cache, start):
+        i = start + tokens.shape[1] - 1  # index of the token this call predicts
+        rows = tokens.shape[0]
+        per = rows // len(script)
+        logits = torch.full((rows, vocab), -20.0)
+        for r in range(rows):
+            seq = script[r // per]
+            logits[r, seq[min(i, len(seq) - 1)]] = 0.0
+        return logits
+
+    return step
+
+
+def test_search_stops_each_row_at_sep_and_pads_after_it():
+    sep, pad, vocab = 3, 0, 20
+    script = [[5, sep, 7, 7, 7, 7], [5, 6, 8, 9, sep, 7], [5] * 17 + [sep]]
+    bos = torch.ones(3, 1, dtype=torch.long)
+    g = greedy_search(_scripted(script, vocab), None, bos, 30, sep, pad)
+    assert g.tokens.shape == (3, 18)  # stops once every row is done, not after 30
+    assert g.tokens[0, :2].tolist() == [5, sep] and (g.tokens[0, 2:] == pad).all()
+    assert g.tokens[1, :5].tolist() == [5, 6, 8, 9, sep] and (g.tokens[1, 5:] == pad).all()
+    assert g.tokens[2, -1] == sep
+
+    class NoCache:
+        def reorder(self, index):
+            pass
+
+    b = beam_search(_scripted(script, vocab), NoCache(), bos.repeat_interleave(2, 0), 30, sep, beam=2, pad_id=pad)
+    assert b.tokens[0, :2].tolist() == [5, sep] and (b.tokens[0, 2:] == pad).all()
+    assert b.tokens[1, :5].tolist() == [5, 6, 8, 9, sep] and (b.tokens[1, 5:] == pad).all()
+    assert b.tokens[2, :18].tolist() == script[2]
+
+
+def test_captions_are_not_cut_at_12_tokens(micro_model, monkeypatch):
+    tok = micro_model.tokenizer
+    texts = ["a red circle", "a small blue square to the left of a big green triangle above a yellow star"]
+    script = [tok(t, add_special_tokens=False)["input_ids"] + [tok.sep_token_id, 2417, 2417] for t in texts]
+    assert len(script[1]) - 3 > 12  # longer than the old limit
+    assert EvalConfig().max_new_tokens == 30
+    monkeypatch.setattr(generation, "_step", lambda model, ctx, mask: _scripted(script, tok.vocab_size))
+    ctx, mask = torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.long)
+    for mode in ("greedy", "beam"):
+        out = generation.generate(micro_model, ctx, mask, mode, beam=2, max_new=EvalConfig().max_new_tokens)
+        assert out == texts, mode
