@@ -22,7 +22,7 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     write_synth(tmp_path / "b", seed=3, **SMALL)
     write_synth(tmp_path / "c", seed=4, **SMALL)
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(a) == 3 + 6 + 11  # 3 JSON lists, 6 COCO files, 11 PNGs
+    assert len(a) == 4 + 6 + 11  # 3 JSON lists + the all-boxes train list, 6 COCO files, 11 PNGs
     assert a == b
     assert a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a if k.endswith(".png"))
