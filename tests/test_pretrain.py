@@ -3,6 +3,7 @@ non-finite losses stop cleanly, 2-process torchrun training keeps ranks identica
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -193,3 +194,38 @@ def test_grad_checkpointing_matches(synth_dir):
         obj(batch).loss.backward()
         grads.append(model.vision.blocks[0].mlp.fc1.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_init_with_another_selection_saves_the_model_it_trained(synth_dir, tmp_path, monkeypatch):
+    over = ["train.steps=1", "model.text.layers=1"]
+    pretrain(train_config(synth_dir, *over), tmp_path / "a")  # selects before block 2
+    trained = {}
+    real_save = COPAModel.save_pretrained
+
+    def keep(self, path, *a, **k):  # the model object as trained, when the run saves its final copy
+        if Path(path).name == "model":
+            trained["model"] = copy.deepcopy(self).eval()
+        return real_save(self, path, *a, **k)
+
+    monkeypatch.setattr(COPAModel, "save_pretrained", keep)
+    cfg = train_config(synth_dir, *over, "model.select.layers=[1]", "model.select.keep_ratios=[0.25]")
+    pretrain(cfg, tmp_path / "b", init=str(tmp_path / "a" / "model"))
+    live, saved = trained["model"], COPAModel.from_pretrained(tmp_path / "b" / "model").eval()
+    assert live.vision.prefix_depth == saved.vision.prefix_depth == 1  # the trained model kept depth 2
+    assert live.vision.keep_ratios == saved.vision.keep_ratios == [0.25]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = live.vision(x), saved.vision(x)
+    assert torch.equal(a.kept, b.kept) and torch.allclose(a.tokens, b.tokens, atol=1e-6)
+
+
+def test_set_selection_replaces_selectors_of_another_kind(micro_model):
+    from copa.config import SelectConfig
+
+    tpd = micro_model.vision.selectors[0]
+    micro_model.set_selection(SelectConfig(selector="tpd", layers=[1], keep_ratios=[0.5], tpd_hidden=32))
+    assert micro_model.vision.selectors[0] is tpd and micro_model.vision.prefix_depth == 1
+    micro_model.set_selection(SelectConfig(selector="cls_attn", layers=[1, 3], keep_ratios=[0.5, 0.5]))
+    assert len(micro_model.vision.selectors) == 2 and micro_model.cfg.select is micro_model.vision.select_cfg
+    with pytest.raises(ValueError, match="select.layers"):
+        micro_model.set_selection(SelectConfig(layers=[9], keep_ratios=[0.5]))

@@ -292,6 +292,24 @@ def _full_state(model: COPAModel, opt: torch.optim.Optimizer, fsdp: bool) -> tup
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
 
 
+def _adopt_selection(model: COPAModel, cfg: Config) -> None:
+    """--init: the checkpoint fixes the architecture except the selection, which is the config's
+    (rebuilt in the ViT, so the saved model is the trained one); warn about the config keys ignored."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    ours, theirs = flat(to_dict(cfg.model)), flat(to_dict(model.cfg))
+    ignored = sorted(k for k in ours if not k.startswith(("select.", "text.tokenizer", "text.pretrained"))
+                     and ours[k] != theirs.get(k))
+    if ignored:
+        log.warning("--init: the checkpoint's architecture is used; config values ignored: %s",
+                    {k: (ours[k], theirs.get(k)) for k in ignored})
+    model.set_selection(cfg.model.select)
+
+
 def pretrain(
     cfg: Config, out: str | Path, resume: bool = False, init: str | None = None, stop_at: int | None = None,
     branch_from: str | Path | None = None,
@@ -316,7 +334,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = COPAModel.from_pretrained(init) if init else COPAModel(cfg.model)
     if init:
-        model.cfg.select = cfg.model.select
+        _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
