@@ -133,6 +133,16 @@ class ViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
+    def attention_scores(self, x: Tensor, queries: int = 1) -> Tensor:
+        """Scaled dot products of this block's attention from the first ``queries`` tokens of x to
+        the others: x (B, Q+N, D) -> (B, H, Q, N). For the attention-based selectors.
+
+        They run outside the block's forward, so under FSDP this method is registered as a forward
+        method (``copa.train.trainer.shard_fsdp``) and the sharded weights are gathered for it too.
+        """
+        q, k = self.attn.qk(self.norm1(x))
+        return (q[:, :, :queries] @ k[:, :, queries:].transpose(-1, -2)) * q.shape[-1] ** -0.5
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, D) -> (B, L, D)"""
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -261,17 +261,29 @@ class TrainResult:
     out: Path
 
 
+def shard_fsdp(objective: PretrainObjective) -> PretrainObjective:
+    """FSDP2 in place: one unit per transformer layer, the rest in the root unit.
+
+    The attention selectors use a ViT block's query/key projections outside its forward
+    (``ViTBlock.attention_scores``); registering that method makes FSDP gather the block's weights
+    for it too (without it: "mixed torch.Tensor and DTensor").
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    m = objective.model
+    for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
+        fully_shard(layer)
+    for block in m.vision.blocks:
+        register_fsdp_forward_method(block, "attention_scores")
+    fully_shard(objective)
+    return objective
+
+
 def _wrap(objective: PretrainObjective, cfg: Config, device: torch.device) -> nn.Module:
     if D.world_size() == 1:
         return objective
     if cfg.train.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        m = objective.model
-        for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
-            fully_shard(layer)
-        fully_shard(objective)
-        return objective
+        return shard_fsdp(objective)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # the box head is not used in pre-training, hence find_unused_parameters
