@@ -164,7 +164,8 @@ class COPAModel(nn.Module):
         self.vision.set_keep_ratios(ratio)
 
     def set_selection(self, select: SelectConfig) -> None:
-        """Use another selection config (layers, keep ratios, selector); see ``VisionTransformer.set_selection``."""
+        """Use another selection config (layers, keep ratios, selector); see
+        ``VisionTransformer.set_selection``."""
         if select != self.cfg.select:
             log.info("selection: %s -> %s", self.cfg.select, select)
         select = copy.deepcopy(select)
