@@ -57,7 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     28.8 ms fused vs 6.3 ms plain; (8, 12, 257, 64): 79.6 vs 37.3 ms), so those cases take the plain
     path; long-sequence inference and every GPU case take SDPA (FlashAttention / efficient kernels).
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (torch.is_grad_enabled() or k.shape[2] <= 128):
+    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    if cpu_bf16 and (torch.is_grad_enabled() or k.shape[2] <= 128):
         att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
         if mask is not None:
             att = att.masked_fill(~mask, float("-inf"))

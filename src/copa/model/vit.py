@@ -56,7 +56,8 @@ class VisionOutput:
 
     @property
     def patch_index(self) -> Tensor:
-        """(B, K) original patch index (row-major on the grid) of ``tokens[:, 1:1+K]``; all N when unpruned."""
+        """(B, K) original patch index (row-major on the grid) of ``tokens[:, 1:1+K]``; all N when
+        unpruned."""
         if self.selections:
             return self.selections[-1].kept
         b = self.tokens.shape[0]
