@@ -12,7 +12,8 @@ def test_presets_load():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "model.select.keep_ratios=[0.25]", "train.lr=1e-3"])
+    over = ["train.steps=7", "model.select.keep_ratios=[0.25]", "train.lr=1e-3"]
+    cfg = load_config("configs/tiny.yaml", over)
     assert cfg.train.steps == 7
     assert cfg.model.select.keep_ratios == [0.25]
     assert cfg.train.lr == pytest.approx(1e-3)
@@ -28,7 +29,8 @@ def test_unknown_key_and_bad_type_raise():
 
 
 def test_base_inheritance(tmp_path):
-    (tmp_path / "child.yaml").write_text(f"_base_: {__import__('os').path.abspath('configs/tiny.yaml')}\ntrain: {{steps: 3}}\n")
+    tiny = __import__("os").path.abspath("configs/tiny.yaml")
+    (tmp_path / "child.yaml").write_text(f"_base_: {tiny}\ntrain: {{steps: 3}}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.train.steps == 3 and cfg.model.vision.width == 384
 

@@ -40,7 +40,8 @@ def test_search_stops_each_row_at_sep_and_pads_after_it():
         def reorder(self, index):
             pass
 
-    b = beam_search(_scripted(script, vocab), NoCache(), bos.repeat_interleave(2, 0), 30, sep, beam=2, pad_id=pad)
+    bos2 = bos.repeat_interleave(2, 0)
+    b = beam_search(_scripted(script, vocab), NoCache(), bos2, 30, sep, beam=2, pad_id=pad)
     assert b.tokens[0, :2].tolist() == [5, sep] and (b.tokens[0, 2:] == pad).all()
     assert b.tokens[1, :5].tolist() == [5, 6, 8, 9, sep] and (b.tokens[1, 5:] == pad).all()
     assert b.tokens[2, :18].tolist() == script[2]

@@ -238,7 +238,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
     for f in dataclasses.fields(cls):
         # a partial mapping (e.g. --set train.loss_weights.pta=0) updates the default mapping
-        if f.name in kwargs and isinstance(kwargs[f.name], dict) and f.default_factory is not dataclasses.MISSING:
+        has_factory = f.default_factory is not dataclasses.MISSING
+        if f.name in kwargs and isinstance(kwargs[f.name], dict) and has_factory:
             default = f.default_factory()
             if isinstance(default, dict):
                 kwargs[f.name] = {**default, **kwargs[f.name]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor, nn
 
-from copa.config import ModelConfig, model_config_from_dict, to_dict
+from copa.config import ModelConfig, SelectConfig, model_config_from_dict, to_dict
 from copa.model.decoder import Decoder
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
@@ -161,6 +162,15 @@ class COPAModel(nn.Module):
 
     def set_keep_ratio(self, ratio: float | list[float]) -> None:
         self.vision.set_keep_ratios(ratio)
+
+    def set_selection(self, select: SelectConfig) -> None:
+        """Use another selection config (layers, keep ratios, selector); see
+        ``VisionTransformer.set_selection``."""
+        if select != self.cfg.select:
+            log.info("selection: %s -> %s", self.cfg.select, select)
+        select = copy.deepcopy(select)
+        self.vision.set_selection(select)
+        self.cfg.select = select  # the same object as the ViT's, so the saved config is what runs
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.grad_checkpointing = enable

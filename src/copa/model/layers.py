@@ -57,7 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     28.8 ms fused vs 6.3 ms plain; (8, 12, 257, 64): 79.6 vs 37.3 ms), so those cases take the plain
     path; long-sequence inference and every GPU case take SDPA (FlashAttention / efficient kernels).
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (torch.is_grad_enabled() or k.shape[2] <= 128):
+    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    if cpu_bf16 and (torch.is_grad_enabled() or k.shape[2] <= 128):
         att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
         if mask is not None:
             att = att.masked_fill(~mask, float("-inf"))
@@ -132,6 +133,16 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
+
+    def attention_scores(self, x: Tensor, queries: int = 1) -> Tensor:
+        """Scaled dot products of this block's attention from the first ``queries`` tokens of x to
+        the others: x (B, Q+N, D) -> (B, H, Q, N). For the attention-based selectors.
+
+        They run outside the block's forward, so under FSDP this method is registered as a forward
+        method (``copa.train.trainer.shard_fsdp``) and the sharded weights are gathered for it too.
+        """
+        q, k = self.attn.qk(self.norm1(x))
+        return (q[:, :, :queries] @ k[:, :, queries:].transpose(-1, -2)) * q.shape[-1] ** -0.5
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, D) -> (B, L, D)"""

@@ -152,18 +152,17 @@ class TPD(Selector):
         return self.fc_out(self.act(h * (1.0 + gain) + shift)).squeeze(-1)
 
 
-def _attention_logits(q: Tensor, k: Tensor) -> Tensor:
-    """q: (B, H, 1, d), k: (B, H, N, d) -> log of head-averaged attention probabilities (B, N)."""
-    att = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (B, H, N)
-    return att.float().softmax(dim=-1).mean(dim=1).clamp_min(1e-12).log().to(q.dtype)
+def _attention_logits(scores: Tensor) -> Tensor:
+    """scores: (B, H, 1, N) scaled q.k -> log of head-averaged attention probabilities (B, N)."""
+    att = scores.squeeze(2).float().softmax(dim=-1).mean(dim=1)
+    return att.clamp_min(1e-12).log().to(scores.dtype)
 
 
 class ClsAttention(Selector):
     """EViT: keep the patches the image [CLS] attends to most in the next block (no parameters)."""
 
     def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock) -> Tensor:
-        q, k = block.attn.qk(block.norm1(x))
-        return _attention_logits(q[:, :, :1], k[:, :, 1:])
+        return _attention_logits(block.attention_scores(x))  # a block method: FSDP gathers its weights
 
 
 class TextAttention(Selector):
@@ -182,10 +181,9 @@ class TextAttention(Selector):
     def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock) -> Tensor:
         if query is None:
             return ClsAttention.forward(self, x, None, block)  # type: ignore[arg-type]
-        tq = self.text_proj(query).unsqueeze(1)  # (B, 1, D)
-        q, _ = block.attn.qk(block.norm1(tq))
-        _, k = block.attn.qk(block.norm1(x[:, 1:]))
-        return _attention_logits(q, k)
+        tq = self.text_proj(query).unsqueeze(1).to(x.dtype)  # (B, 1, D)
+        # one call for the text query and the patches (LN and projections act per token)
+        return _attention_logits(block.attention_scores(torch.cat([tq, x[:, 1:]], dim=1)))
 
 
 class RandomSelector(Selector):

@@ -56,7 +56,8 @@ class VisionOutput:
 
     @property
     def patch_index(self) -> Tensor:
-        """(B, K) original patch index (row-major on the grid) of ``tokens[:, 1:1+K]``; all N when unpruned."""
+        """(B, K) original patch index (row-major on the grid) of ``tokens[:, 1:1+K]``; all N when
+        unpruned."""
         if self.selections:
             return self.selections[-1].kept
         b = self.tokens.shape[0]
@@ -66,13 +67,8 @@ class VisionOutput:
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, select: SelectConfig, text_dim: int) -> None:
         super().__init__()
-        if len(select.layers) != len(select.keep_ratios):
-            raise ValueError("select.layers and select.keep_ratios must have the same length")
-        if sorted(select.layers) != list(select.layers) or any(
-            not 0 < i < cfg.layers for i in select.layers
-        ):
-            raise ValueError(f"select.layers must increase within (0, {cfg.layers}): {select.layers}")
-        self.cfg, self.select_cfg = cfg, select
+        _check_select(select, cfg.layers)
+        self.cfg, self.select_cfg, self.text_dim = cfg, select, text_dim
         d = cfg.width
         self.grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
@@ -113,6 +109,23 @@ class VisionTransformer(nn.Module):
         for r in ratios:
             num_keep(self.num_patches, r)  # validates the range
         self.keep_ratios = list(ratios)
+
+    def set_selection(self, select: SelectConfig) -> None:
+        """Move or replace the selection stages (``pretrain --init`` under another ``model.select``).
+
+        The current selectors keep their weights (at the new layers) where the new config builds
+        selectors of the same types and parameter shapes; otherwise the freshly built ones are used.
+        Everything that reads the selection (prefix depth, keep ratios, the saved config) then agrees
+        with ``select``.
+        """
+        _check_select(select, len(self.blocks))
+        if select != self.select_cfg:
+            # built by the constructor itself, so every selector option is honoured as at load time
+            fresh = VisionTransformer(self.cfg, select, self.text_dim).selectors.to(self.pos_embed.device)
+            if _signature(fresh) != _signature(self.selectors):
+                self.selectors = fresh
+        self.select_cfg = select
+        self.set_keep_ratios(list(select.keep_ratios))
 
     # ------------------------------------------------------------------ forward
     def _run(self, x: Tensor, start: int, stop: int) -> Tensor:
@@ -176,6 +189,17 @@ class VisionTransformer(nn.Module):
     ) -> VisionOutput:
         """images: (B, 3, H, W), query: (B, Dt) or None -> VisionOutput"""
         return self.forward_suffix(self.forward_prefix(images), query, keep_ratios)
+
+
+def _check_select(select: SelectConfig, depth: int) -> None:
+    if len(select.layers) != len(select.keep_ratios):
+        raise ValueError("select.layers and select.keep_ratios must have the same length")
+    if sorted(select.layers) != list(select.layers) or any(not 0 < i < depth for i in select.layers):
+        raise ValueError(f"select.layers must increase within (0, {depth}): {select.layers}")
+
+
+def _signature(selectors: nn.ModuleList) -> list[tuple[type, list[tuple[str, tuple[int, ...]]]]]:
+    return [(type(m), [(k, tuple(v.shape)) for k, v in m.state_dict().items()]) for m in selectors]
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -100,16 +100,18 @@ _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "fou
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 # unambiguous ones only: "its", "ill", "well", "were", "id", "hell", "shell" are words too
-_CANONICAL = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am mightn't "
-    "mightn't've might've mustn't must've needn't o'clock shan't she'd've she's should've shouldn't "
-    "shouldn't've somebody'd somebody'll somebody's someone'd someone'll someone's something'd "
-    "something'll something's that's there'd there'd've there're there's they'd they'd've they'll "
-    "they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd "
-    "where's where've who'd who'd've who'll who're who's who've why'll why're why's won't would've "
-    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
-).split()
+_CANONICAL = [
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd've", "i'm",
+    "i've", "isn't", "it'd", "it'd've", "it'll", "ma'am", "mightn't", "mightn't've", "might've", "mustn't",
+    "must've", "needn't", "o'clock", "shan't", "she'd've", "she's", "should've", "shouldn't", "shouldn't've",
+    "somebody'd", "somebody'll", "somebody's", "someone'd", "someone'll", "someone's", "something'd",
+    "something'll", "something's", "that's", "there'd", "there'd've", "there're", "there's", "they'd",
+    "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll",
+    "what're", "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll",
+    "who're", "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've",
+    "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
+]
 
 
 def _apostrophe_variants(word: str) -> list[str]:

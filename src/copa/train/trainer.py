@@ -274,17 +274,29 @@ class TrainResult:
     out: Path
 
 
+def shard_fsdp(objective: PretrainObjective) -> PretrainObjective:
+    """FSDP2 in place: one unit per transformer layer, the rest in the root unit.
+
+    The attention selectors use a ViT block's query/key projections outside its forward
+    (``ViTBlock.attention_scores``); registering that method makes FSDP gather the block's weights
+    for it too (without it: "mixed torch.Tensor and DTensor").
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    m = objective.model
+    for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
+        fully_shard(layer)
+    for block in m.vision.blocks:
+        register_fsdp_forward_method(block, "attention_scores")
+    fully_shard(objective)
+    return objective
+
+
 def _wrap(objective: PretrainObjective, cfg: Config, device: torch.device) -> nn.Module:
     if D.world_size() == 1:
         return objective
     if cfg.train.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        m = objective.model
-        for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
-            fully_shard(layer)
-        fully_shard(objective)
-        return objective
+        return shard_fsdp(objective)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # the box head is not used in pre-training, hence find_unused_parameters
@@ -303,6 +315,24 @@ def _full_state(model: COPAModel, opt: torch.optim.Optimizer, fsdp: bool) -> tup
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+
+
+def _adopt_selection(model: COPAModel, cfg: Config) -> None:
+    """--init: the checkpoint fixes the architecture except the selection, which is the config's
+    (rebuilt in the ViT, so the saved model is the trained one); warn about the config keys ignored."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    ours, theirs = flat(to_dict(cfg.model)), flat(to_dict(model.cfg))
+    ignored = sorted(k for k in ours if not k.startswith(("select.", "text.tokenizer", "text.pretrained"))
+                     and ours[k] != theirs.get(k))
+    if ignored:
+        log.warning("--init: the checkpoint's architecture is used; config values ignored: %s",
+                    {k: (ours[k], theirs.get(k)) for k in ignored})
+    model.set_selection(cfg.model.select)
 
 
 def pretrain(
@@ -329,7 +359,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = COPAModel.from_pretrained(init) if init else COPAModel(cfg.model)
     if init:
-        model.cfg.select = cfg.model.select
+        _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
     if cfg.train.freeze_text_layers:
         model.text.freeze(cfg.train.freeze_text_layers)
