@@ -55,7 +55,14 @@ def resolve_model_dir(path: str | Path) -> Path:
 def saved_meta(path: str | Path) -> dict[str, Any]:
     """The fine-tuning metadata stored with a model (``{}`` for a pre-trained one)."""
     cfg_file = resolve_model_dir(path) / CONFIG_NAME
-    return json.loads(cfg_file.read_text()).get(META_KEY, {}) if cfg_file.exists() else {}
+    if not cfg_file.is_file():
+        return {}
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # loading the model reports the damaged file
+    found = meta.get(META_KEY, {}) if isinstance(meta, dict) else {}
+    return found if isinstance(found, dict) else {}
 
 
 def set_resolution(model: COPAModel, image_size: int) -> bool:
