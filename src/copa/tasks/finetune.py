@@ -35,7 +35,7 @@ from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
 from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
-from copa.train.trainer import NonFiniteLossError, RunLog, lr_lambda, make_loader, param_groups
+from copa.train.trainer import NonFiniteLossError, RunLog, all_finite, lr_lambda, make_loader, param_groups
 from copa.utils.device import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,8 @@ def finetune(
             "train": cfg.data.train,
         }
     }
+    if not all_finite(model.parameters()):  # a model that diverged without a non-finite loss is not saved
+        raise NonFiniteLossError(f"non-finite parameters after {task.name} step {step}; no model written")
     if main:
         model.save_pretrained(out / "model", extra=meta)
     summary = {
