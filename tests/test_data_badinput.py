@@ -186,3 +186,28 @@ def test_report_merge_and_unknown_kind():
 def test_all_bad_dataset_raises_cleanly(tmp_path):
     with pytest.raises(ValueError, match="no usable records"):
         PretrainDataset([Record(str(tmp_path / "nope.png"), ["x"])], DataConfig(), 32, 8, train=False)
+
+
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from tests.badcorpus import gray16_bytes
+
+    (tmp_path / "g16.png").write_bytes(gray16_bytes((64, 32)))
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # really 16 bits on disk
+    ld = load_image(Record(str(tmp_path / "g16.png")))
+    arr = np.asarray(ld.image)
+    assert ld.image.mode == "RGB" and ld.repairs == ["non_rgb_converted"]
+    assert arr.mean() == pytest.approx(127.5, abs=1.0)  # PIL's own convert clips: mean 254
+    assert arr[:, 0].max() == 0 and arr[:, -1].min() == 255
+
+
+def test_a_sliver_that_downscaling_would_make_too_thin_is_skipped(tmp_path):
+    from copa.data.image_io import ImageError, check_image
+
+    Image.new("RGB", (5000, 9), (1, 2, 3)).save(tmp_path / "sliver.png")
+    rec = Record(str(tmp_path / "sliver.png"), ["a sliver"])
+    for decode in (False, True):
+        with pytest.raises(ImageError, match="thin_image"):
+            check_image(rec, decode=decode)
+    Image.new("RGB", (4000, 9), (1, 2, 3)).save(tmp_path / "narrow.png")  # no downscaling: usable
+    assert check_image(Record(str(tmp_path / "narrow.png")))[:2] == (4000, 9)

@@ -96,3 +96,15 @@ def test_object_patch_recall_hand_cases():
     lab = (torch.rand(2000, 64) < 0.2).long()
     r = object_patch_recall(torch.randn(2000, 64), lab, 0.25)
     assert r[~r.isnan()].mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def test_hard_negatives_survive_non_finite_similarities():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 1, 1, 2])
+    sim = torch.randn(4, 4)
+    sim[0, :] = float("nan")
+    sim[:, 2] = float("inf")
+    sim[3, 1] = -float("inf")
+    for _ in range(50):
+        nt, ni = sample_hard_negatives(sim, ids)
+        assert (ids[nt] != ids).all() and (ids[ni] != ids).all()

@@ -193,3 +193,73 @@ def test_grad_checkpointing_matches(synth_dir):
         obj(batch).loss.backward()
         grads.append(model.vision.blocks[0].mlp.fc1.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _finite_latest(out: Path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in _params(out).values())
+
+
+def test_diverging_run_exits_3_and_latest_stays_finite(synth_dir, tmp_path, capsys):
+    from copa.cli import main
+    from tests.conftest import MICRO, TRAIN_MICRO
+
+    out = tmp_path / "run"
+    stale = [out / "checkpoints" / ".tmp_step_0000009_4242", out / "checkpoints" / ".latest.4242"]
+    stale[0].mkdir(parents=True)  # what a run killed while saving leaves behind
+    stale[1].write_text("step_0000009")
+    sets = [*MICRO, *TRAIN_MICRO, "model.text.layers=1", f"data.train={synth_dir}/train.json",
+            f"data.val={synth_dir}/val.json", "train.steps=8", "train.ckpt_every=1",
+            "train.lr=1e6", "train.lr_vit=1e6", "train.lr_text=1e6"]
+    argv = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    rc = main(argv + [a for s in sets for a in ("--set", s)])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-2000:]
+    assert "Traceback" not in err and "non-finite" in err
+    assert not any(p.exists() for p in stale)
+    assert (out / "checkpoints" / "latest").exists() and _finite_latest(out)
+    assert not (out / "model").exists()
+
+
+def test_non_finite_parameters_are_never_checkpointed(synth_dir, tmp_path, monkeypatch):
+    cfg = train_config(synth_dir, "train.steps=4", "train.ckpt_every=1", "model.text.layers=1")
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):  # the second update leaves a NaN in the weights, losses still finite
+        res = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return res
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite parameters after step 2"):
+        pretrain(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert _finite_latest(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+
+
+def test_one_image_batches_skip_itm_and_count_it(synth_dir, tmp_path):
+    """ALBEF-style lists (one entry per caption) can fill a batch with one image: no ITM negative."""
+    recs = json.loads((synth_dir / "val.json").read_text())
+
+    def albef(images: list[dict], per_image: int) -> list[dict]:
+        return [{"image": r["image"], "caption": (r["captions"] * per_image)[k]}
+                for r in images for k in range(per_image)]
+
+    (tmp_path / "train.json").write_text(json.dumps(albef(recs[:1], 8)))
+    (tmp_path / "val.json").write_text(json.dumps(albef(recs[1:3], 4)))  # in order: a val batch is one image
+    cfg = train_config(synth_dir, "train.steps=2", "model.text.layers=1", f"data.train={tmp_path}/train.json",
+                       f"data.val={tmp_path}/val.json", f"data.image_root={synth_dir}")
+    res = pretrain(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert res.steps == 2 and summary["events"] == {"itm_skipped": 2}
+    assert summary["final_val"]["val_itm_skipped"] == 8  # 8 validation batches of one image
+    assert "val_itm" not in summary["final_val"]
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    header = log[0].split(",")
+    for row in log[1:]:
+        values = dict(zip(header, row.split(","), strict=True))
+        assert float(values["itm"]) == 0.0 and float(values["itc"]) > 0.0

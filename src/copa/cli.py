@@ -11,7 +11,8 @@ import importlib
 import logging
 import sys
 
-from copa.config import ConfigError, load_config
+from copa.config import load_config
+from copa.errors import UserError
 from copa.utils.logging import setup_logging
 
 log = logging.getLogger("copa")
@@ -64,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
-    except ConfigError as e:
-        log.error("config error: %s", e)
+        return int(args.func(args, cfg) or 0)
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
+        # the user's to fix: one line that says what, not a traceback (-v adds it)
+        log.error("%s", _one_line(e), exc_info=args.verbose)
         return 2
-    return int(args.func(args, cfg) or 0)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

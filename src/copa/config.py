@@ -15,6 +15,8 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from copa.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -184,8 +186,8 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------- loading
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or a value of the wrong type."""
+class ConfigError(UserError, ValueError):
+    """A config file or override names an unknown key, a value of the wrong type or out of range."""
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -266,7 +268,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"config file is not a file: {path}")
+    data = _yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
@@ -279,7 +283,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like a.b=c")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _yaml(raw, f"override {item!r}") if raw.strip() else ""
+
+
+def _yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose errors become one-line ``ConfigError``s (YAML's own span several)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -299,7 +314,98 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load ``Config`` from a YAML file (or defaults) and apply ``a.b=c`` overrides."""
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    check_config(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- checking
+PRECISIONS = ("auto", "bf16", "fp32")
+DATA_FORMATS = ("auto", "json", "coco", "vg", "wds")
+DISTRIBUTED = ("ddp", "fsdp")
+POOLINGS = ("cls", "mean")
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+def check_model_config(m: ModelConfig) -> None:
+    """Raise ``ConfigError`` for model values the model would only reject (or misuse) later."""
+    from copa.model.selection import make_selector
+
+    v, s = m.vision, m.select
+    try:  # the selector module owns the list of names; a throw-away instance asks it
+        make_selector(s.selector, 8, 8, 8)
+    except ValueError as e:
+        raise ConfigError(f"model.select.selector: {e}") from None
+    _choice("model.text.pooling", m.text.pooling, POOLINGS)
+    _choice("model.vision.act", v.act, ACTIVATIONS)
+    for name in ("image_size", "patch_size", "width", "layers", "heads"):
+        _positive(f"model.vision.{name}", getattr(v, name))
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}"
+        )
+    if len(s.layers) != len(s.keep_ratios):
+        raise ConfigError(f"model.select.layers {s.layers} and keep_ratios {s.keep_ratios} differ in length")
+    if sorted(set(s.layers)) != list(s.layers) or any(not 0 < i < v.layers for i in s.layers):
+        raise ConfigError(
+            f"model.select.layers {s.layers} must increase strictly within 1..{v.layers - 1} "
+            f"(selection after i of the {v.layers} ViT blocks)"
+        )
+    for r in s.keep_ratios:
+        _keep_ratio("model.select.keep_ratios", r)
+    for name in ("layers", "heads", "max_len"):
+        _positive(f"model.text.{name}", getattr(m.text, name))
+    _positive("model.embed_dim", m.embed_dim)
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ``ConfigError`` for values that are certainly mistakes (out of range, unknown names)
+    before any work starts: a zero step count would save an untrained model, a zero batch or
+    ``ckpt_every`` would divide by zero hours into a run."""
+    check_model_config(cfg.model)
+    t, d, e = cfg.train, cfg.data, cfg.eval
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.distributed", t.distributed, DISTRIBUTED)
+    _choice("data.format", d.format, DATA_FORMATS)
+    for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "val_every", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("batch_size", "itm_topk", "beam_size", "max_new_tokens"):
+        _positive(f"eval.{name}", getattr(e, name))
+    for name in ("warmup", "clip_grad", "time_budget_s", "weight_decay"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("lr", "lr_vit", "lr_text"):
+        value = getattr(t, name)
+        if value is not None and not value >= 0:  # also catches nan
+            raise ConfigError(f"train.{name} must be >= 0, got {value}")
+    if e.keep_ratio is not None:
+        _keep_ratio("eval.keep_ratio", e.keep_ratio)
+    for name in ("box_share", "hflip", "min_box_visible"):
+        if not 0.0 <= getattr(d, name) <= 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(d, name)}")
+    if not 0.0 < t.mlm_prob < 1.0:
+        raise ConfigError(f"train.mlm_prob must be in (0, 1), got {t.mlm_prob}")
+    if d.min_image_side < 1 or d.max_image_side < d.min_image_side:
+        raise ConfigError(f"need 1 <= data.min_image_side <= data.max_image_side, got {d.min_image_side}, "
+                          f"{d.max_image_side}")
+    _positive("data.max_caption_chars", d.max_caption_chars)
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _positive(where: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{where} must be at least 1, got {value}")
+
+
+def _keep_ratio(where: str, r: float) -> None:
+    if not 0.0 < r <= 1.0:
+        raise ConfigError(f"{where}: keep ratio {r} is outside (0, 1]")
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:

@@ -49,8 +49,9 @@ def _budget_blocks(res: dict[str, Any]) -> list[Block]:
     if not hits:
         return []
     lines = ", ".join(f"{h['stage']} ({h['steps']} of {h['planned']} steps)" for h in hits)
-    return [("alert", "SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
-                      f"the planned ones and not comparable with other machines': {lines}.")]
+    text = ("SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
+            f"the planned ones and not comparable with other machines': {lines}.")
+    return [("alert", text)]
 
 
 def _pta_blocks(res: dict[str, Any]) -> list[Block]:

@@ -12,35 +12,48 @@ Policy (SPEC §3: nothing is lost silently, nothing stops the run):
   reported as events that travel with the batch (``Batch.events``) so the main process can merge
   them (``DataReport.update``) — counted, never silent.
 
-Kinds: ``SKIP`` lose the record, ``REPAIR`` fix it, ``DROP`` remove one caption/box of it, ``INFO``
-changes nothing.
+* Readers count what they cannot turn into a record (``malformed_record``) or must leave out of one
+  (``malformed_field``, ``orphan_annotation``, unreadable shards); their ``RecordList.report``
+  is folded into the pre-scan's report by ``validate_records``, so one report covers the source.
+
+Kinds: ``SKIP`` lose the record, ``REPAIR`` fix it, ``DROP`` remove one caption/box/question/field
+of it, ``INFO`` changes nothing, ``SHARD`` counts shard files (a truncated tar loses an unknown
+number of records after the cut; an unreadable one all of its records).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from copa.data.image_io import (  # noqa: F401  (re-exported: image I/O used to live here)
+    MAX_SIDE,
+    MIN_SIDE,
+    ImageError,
+    Loaded,
+    check_image,
+    load_image,
+    to_rgb,
+)
 from copa.data.records import QA, Box, Obj, Record, Ref
 
 log = logging.getLogger(__name__)
 
-SKIP = ("missing_file", "corrupt_file", "truncated_image", "tiny_image", "decompression_bomb", "no_text")
+SKIP = (
+    "missing_file", "corrupt_file", "truncated_image", "tiny_image", "thin_image", "decompression_bomb",
+    "no_text", "malformed_record",
+)
 REPAIR = ("non_rgb_converted", "huge_image", "long_caption", "box_outside", "negative_coords")
-DROP = ("empty_caption", "empty_phrase", "zero_area_box")
+DROP = ("empty_caption", "empty_phrase", "zero_area_box", "no_answer", "malformed_field", "orphan_annotation")
 INFO = ("non_ascii", "substituted")
-KINDS = SKIP + REPAIR + DROP + INFO
+SHARD = ("truncated_shard", "unreadable_shard")
+KINDS = SKIP + REPAIR + DROP + INFO + SHARD
+RECORD_KEYS = ("records_in", "records_out")  # also travel in event dicts (streams count records as they go)
 
-MIN_SIDE = 8  # smaller images carry no usable content at 16-px patches
-MAX_SIDE = 4096  # larger images are downscaled on load (JPEG via draft mode: decodes at 1/2^k)
 MAX_CAPTION_CHARS = 1000  # far beyond any tokenizer max_len; keeps tokenization cheap
 
 
@@ -58,9 +71,28 @@ class DataReport:
         self.counts[kind] += n
 
     def update(self, events: Mapping[str, int]) -> None:
-        """Add event counts, e.g. ``Batch.events`` produced in DataLoader workers."""
+        """Add event counts, e.g. ``Batch.events`` produced in DataLoader workers (``records_in`` /
+        ``records_out`` keys add to those totals)."""
         for k, n in events.items():
-            self.add(k, n)
+            if k == "records_in":
+                self.records_in += int(n)
+            elif k == "records_out":
+                self.records_out += int(n)
+            else:
+                self.add(k, n)
+
+    def events(self) -> dict[str, int]:
+        """The counts as an event dict (``update`` of another report adds them back)."""
+        out = {k: n for k, n in self.counts.items() if n}
+        out.update({k: getattr(self, k) for k in RECORD_KEYS if getattr(self, k)})
+        return out
+
+    def take(self) -> dict[str, int]:
+        """``events()``, then reset to zero (a stream hands its counts on with each sample)."""
+        out = self.events()
+        self.counts.clear()
+        self.records_in = self.records_out = 0
+        return out
 
     def merge(self, other: DataReport) -> DataReport:
         self.update(other.counts)
@@ -79,114 +111,6 @@ class DataReport:
             "dropped_items": sum(c[k] for k in DROP),
             "counts": {k: c[k] for k in KINDS if c[k]},
         }
-
-
-class ImageError(Exception):
-    """An image that cannot be used; ``kind`` is one of the SKIP kinds."""
-
-    def __init__(self, kind: str, msg: str) -> None:
-        super().__init__(f"{kind}: {msg}")
-        self.kind, self.msg = kind, msg
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across DataLoader workers
-        return ImageError, (self.kind, self.msg)
-
-
-def _open(rec: Record) -> Image.Image:
-    src: Any = io.BytesIO(rec.data) if rec.data is not None else rec.image
-    try:
-        with warnings.catch_warnings():
-            # Between 1x and 2x PIL's pixel limit PIL only warns; we downscale those anyway.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(src)
-    except FileNotFoundError as e:
-        raise ImageError("missing_file", str(rec.image)) from e
-    except Image.DecompressionBombError as e:
-        raise ImageError("decompression_bomb", f"{rec.image}: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError("corrupt_file", f"{rec.image}: {e}") from e
-
-
-def _check_size(im: Image.Image, rec: Record, min_side: int) -> None:
-    if min(im.size) < min_side:
-        raise ImageError("tiny_image", f"{rec.image}: {im.size[0]}x{im.size[1]}")
-
-
-def _decode_error(e: Exception, rec: Record) -> ImageError:
-    kind = "truncated_image" if "truncat" in str(e).lower() else "corrupt_file"
-    return ImageError(kind, f"{rec.image}: {e}")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB; transparency is composited over white (not dropped: hidden pixels of
-    transparent regions are often garbage)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-@dataclass
-class Loaded:
-    """A decoded RGB image; ``scale`` (sx, sy) maps boxes in ``orig_size`` pixels onto ``image``."""
-
-    image: Image.Image
-    orig_size: tuple[int, int]
-    scale: tuple[float, float]
-    repairs: list[str]
-
-
-def load_image(rec: Record, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Loaded:
-    """Decode a record's image as RGB, at most ``max_side`` pixels per side.
-
-    ``repairs`` of the result lists the REPAIR kinds applied (non-RGB, huge).
-
-    Raises:
-        ImageError: the image cannot be used (kind says why).
-    """
-    im = _open(rec)
-    repairs: list[str] = []
-    try:
-        orig = im.size
-        _check_size(im, rec, min_side)
-        if max(orig) > max_side:
-            repairs.append("huge_image")
-            if im.format == "JPEG":
-                im.draft("RGB", (max_side, max_side))  # decode at a reduced scale: cheap
-        if im.mode != "RGB":
-            repairs.append("non_rgb_converted")
-        try:
-            im.load()
-            out = to_rgb(im)
-        except Exception as e:  # PIL raises many exception types for broken data
-            raise _decode_error(e, rec) from e
-    except BaseException:
-        im.close()
-        raise
-    if out is not im:
-        im.close()
-    if max(out.size) > max_side:
-        out.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return Loaded(out, orig, (out.width / orig[0], out.height / orig[1]), repairs)
-
-
-def check_image(
-    rec: Record, decode: bool = False, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE
-) -> tuple[int, int, list[str]]:
-    """Header check (``decode=True``: full decode too). Returns (width, height, repairs to come)."""
-    if decode:
-        ld = load_image(rec, max_side, min_side)
-        ld.image.close()
-        return ld.orig_size[0], ld.orig_size[1], ld.repairs
-    with _open(rec) as im:
-        _check_size(im, rec, min_side)
-        repairs = ["huge_image"] if max(im.size) > max_side else []
-        if im.mode != "RGB":
-            repairs.append("non_rgb_converted")
-        return im.width, im.height, repairs
 
 
 def clean_text(text: str, report: DataReport, empty_kind: str, max_chars: int) -> str | None:
@@ -274,6 +198,8 @@ def validate_record(
     for qa in rec.questions:
         q = clean_text(qa.q, report, "empty_caption", mc)
         answers = [a for a in (" ".join(str(a).split()) for a in qa.answers) if a]
+        if q and not answers:
+            report.add("no_answer")  # a question nothing can be learned from or scored against
         if q and answers:
             questions.append(QA(q, answers))
     if not (captions or questions or refs):
@@ -291,8 +217,16 @@ def validate_records(
     decode: bool = False,
     **kw: Any,
 ) -> tuple[list[Record], DataReport]:
-    """Pre-scan: (usable cleaned records in input order, report). See the module docstring."""
+    """Pre-scan: (usable cleaned records in input order, report). See the module docstring.
+
+    When ``records`` came from a reader (a ``RecordList``), its skips are part of the report and
+    ``records_in`` counts the entries the reader read.
+    """
     report = report if report is not None else DataReport()
+    reader = getattr(records, "report", None)
+    if isinstance(reader, DataReport):
+        report.counts.update(reader.counts)
+        report.records_in += reader.records_in - reader.records_out  # entries that never became records
     good = []
     for rec in records:
         report.records_in += 1

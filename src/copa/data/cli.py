@@ -44,9 +44,11 @@ def cmd_shard(args: argparse.Namespace, cfg: Config) -> int:
         log.error("copa data shard needs --out DIR")
         return 2
     records = read_records(args.src, args.format or cfg.data.format, args.image_root or cfg.data.image_root)
-    report = DataReport(records_in=len(records))
+    report = DataReport().merge(records.report) if records.report is not None else DataReport(
+        records_in=len(records), records_out=len(records))
+    unreadable = report.counts["missing_file"]
     paths = write_shards(records, args.out, shard_size=args.shard_size, report=report)
-    report.records_out = len(records) - report.summary()["skipped"]
+    report.records_out -= report.counts["missing_file"] - unreadable  # records whose image could not be read
     _print({"shards": len(paths), "out": str(args.out), "records": report.summary()})
     return 0
 

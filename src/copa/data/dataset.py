@@ -48,6 +48,7 @@ from copa.data.readers import detect_format, read_records
 from copa.data.records import Record
 from copa.data.shards import ShardDataset, stable_id
 from copa.data.transforms import ImageBoxTransform, swap_left_right
+from copa.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ class PretrainDataset(Dataset):
             recs = list(records)
             self.report = DataReport(records_in=len(recs), records_out=len(recs))
         if not recs:
-            raise ValueError("no usable records")
+            found = self.report.summary()["counts"] or "no records given"
+            raise DataSourceError(f"no usable records: {found}")
         self.records = recs
         ids: dict[str, int] = {}
         self.image_ids = [ids.setdefault(r.image, len(ids)) for r in recs]
@@ -224,8 +226,11 @@ class PretrainDataset(Dataset):
 class StreamingPretrainDataset(IterableDataset):
     """``ShardDataset`` + validation + ``SampleBuilder``: samples streamed from webdataset shards.
 
-    Each record is validated as it streams (header check, text/box cleaning); its events ride on
-    the next sample produced by the same worker. ``image_id`` is a stable hash of the record's id.
+    Each record is validated as it streams (header check, text/box cleaning); its events, and those
+    of the shard reader, ride on the next sample produced by the same worker. They are counted in
+    the first epoch only (every later epoch re-reads the same bad input), so a run's total counts
+    each bad input once; events left at the end of the first epoch ride on the first sample of the
+    next. ``image_id`` is a stable hash of the record's id.
     """
 
     def __init__(
@@ -235,19 +240,24 @@ class StreamingPretrainDataset(IterableDataset):
         image_size: int | Sequence[int],
         patch_size: int,
         train: bool,
+        max_side: int = MAX_SIDE,
+        min_side: int = MIN_SIDE,
+        max_caption_chars: int = MAX_CAPTION_CHARS,
         **shard_kw: Any,
     ) -> None:
         super().__init__()
         self.shards = ShardDataset(urls, **shard_kw)
-        self.builder = SampleBuilder(cfg, image_size, patch_size, train)
+        self.builder = SampleBuilder(cfg, image_size, patch_size, train, max_side=max_side, min_side=min_side)
+        self.check = {"min_side": min_side, "max_side": max_side, "max_caption_chars": max_caption_chars}
+        self._pending = DataReport()
 
     def set_epoch(self, epoch: int) -> None:
         self.shards.set_epoch(epoch)
 
     def __iter__(self) -> Any:
-        pending = DataReport()
-        for rec in self.shards:
-            good = validate_record(rec, pending)
+        pending = self._pending if self.shards.epoch == 0 else DataReport()  # a throw-away after epoch 0
+        for rec in self.shards.records(pending):
+            good = validate_record(rec, pending, **self.check)
             if good is None:
                 continue
             try:
@@ -255,11 +265,12 @@ class StreamingPretrainDataset(IterableDataset):
             except ImageError as e:
                 pending.add(e.kind)
                 continue
-            sample["events"] = dict(pending.counts)
-            pending = DataReport()
+            pending.records_out += 1
+            sample["events"] = self._pending.take()
             yield sample
-        if pending.counts:
-            log.warning("bad input at the end of a shard stream (not in any batch): %s", dict(pending.counts))
+        if self._pending.counts:
+            log.warning("bad input at the end of a shard stream (counted with the next sample): %s",
+                        dict(self._pending.counts))
 
 
 def make_dataset(
@@ -273,6 +284,7 @@ def make_dataset(
     if fmt == "auto" and not str(path).endswith(".json"):
         fmt = detect_format(path)
     if fmt == "wds":
+        kw = {k: v for k, v in kw.items() if k in ("max_side", "min_side", "max_caption_chars")}
         return StreamingPretrainDataset(path, cfg, image_size, patch_size, train, **kw)
     records = read_records(path, cfg.format, cfg.image_root)
     return PretrainDataset(records, cfg, image_size, patch_size, train, **kw)

@@ -3,19 +3,65 @@
 Boxes are ``(x, y, w, h)`` in pixels of the original image (COCO convention, top-left origin).
 ``to_dict``/``from_dict`` give a JSON-able form; ``from_dict`` also accepts the plain ALBEF/mPLUG
 entries ``{"image", "caption"}`` (caption a string or a list) and ``{"image", "question", "answer"}``.
+
+Parsing is strict by default (a malformed field raises ``ValueError`` or ``TypeError``). Readers
+pass a ``Counter`` as ``drops``: then a malformed optional field (a box that is not 4 numbers,
+``objects`` that is not a list, ``answers: null``, a caption that is not a string, ...) is dropped
+and counted there as ``malformed_field``, and the rest of the record is kept.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 Box = tuple[float, float, float, float]
+T = TypeVar("T")
+
+MALFORMED_FIELD = "malformed_field"
 
 
-def _box(v: Any) -> Box:
-    x, y, w, h = (float(t) for t in v)
+def _number(v: Any) -> float:
+    # bool is an int subclass and a string iterates into characters: neither is a coordinate
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError(f"not a number: {v!r}")
+    return float(v)
+
+
+def parse_box(v: Any) -> Box:
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise ValueError(f"a box is 4 numbers [x, y, w, h], got {v!r}")
+    x, y, w, h = (_number(t) for t in v)
     return (x, y, w, h)
+
+
+def parse_text(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{where} must be a string, got {v!r}")
+    return v
+
+
+def _items(value: Any, parse: Callable[[Any], T], drops: Counter[str] | None, where: str) -> list[T]:
+    """Parse a list field item by item; without ``drops`` the first bad item (or a non-list) raises."""
+    if not isinstance(value, list):
+        _bad(drops, f"{where} must be a list, got {value!r}")
+        return []
+    out = []
+    for item in value:
+        try:
+            out.append(parse(item))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            _bad(drops, f"{where}: {e}")
+    return out
+
+
+def _bad(drops: Counter[str] | None, msg: str) -> None:
+    if drops is None:
+        raise ValueError(msg)
+    drops[MALFORMED_FIELD] += 1
 
 
 @dataclass
@@ -30,7 +76,8 @@ class Obj:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Obj:
-        return cls(box=_box(d.get("box", d.get("bbox"))), phrase=str(d.get("phrase", "")))
+        box = parse_box(d.get("box", d.get("bbox")))
+        return cls(box=box, phrase=parse_text(d.get("phrase", ""), "phrase"))
 
 
 @dataclass
@@ -48,7 +95,10 @@ class QA:
         answers = d.get("answers", d.get("answer", []))
         if isinstance(answers, str):
             answers = [answers]
-        return cls(q=str(d.get("q", d.get("question", ""))), answers=[str(a) for a in answers])
+        if not isinstance(answers, list):
+            raise TypeError(f"answers must be a list of strings, got {answers!r}")
+        q = parse_text(d.get("q", d.get("question", "")), "question")
+        return cls(q=q, answers=[parse_text(a, "answer") for a in answers])
 
 
 @dataclass
@@ -63,7 +113,8 @@ class Ref:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Ref:
-        return cls(phrase=str(d.get("phrase", d.get("text", ""))), box=_box(d.get("box", d.get("bbox"))))
+        phrase = parse_text(d.get("phrase", d.get("text", "")), "phrase")
+        return cls(phrase=phrase, box=parse_box(d.get("box", d.get("bbox"))))
 
 
 @dataclass
@@ -98,20 +149,49 @@ class Record:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Record:
+    def from_dict(cls, d: dict[str, Any], drops: Counter[str] | None = None) -> Record:
+        """Parse a record dict (see the module docstring for ``drops``). A record without a usable
+        ``image`` (a non-empty string) raises either way: it is not a record."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a record is a JSON object, got {type(d).__name__}")
+        image = d.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"a record needs an image path, got {image!r}")
         caps = d.get("captions", d.get("caption", []))
         if isinstance(caps, str):
             caps = [caps]
-        questions = [QA.from_dict(q) for q in d.get("questions", [])]
+        questions = _items(d.get("questions", []), QA.from_dict, drops, "questions")
         if "question" in d:  # ALBEF/mPLUG VQA entry
-            questions.append(QA.from_dict(d))
+            questions += _items([d], QA.from_dict, drops, "question")
+        image_id = d.get("image_id", "")
+        if isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
+            _bad(drops, f"image_id must be a string or an integer, got {image_id!r}")
+            image_id = ""
         return cls(
-            image=str(d["image"]),
-            captions=[str(c) for c in caps],
-            objects=[Obj.from_dict(o) for o in d.get("objects", [])],
+            image=image,
+            captions=_items(caps, lambda c: parse_text(c, "caption"), drops, "captions"),
+            objects=_items(d.get("objects", []), Obj.from_dict, drops, "objects"),
             questions=questions,
-            refs=[Ref.from_dict(r) for r in d.get("refs", [])],
-            image_id=d.get("image_id", ""),
-            width=d.get("width"),
-            height=d.get("height"),
+            refs=_items(d.get("refs", []), Ref.from_dict, drops, "refs"),
+            image_id=image_id,
+            width=_side(d.get("width"), drops, "width"),
+            height=_side(d.get("height"), drops, "height"),
         )
+
+
+def _side(v: Any, drops: Counter[str] | None, where: str) -> int | None:
+    """An image side in pixels, or None (unknown: the image header tells it)."""
+    if v is None:
+        return None
+    usable = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not usable or v <= 0 or v != int(v):
+        _bad(drops, f"{where} must be a positive integer, got {v!r}")
+        return None
+    return int(v)
+
+
+class RecordList(list[Record]):
+    """The records a reader produced, with ``report``: what it had to skip or drop on the way
+    (a ``copa.data.badinput.DataReport``; ``records_in`` counts the entries it read)."""
+
+    report: Any = None

@@ -9,6 +9,11 @@ Streaming splits whole shards over (rank, DataLoader worker) pairs: consumer
 ``c = rank * num_workers + worker`` reads shards ``c, c + R·W, c + 2·R·W, ...``. Every sample is
 read exactly once per epoch; with fewer shards than consumers some consumers read nothing (a
 warning says so), so write at least ``world_size × num_workers`` shards.
+
+Bad input in shards is counted in a ``DataReport``: a sample without ``.json`` or with one that is
+not a record (``malformed_record``), without an image member (``missing_file``), a shard that
+cannot be read (``unreadable_shard``) or that ends before the end-of-archive blocks every complete
+tar ends with (``truncated_shard``: the records after the cut are lost and cannot be counted).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from copa.data.badinput import DataReport
 from copa.data.records import Record
+from copa.errors import DataFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +70,23 @@ def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, num_wo
     return list(urls[rank * num_workers + worker :: world * num_workers])
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    log.warning("webdataset: skipping unreadable data: %r", exn)
-    return True
+def sample_to_record(sample: dict[str, Any], drops: Counter[str] | None = None) -> Record:
+    """A webdataset sample dict (``__key__``, ``json``, an image extension) → ``Record`` with ``data``.
 
-
-def sample_to_record(sample: dict[str, Any]) -> Record:
-    """A webdataset sample dict (``__key__``, ``json``, an image extension) → ``Record`` with ``data``."""
-    meta = json.loads(sample["json"])
+    Raises ``ValueError`` or ``TypeError`` for a sample that is not a record (no or broken
+    ``.json``); ``drops`` as in ``Record.from_dict``.
+    """
+    if "json" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} has no .json member")
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"sample {sample.get('__key__')}: .json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise TypeError(f"sample {sample.get('__key__')}: .json is not an object")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     meta.setdefault("image", f"{sample['__key__']}.{ext}")
-    rec = Record.from_dict(meta)
+    rec = Record.from_dict(meta, drops)
     rec.image = f"{sample.get('__url__', '')}::{rec.image}"
     rec.data = sample[ext] if ext else None
     if rec.image_id == "":
@@ -81,11 +94,58 @@ def sample_to_record(sample: dict[str, Any]) -> Record:
     return rec
 
 
-def iter_shards(urls: str | os.PathLike[str] | Sequence[str]) -> Iterator[Record]:
-    """Every record of the given shards, in order (no splitting)."""
-    src = ({"url": u} for u in expand_shards(urls))
-    for sample in wds.tariterators.tarfile_samples(src, handler=_log_and_continue):
-        yield sample_to_record(sample)
+def tar_is_truncated(url: str) -> bool:
+    """Whether a local tar file lacks the 1024 zero bytes every complete tar ends with (the
+    end-of-archive blocks; Python's tarfile stops at a cut without an error)."""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return False
+    size = os.path.getsize(url)
+    if size < 1024 or size % 512:
+        return True
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) != bytes(1024)
+
+
+def iter_shards(
+    urls: str | os.PathLike[str] | Sequence[str], report: DataReport | None = None
+) -> Iterator[Record]:
+    """Every record of the given shards, in order (no splitting).
+
+    ``report`` counts the samples read (``records_in``) and what was left out (module docstring);
+    ``records_out`` is left to the caller, which may drop more.
+    """
+    report = report if report is not None else DataReport()
+    for url in expand_shards(urls):
+        errors: list[Exception] = []
+
+        def handler(exn: Exception, errors: list[Exception] = errors) -> bool:
+            log.warning("webdataset: skipping unreadable data: %r", exn)
+            errors.append(exn)
+            return True
+
+        read = 0
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
+            read += 1
+            report.records_in += 1
+            if not any(e in sample for e in IMAGE_EXTS):
+                log.warning("shard %s: sample %s has no image member: skipped", url, sample.get("__key__"))
+                report.add("missing_file")
+                continue
+            try:
+                rec = sample_to_record(sample, report.counts)
+            except (ValueError, TypeError, KeyError) as e:
+                log.warning("shard %s: skipped: %s", url, e)
+                report.add("malformed_record")
+                continue
+            yield rec
+        if errors and not read:
+            report.add("unreadable_shard")  # missing, not a tar, or cut inside its first sample
+        elif tar_is_truncated(url):
+            log.warning("shard %s is truncated: the records after the cut are lost", url)
+            report.add("truncated_shard")
+        elif errors:
+            report.add("unreadable_shard")
 
 
 def _image_member(rec: Record) -> tuple[bytes, str]:
@@ -168,8 +228,9 @@ class ShardDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.urls = expand_shards(urls)
-        if not self.urls:
-            raise FileNotFoundError(f"no shards match {urls!r}")
+        local = [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
+        if not self.urls or (len(local) == len(self.urls) and not any(os.path.isfile(u) for u in local)):
+            raise DataFileNotFoundError(f"no shards found for {urls!r}")
         self.transform = transform
         self.shuffle_shards = shuffle_shards
         self.seed = seed
@@ -195,6 +256,10 @@ class ShardDataset(IterableDataset):
             )
         return split_shards(urls, rank, world, wid, nw)
 
+    def records(self, report: DataReport | None = None) -> Iterator[Record]:
+        """This consumer's records for the current epoch; ``report`` as in ``iter_shards``."""
+        return iter_shards(self.my_shards(), report)
+
     def __iter__(self) -> Iterator[Any]:
-        for rec in iter_shards(self.my_shards()):
+        for rec in self.records():
             yield self.transform(rec) if self.transform is not None else rec

@@ -14,7 +14,15 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor, nn
 
-from copa.config import ModelConfig, SelectConfig, model_config_from_dict, to_dict
+from copa.config import (
+    ConfigError,
+    ModelConfig,
+    SelectConfig,
+    check_model_config,
+    model_config_from_dict,
+    to_dict,
+)
+from copa.errors import CheckpointError, CheckpointNotFoundError
 from copa.model.decoder import Decoder
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
@@ -222,20 +230,60 @@ class COPAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:
-        """Load a model written by ``save_pretrained`` (safetensors only: no pickle is read)."""
+        """Load a model written by ``save_pretrained`` (safetensors only: no pickle is read).
+
+        Raises:
+            CheckpointNotFoundError: ``path`` lacks the config or the weights file.
+            CheckpointError: either is damaged (garbage JSON, an unusable model section, a truncated
+                or non-safetensors weights file, weights that do not fit the config).
+        """
         path = Path(path)
         cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not cfg_file.exists() or not weights.exists():
-            raise FileNotFoundError(f"{path} is not a COPA checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        meta = json.loads(cfg_file.read_text())
-        cfg = model_config_from_dict(meta["model"])
+        if not cfg_file.is_file() or not weights.is_file():
+            raise CheckpointNotFoundError(
+                f"{path} is not a COPA checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        cfg = read_model_config(path)
         if cfg.text.tokenizer == ".":
             cfg.text.tokenizer = str(path)
         model = cls(cfg, load_text_weights=False)
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
+        missing, unexpected = load_weights(model, weights, strict=False, device=str(map_location))
         if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}")
+            raise CheckpointError(
+                f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}"
+            )
         return model
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model config stored in ``path/config.json``; ``CheckpointError`` when it is unusable."""
+    cfg_file = Path(path) / CONFIG_NAME
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{cfg_file} has no 'model' section; it was not written by save_pretrained")
+    try:
+        cfg = model_config_from_dict(meta["model"])
+        check_model_config(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    return cfg
+
+
+def load_weights(
+    model: nn.Module, weights: str | Path, strict: bool = True, device: str = "cpu"
+) -> tuple[list[str], list[str]]:
+    """``safetensors.torch.load_model`` whose failures on a damaged file (truncated, not
+    safetensors, tensors of other shapes) are ``CheckpointError``s naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_model(model, str(weights), strict=strict, device=device)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{weights} cannot be loaded: {first}") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:

@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from copa.config import Config
+from copa.config import Config, ConfigError
 from copa.tasks.registry import TASK_NAMES
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     from copa.tasks.registry import make_task
     from copa.train import distributed as D
 
+    if args.keep_ratio is not None and not 0.0 < args.keep_ratio <= 1.0:
+        raise ConfigError(f"--keep-ratio {args.keep_ratio} is outside (0, 1]")
     meta = saved_meta(args.ckpt)
     if meta.get("task") not in (None, args.task):
         log.warning("%s was fine-tuned for %s, evaluating it on %s", args.ckpt, meta["task"], args.task)

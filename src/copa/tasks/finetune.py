@@ -35,7 +35,7 @@ from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
 from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
-from copa.train.trainer import NonFiniteLossError, RunLog, lr_lambda, make_loader, param_groups
+from copa.train.trainer import NonFiniteLossError, RunLog, all_finite, lr_lambda, make_loader, param_groups
 from copa.utils.device import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,14 @@ def resolve_model_dir(path: str | Path) -> Path:
 def saved_meta(path: str | Path) -> dict[str, Any]:
     """The fine-tuning metadata stored with a model (``{}`` for a pre-trained one)."""
     cfg_file = resolve_model_dir(path) / CONFIG_NAME
-    return json.loads(cfg_file.read_text()).get(META_KEY, {}) if cfg_file.exists() else {}
+    if not cfg_file.is_file():
+        return {}
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # loading the model reports the damaged file
+    found = meta.get(META_KEY, {}) if isinstance(meta, dict) else {}
+    return found if isinstance(found, dict) else {}
 
 
 def set_resolution(model: COPAModel, image_size: int) -> bool:
@@ -223,6 +230,8 @@ def finetune(
             "train": cfg.data.train,
         }
     }
+    if not all_finite(model.parameters()):  # a model that diverged without a non-finite loss is not saved
+        raise NonFiniteLossError(f"non-finite parameters after {task.name} step {step}; no model written")
     if main:
         model.save_pretrained(out / "model", extra=meta)
     summary = {

@@ -75,6 +75,24 @@ def save_checkpoint(
     return final
 
 
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what a run killed while saving leaves in ``out/checkpoints``: ``.tmp_*`` directories
+    (an incomplete checkpoint, never pointed at) and ``.latest.*`` markers. Call it before the run
+    writes a checkpoint of its own (one writer per run directory). Returns what was removed."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = sorted([*root.glob(".tmp_*"), *root.glob(".latest.*")])
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d incomplete checkpoint leftovers in %s", len(stale), root)
+    return stale
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     marker = out / "checkpoints" / "latest"
     if not marker.exists():

@@ -34,9 +34,6 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                        branch_from=args.branch_from)
         if D.is_main():
             print(json.dumps({"out": str(res.out), "steps": res.steps, **res.final}, indent=2))
-    except (FileNotFoundError, FileExistsError) as e:
-        log.error("%s", e)
-        return 2
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 3

@@ -8,7 +8,7 @@ PrefixLM and PTA (phrase queries; PTA needs only the selector's logits on the pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +53,14 @@ def sample_hard_negatives(sim: Tensor, image_ids: Tensor, generator: torch.Gener
     """Sample one hard negative text per image and one hard negative image per text.
 
     sim: (B, B) image-to-text similarity logits; rows/cols with the same image id are never chosen.
-    Returns (neg_text_for_image (B,), neg_image_for_text (B,)). With no valid negative (a batch of
-    one image) the sample falls back to a uniform choice among other rows.
+    Returns (neg_text_for_image (B,), neg_image_for_text (B,)). Non-finite similarities (a
+    diverging run) count as 0, so the choice there is uniform and the caller's loss check, not this
+    sampler, stops the run. A batch of one distinct image has no negative: ``ValueError``.
     """
     same = image_ids[:, None] == image_ids[None, :]
-    w_i2t = sim.float().softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
-    w_t2i = sim.float().t().softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
+    sim = torch.nan_to_num(sim.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    w_i2t = sim.softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
+    w_t2i = sim.t().softmax(1).masked_fill(same, 0) + 1e-8 * (~same)
     if bool((~same).any(1).all()):
         neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
         neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
@@ -153,6 +155,7 @@ class StepOutput:
     neg_txt: Tensor | None = None
     neg_img: Tensor | None = None
     itm_kept: Tensor | None = None  # (3B, K) kept patches of [positive; image+hard text; hard image+text]
+    events: dict[str, int] = field(default_factory=dict)  # e.g. {"itm_skipped": 1}, for the run summary
 
 
 class PretrainObjective(nn.Module):
@@ -185,6 +188,7 @@ class PretrainObjective(nn.Module):
         txt = m.encode_text(ids, mask)
         txt_cls = m.text_query(txt, mask)
         sim = neg_txt = neg_img = itm_kept = None
+        events: dict[str, int] = {}
 
         if w["itc"] or w["itm"]:
             img_feat = m.itc.image(m.encode_image(prefix).cls)  # text-agnostic query
@@ -193,15 +197,22 @@ class PretrainObjective(nn.Module):
 
         if w["itm"]:
             b = ids.shape[0]
-            neg_txt, neg_img = sample_hard_negatives(sim, batch.image_ids)
             ar = torch.arange(b, device=ids.device)
+            # one distinct image (e.g. an ALBEF list with one entry per caption) has no negative: the
+            # pairs still run, so every DDP/FSDP rank calls the same modules, but ITM weighs 0 here
+            skip_itm = not bool((batch.image_ids != batch.image_ids[0]).any())
+            if skip_itm:
+                neg_txt, neg_img = ar, ar
+                events["itm_skipped"] = 1
+            else:
+                neg_txt, neg_img = sample_hard_negatives(sim, batch.image_ids)
             img_idx = torch.cat([ar, ar, neg_img])  # positive, (image, hard text), (hard image, text)
             txt_idx = torch.cat([ar, neg_txt, ar])
             vis = m.encode_image(prefix[img_idx], txt_cls[txt_idx])
             fused = m.fuse(vis, txt[txt_idx], mask[txt_idx])
             itm_kept = vis.kept
             labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-            losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels)
+            losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels) * (0.0 if skip_itm else 1.0)
 
         if w["mlm"]:
             mids, mlabels = mask_tokens(ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob)
@@ -227,7 +238,7 @@ class PretrainObjective(nn.Module):
         if not losses:
             raise ValueError(f"every pre-training loss has weight 0: {w}")
         total = sum(w[k] * v for k, v in losses.items())
-        return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept)
+        return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept, events)
 
     def pta_loss(self, prefix: Tensor, batch) -> Tensor:
         """BCE of first-stage selector logits vs patch labels, for phrase queries and the

@@ -91,7 +91,11 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, key: int) -> Any:
         epoch, i = divmod(int(key), len(self.base))
-        return self.base.get(i, np.random.default_rng([self.seed, epoch, i]))
+        sample = self.base.get(i, np.random.default_rng([self.seed, epoch, i]))
+        if epoch and isinstance(sample, dict) and sample.get("events"):
+            # an image that fails to load fails in every epoch: its events are counted in the first
+            sample["events"] = {}
+        return sample
 
 
 def loader_generator(seed: int) -> torch.Generator:

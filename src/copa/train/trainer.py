@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from copa.config import Config, TrainConfig, to_dict
-from copa.model.copa import COPAModel
+from copa.model.copa import COPAModel, load_weights
 from copa.train import distributed as D
 from copa.train.checkpoint import (
     check_fork,
+    clean_stale,
     fork_run,
     latest_checkpoint,
     load_trainer_state,
@@ -98,25 +100,16 @@ def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> d
     v, d = cfg.model.vision, cfg.data
     for split in splits:
         path = getattr(d, split)
-        out[split] = make_dataset(
-            path, d, v.image_size, v.patch_size, train=split == "train",
-            **({} if _is_stream(path, d.format) else {
-                "decode": d.decode_check, "crop_ratio": d.crop_ratio, "max_side": d.max_image_side,
-                "min_side": d.min_image_side, "max_caption_chars": d.max_caption_chars}),
+        out[split] = make_dataset(  # a stream takes the limits and ignores the pre-scan options
+            path, d, v.image_size, v.patch_size, train=split == "train", decode=d.decode_check,
+            crop_ratio=d.crop_ratio, max_side=d.max_image_side, min_side=d.min_image_side,
+            max_caption_chars=d.max_caption_chars,
         )
         report = getattr(out[split], "report", None)
         log.info("%s: %s from %s; bad input: %s", split,
                  f"{len(out[split])} records" if report is not None else "streaming shards", path,
                  report.summary() if report is not None else "counted per batch")
     return out
-
-
-def _is_stream(path: str, fmt: str) -> bool:
-    from copa.data.readers import detect_format
-
-    if fmt != "auto":
-        return fmt == "wds"
-    return not str(path).endswith(".json") and detect_format(path) == "wds"
 
 
 class EndlessStream(torch.utils.data.IterableDataset):
@@ -136,7 +129,9 @@ class EndlessStream(torch.utils.data.IterableDataset):
                 if seen > self.start:
                     yield sample
             if not produced:
-                raise RuntimeError("the shard stream produced no sample for this process")
+                from copa.errors import DataSourceError
+
+                raise DataSourceError("the shard stream produced no usable sample for this process")
             epoch += 1
 
 
@@ -222,32 +217,40 @@ class RunLog:
 # ------------------------------------------------------------------------------ validation
 @torch.no_grad()
 def validate(objective: PretrainObjective, loader: DataLoader, device: torch.device, dtype: torch.dtype,
-             max_batches: int = 8) -> dict[str, float]:
+             max_batches: int = 8, events: Counter[str] | None = None) -> dict[str, float]:
     """Validation losses and PTA metrics (AP, object-patch recall at the first stage's keep ratio).
 
     Runs under a forked RNG so that validating never changes the training run's random stream.
+    ``events`` collects the bad-input events of the batches read.
     """
     model = objective.model
     was_training = model.training
     model.eval()
     meter = PTAMeter(model.vision.keep_ratios[0])
     sums: dict[str, float] = {}
-    n = 0
+    n: Counter[str] = Counter()
+    skipped = 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(1234)
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
+            if events is not None:
+                events.update(batch.events)
             batch = batch.to(device)
             with autocast(device, dtype):
                 out = objective(batch)
+                skipped += out.events.get("itm_skipped", 0)
                 for k, v in out.losses.items():
+                    if k == "itm" and out.events.get("itm_skipped"):
+                        continue  # a one-image batch has no ITM negatives: not in the ITM mean
                     sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
+                    n[k] += 1
                 pta_batch(model, batch, meter)
     model.train(was_training)
-    res = {f"val_{k}": v / max(1, n) for k, v in sums.items()}
+    res = {f"val_{k}": v / max(1, n[k]) for k, v in sums.items()}
+    res["val_itm_skipped"] = float(skipped)
     res.update({f"pta_{k}": v for k, v in meter.result().items()})
     return res
 
@@ -356,6 +359,8 @@ def pretrain(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        clean_stale(out)  # half-written checkpoints of a killed run
+    datasets = build_datasets(cfg)  # before the model: a data mistake fails in seconds, not minutes
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = COPAModel.from_pretrained(init) if init else COPAModel(cfg.model)
     if init:
@@ -369,14 +374,11 @@ def pretrain(
     dtype = resolve_precision(cfg.train.precision, device)
     t = cfg.train
     objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast)
-    datasets = build_datasets(cfg)
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
     state = None
     if ckpt is not None:  # weights go into the unwrapped model, before any sharding
-        from safetensors.torch import load_model
-
-        load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+        load_weights(model, ckpt / "model.safetensors", strict=True, device=str(device))
         state = load_trainer_state(ckpt)
     elif resume:
         log.info("no checkpoint in %s: starting from scratch", out)
@@ -409,8 +411,13 @@ def pretrain(
     val_loader = make_loader(datasets["val"], cfg, train=False, batch_size=val_bs)
     it = iter(train_loader)
     runlog = RunLog(out, main)
-    report = getattr(datasets["train"], "report", None)
-    data_events: dict[str, int] = dict(report.summary().get("counts", {})) if report is not None else {}
+    # this rank's events so far: bad input met in batches (counted once: first epoch only) and
+    # training events (ITM skipped for a one-image batch); a resumed run continues the counts
+    counted = state.get("events", []) if state is not None else []
+    mine = counted[D.rank()] if D.rank() < len(counted) else {}
+    batch_events: Counter[str] = Counter(mine.get("train", {}))
+    val_events: Counter[str] | None = Counter(mine.get("val", {})) if mine.get("val_counted") else None
+    step_events: Counter[str] = Counter(mine.get("steps", {}))
 
     bar = None
     if main:
@@ -427,8 +434,7 @@ def pretrain(
             losses_acc = {k: 0.0 for k in LOSS_NAMES}
             for _ in range(t.grad_accum):
                 batch = next(it)
-                for k, v in batch.events.items() if hasattr(batch, "events") else []:
-                    data_events[k] = data_events.get(k, 0) + int(v)
+                batch_events.update(batch.events)
                 batch = batch.to(device)
                 with autocast(device, dtype):
                     res = wrapped(batch)
@@ -439,10 +445,15 @@ def pretrain(
                         f"non-finite loss at step {step + 1}: {bad or 'on another rank'}; "
                         f"stopping, the last good checkpoint is kept ({latest_checkpoint(out)})"
                     )
+                step_events.update(res.events)
                 (res.loss / t.grad_accum).backward()
                 for k, v in res.losses.items():
                     losses_acc[k] += float(v.detach()) / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad) if t.clip_grad > 0 else torch.tensor(0.0)
+            if not math.isfinite(float(grad_norm)):  # ranks hold the same reduced gradients: all stop here
+                raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopping before the "
+                                         f"update, the last good checkpoint is kept "
+                                         f"({latest_checkpoint(out)})")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -463,16 +474,26 @@ def pretrain(
             budget_hit = t.time_budget_s > 0 and bool(D.all_reduce_mean(torch.tensor(
                 float(time.perf_counter() - t0 > t.time_budget_s), device=device)) > 0)
             if step % t.val_every == 0 or step == t.steps or budget_hit:
-                last_val = validate(objective, val_loader, device, dtype)
+                # a val stream restarts at every validation: its events are counted at the first one
+                first = val_events is None
+                val_events = val_events if val_events is not None else Counter()
+                last_val = validate(objective, val_loader, device, dtype,
+                                    events=val_events if first else None)
                 runlog.write("val_log", step, last_val)
                 if main:
                     log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
             if step % t.ckpt_every == 0 or step == t.steps or budget_hit:
                 model_sd, opt_sd = _full_state(model, opt, fsdp)
+                # never write (and point `latest` at) a model that has diverged; every rank agrees
+                finite = all_finite(model_sd.values() if model_sd is not None else model.parameters())
+                if D.all_reduce_mean(torch.tensor(float(not finite), device=device)) > 0:
+                    raise NonFiniteLossError(f"non-finite parameters after step {step}; not saved, the last "
+                                             f"good checkpoint is kept ({latest_checkpoint(out)})")
                 rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
+                events = D.gather_objects(_events_state(batch_events, val_events, step_events))
                 if main:
                     state = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "step": step,
-                             "rng": rngs, "data_position": step * per_step}
+                             "rng": rngs, "data_position": step * per_step, "events": events}
                     save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)},
                                     state_dict=model_sd)
                 del model_sd, opt_sd
@@ -492,9 +513,11 @@ def pretrain(
     final_sd = _full_state(model, opt, fsdp)[0] if fsdp else None
     # DDP ranks must agree exactly; FSDP ranks hold shards, so its one checksum is of the full state
     checksums = [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
+    every = D.gather_objects(_events_state(batch_events, val_events, step_events))
     summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
                "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
-               "final_val": last_val, "data_report": {"train": report.summary() if report is not None else None, "events": data_events},
+               "final_val": last_val, "data_report": _data_report(datasets, every),
+               "events": dict(sum((Counter(e["steps"]) for e in every), Counter())),
                "parameters": model.num_parameters()}
     if main:
         if not (stopped_early and stop_at is not None):  # a preempted run has only its checkpoint
@@ -503,6 +526,35 @@ def pretrain(
         (out / "pta_metrics.json").write_text(json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2))
     D.barrier()
     return TrainResult(step, last_val, out)
+
+
+def _events_state(batch: Counter[str], val: Counter[str] | None, steps: Counter[str]) -> dict[str, Any]:
+    """One rank's event counts, as plain dicts (they go into the checkpoint and through gather)."""
+    return {"train": dict(batch), "val": dict(val or {}), "val_counted": val is not None,
+            "steps": dict(steps)}
+
+
+def _data_report(datasets: dict[str, Any], every: list[Any]) -> dict[str, Any]:
+    """Bad input per split, counted once: the pre-scan (and reader) report of an in-memory split plus
+    the events every rank met in its batches (load failures; everything of a shard stream)."""
+    from copa.data.badinput import DataReport
+
+    out = {}
+    for split, key in (("train", "train"), ("val", "val")):
+        total = DataReport()
+        base = getattr(datasets[split], "report", None)
+        if base is not None:  # identical on every rank: the pre-scan runs everywhere
+            total.merge(base)
+        for e in every:
+            total.update(e[key])
+        out[split] = total.summary()
+    return out
+
+
+def all_finite(tensors: Any) -> bool:
+    """Whether every floating-point tensor holds only finite values."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t))
 
 
 def param_checksum(params: Any) -> float:
