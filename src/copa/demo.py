@@ -49,6 +49,7 @@ class DemoPlan:
     itm_topk: int = 4
     safety_factor: float = 4.0  # budget = planned seconds on a 2-core AVX2 machine x this
     planned_step_s: float = 3.5  # one pre-training step there (fp32), for the safety net only
+    planned_finetune_step_s: float = 2.0  # one fine-tuning step there, likewise
 
 
 FULL = DemoPlan()
@@ -229,7 +230,7 @@ class Demo:
 
         for name, (key, label) in TASK_METRICS.items():
             steps = p.finetune_steps[name]
-            sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * 2.0 * steps:.0f}",
+            sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
                     f"train.warmup={max(1, steps // 10)}", "train.lr=1e-4", "train.lr_vit=1e-4"]
             cfg = self.config(*sets)
             keep = cfg.model.select.keep_ratios[0]
