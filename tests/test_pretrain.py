@@ -161,16 +161,28 @@ def test_torchrun_two_processes_keep_identical_parameters(synth_dir, tmp_path):
     assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
 
 
-def _torchrun(out: Path, synth_dir, *extra: str, args: tuple[str, ...] = ()) -> dict:
+def test_torchrun_ranks_with_skewed_clocks_stop_together(synth_dir, tmp_path):
+    # rank 1 sees a tenth of the elapsed time: deciding the budget per rank would send rank 0 into
+    # validation's all-gather while rank 1 trains on (a hang until the process-group timeout)
+    summary = _torchrun(tmp_path / "skew", synth_dir, "train.steps=500", "train.time_budget_s=4",
+                        "train.val_every=500", entry=("tests/skewed_clock.py",))
+    assert summary["stopped_early"] and 0 < summary["steps"] < 500
+    a, b = summary["param_checksums"]
+    assert a == b
+
+
+def _torchrun(out: Path, synth_dir, *extra: str, args: tuple[str, ...] = (),
+              entry: tuple[str, ...] = ("-m", "copa")) -> dict:
     from tests.conftest import MICRO, TRAIN_MICRO
 
     sets = [*MICRO, *TRAIN_MICRO, "model.text.layers=1", f"data.train={synth_dir}/train.json",
             f"data.val={synth_dir}/val.json", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "copa",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry,
            "pretrain", "--config", "configs/tiny.yaml", "--out", str(out), *args]
     for s in sets:
         cmd += ["--set", s]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(["src", os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
 
