@@ -94,6 +94,14 @@ class COPAModel(nn.Module):
     def tokenizer(self):
         return load_tokenizer(self.cfg.text.tokenizer)
 
+    @property
+    def image_transform(self):
+        """PIL image -> (3, H, W) input tensor, from the preprocessing saved with the model
+        (``copa.preprocess.ImageTransform``)."""
+        from copa.preprocess import ImageTransform
+
+        return ImageTransform.from_config(self.cfg)
+
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) -> (B, L, Dt)"""
         return self.text(ids, mask)
@@ -287,8 +295,11 @@ def load_weights(
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:
-    """Load a saved COPA model ready for inference (eval mode)."""
-    return COPAModel.from_pretrained(path, map_location).eval()
+    """Load a saved COPA model ready for inference (eval mode): a local model directory, a training
+    run directory (its ``model/``), or a hub id (``copa.hub.resolve_checkpoint``)."""
+    from copa.hub import resolve_checkpoint
+
+    return COPAModel.from_pretrained(resolve_checkpoint(path), map_location).eval()
 
 
 def build_model(cfg: ModelConfig, load_text_weights: bool = True) -> COPAModel:
