@@ -122,6 +122,10 @@ CASES = {
     "predict an empty folder": (_predict("caption", "--image", "{d}/empty_dir"), "holds no images"),
     "predict a JSON object": (_predict("caption", "--image", "{d}/images.json"), "expected a non-empty JSON list"),
     "predict on a missing GPU": (_predict("caption", "--device", "cuda:3"), "--device cuda:3"),
+    "export an unknown part": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--parts", "decoder"],
+                               "--parts: unknown part(s) ['decoder']"),
+    "export --keep-ratio 2": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--keep-ratio", "2"],
+                              "--keep-ratio 2.0 is outside"),
     "finetune --init missing": (
         ["finetune", "vqa", "--init", "{d}/nope", "--out", "{d}/ft"], "not a COPA checkpoint"
     ),

@@ -187,7 +187,8 @@ class Predictor:
             self.model.set_keep_ratio(saved)
 
     @contextlib.contextmanager
-    def _run(self, keep_ratio: float | None) -> Iterator[None]:
+    def inference(self, keep_ratio: float | None) -> Iterator[None]:
+        """Inference mode, keep ratio ``keep_ratio`` (None: the model's) and the predictor's precision."""
         from copa.utils.device import autocast
 
         with torch.inference_mode(), self.keep_ratio(keep_ratio), autocast(self.device, self.dtype):
@@ -214,7 +215,7 @@ class Predictor:
         opts = TaskOptions(**{**self.options.to_dict(), "prompt": prompt or self.options.prompt or DEFAULT_PROMPT})
         task, mode = CaptionTask(opts), decode or self.options.decode or "beam"
         out: list[str] = []
-        with self._run(keep_ratio):
+        with self.inference(keep_ratio):
             for s in self._chunks(len(prep.sizes)):
                 ctx, cmask = task.context(self.model, prep.pixels[s])
                 out += generate(self.model, ctx, cmask, mode, beam_size, max_new_tokens)
@@ -232,7 +233,7 @@ class Predictor:
         rows, qs = _pair(prep.sizes, _as_list(questions))
         mode = decode or (self.options.decode if self.options.decode in ("greedy", "beam") else "greedy")
         out: list[str] = []
-        with self._run(keep_ratio):
+        with self.inference(keep_ratio):
             if answer_list:
                 cand_ids, cand_mask = tokenize(self.model, list(answer_list), self.device)
             for s in self._chunks(len(qs)):
@@ -254,7 +255,7 @@ class Predictor:
         prep = self._prepared(images)
         rows, texts = _pair(prep.sizes, _as_list(phrases))
         out: list[Box] = []
-        with self._run(keep_ratio):
+        with self.inference(keep_ratio):
             for s in self._chunks(len(texts)):
                 ids, mask = self._tokens(texts[s])
                 g = ground_pairs(self.model, prep.pixels[rows[s]], ids, mask)
@@ -276,7 +277,7 @@ class Predictor:
         rows, ts = _pair(prep.sizes, _as_list(texts))
         n = self.grid**2
         out: list[list[int]] = []
-        with self._run(keep_ratio):
+        with self.inference(keep_ratio):
             for s in self._chunks(len(ts)):
                 prefix = self.model.image_prefix(prep.pixels[rows[s]])
                 chunk = ts[s]
@@ -308,7 +309,7 @@ class Predictor:
         ts = _as_list(texts)
         ids, mask = self._tokens(ts)
         weight = self.options.itc_weight if itc_weight is None else itc_weight
-        with self._run(keep_ratio):
+        with self.inference(keep_ratio):
             img = torch.cat([self.model.image_embedding(prep.pixels[s]).float()
                              for s in self._chunks(len(prep.sizes))])
             txt = torch.cat([self.model.text_embedding(ids[s], mask[s]).float() for s in self._chunks(len(ts))])

@@ -27,7 +27,7 @@ from copa.model.decoder import Decoder
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
-from copa.model.text import TextEncoder, load_tokenizer
+from copa.model.text import TextEncoder, load_tokenizer, pool_text
 from copa.model.vit import VisionOutput, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,7 @@ class COPAModel(nn.Module):
 
         txt: (B, L, Dt) encoder states, mask: (B, L).
         """
-        if self.cfg.text.pooling == "mean":
-            m = mask.unsqueeze(-1).to(txt.dtype)
-            return (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
-        if self.cfg.text.pooling != "cls":
-            raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.cfg.text.pooling!r}")
-        return txt[:, 0]
+        return pool_text(txt, mask, self.cfg.text.pooling)
 
     def encode_query(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) -> pooled text query (B, Dt)."""
