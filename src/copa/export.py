@@ -242,6 +242,8 @@ def export_model(model: COPAModel, out: str | Path, keep_ratio: float | None = N
     out.mkdir(parents=True, exist_ok=True)
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(name).setLevel(logging.WARNING)  # their INFO is a line per graph pass
+    # "torchvision is not installed. Skipping torchvision::nms" and the like: COPA uses none of those ops
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown part(s) {sorted(unknown)}; the parts are {', '.join(PARTS)}")
