@@ -68,6 +68,25 @@ def test_itm_negative_pairs_rerun_selection_with_their_own_text(synth_dir):
     assert sum(differ) >= b // 2, differ
 
 
+def test_itm_one_negative_per_row_alternates_hard_text_and_hard_image(synth_dir):
+    cfg = train_config(synth_dir)
+    torch.manual_seed(0)
+    model = COPAModel(cfg.model).eval()
+    obj = PretrainObjective(model, cfg.train.loss_weights, itm_negatives="one")
+    batch = _batch(cfg)
+    with torch.no_grad():
+        out = obj(batch)
+        b = batch.images.shape[0]
+        prefix = model.image_prefix(batch.images)
+        txt_cls = model.encode_query(batch.caption_ids, batch.caption_mask)
+        hard_text = model.encode_image(prefix, txt_cls[out.neg_txt]).kept
+        hard_image = model.encode_image(prefix[out.neg_img], txt_cls).kept
+    assert out.itm_kept.shape[0] == 2 * b  # positives + one negative per row, not 3B
+    neg = out.itm_kept[b:]
+    assert torch.equal(neg[0::2], hard_text[0::2]) and torch.equal(neg[1::2], hard_image[1::2])
+    assert torch.isfinite(out.losses["itm"])
+
+
 def _params(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -294,3 +294,25 @@ def test_vqa_answer_list_ranking_and_beam(micro_init, synth_dir):
     )
     assert beam.metrics["decode"] == "beam" and beam.metrics["keep_ratio"] == 1.0
     assert model.vision.keep_ratios == [0.5]  # the model's own ratio is restored after evaluation
+
+
+def test_vqa_blind_control_answers_with_another_image(micro_init, synth_dir):
+    from copa.tasks.base import TaskOptions
+    from copa.tasks.finetune import run_evaluation
+
+    cfg = train_config(synth_dir, *EVAL_SETS, "eval.blind_control=true")
+    model = COPAModel.from_pretrained(micro_init).eval()
+    task = make_task("vqa", TaskOptions(answer_list="train"))
+    res = run_evaluation(task, model, cfg, "val", None)
+    m = res.metrics
+    blind = [p for p in res.predictions if "blind_score" in p]
+    assert m["blind_questions"] == len(blind) > len(res.predictions) // 2
+    assert m["blind_accuracy"] == pytest.approx(100.0 * sum(p["blind_score"] for p in blind) / len(blind))
+
+    class Blindfold(torch.nn.Module):  # the fusion sees no image at all: both passes must agree
+        def forward(self, img):
+            return torch.zeros(*img.shape[:2], cfg.model.text.width)
+
+    model.fusion.img_proj = Blindfold()
+    m = run_evaluation(task, model, cfg, "val", None).metrics
+    assert m["blind_accuracy"] == pytest.approx(m["accuracy_on_blind_questions"])

@@ -181,11 +181,16 @@ class TrainConfig:
     # data): how much PTA signal a step sees; 0 = plain shuffling, as many as chance brings
     boxed_per_batch: int = 0
     mlm_prob: float = 0.15
+    # ITM pairs per sample: "both" = a hard negative text and a hard negative image (3B pairs, the
+    # paper's), "one" = one of them, alternating by row (2B pairs: a cheaper step, see BENCHMARKS.md)
+    itm_negatives: str = "both"
 
     def __post_init__(self) -> None:
         # checked here, not where it is used: a typo (e.g. "fsdp2") would otherwise silently mean DDP
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"train.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.itm_negatives not in ("both", "one"):
+            raise ConfigError(f"train.itm_negatives must be 'both' or 'one', got {self.itm_negatives!r}")
 
 
 @dataclass
@@ -195,6 +200,9 @@ class EvalConfig:
     itm_topk: int = 16
     beam_size: int = 3
     max_new_tokens: int = 30  # every row stops at its own [SEP]; 12 cut 45% of the reference captions
+    # VQA: also answer every question with another image of the batch, so the report shows what the
+    # model gets without looking (a model that ignores the image scores the same); costs a second pass
+    blind_control: bool = False
     length_penalty: float = 1.0
 
 
@@ -433,6 +441,9 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(d, name)}")
     if not 0.0 < t.mlm_prob < 1.0:
         raise ConfigError(f"train.mlm_prob must be in (0, 1), got {t.mlm_prob}")
+    if t.boxed_per_batch and not 0 < t.boxed_per_batch < t.batch_size:
+        raise ConfigError(f"train.boxed_per_batch must be 0 or in (0, train.batch_size={t.batch_size}), "
+                          f"got {t.boxed_per_batch}")
     if d.min_image_side < 1 or d.max_image_side < d.min_image_side:
         raise ConfigError(f"need 1 <= data.min_image_side <= data.max_image_side, got {d.min_image_side}, "
                           f"{d.max_image_side}")

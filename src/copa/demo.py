@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import shlex
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,27 +32,29 @@ class DemoPlan:
 
     n_train: int = 2000
     n_val: int = 100
-    n_test: int = 100
+    n_test: int = 60
     batch_size: int = 32
-    # pre-training: ``trunk_steps`` without PTA shared by every pre-training row, then
-    # ``branch_steps`` per row (COPA with ~5% boxed images, no PTA, boxes on every image)
-    trunk_steps: int = 40
-    branch_steps: int = 40
-    boxed_per_batch: int = 16
+    # pre-training: one trunk of ``pretrain_steps`` with the full objective but no PTA, shared by every
+    # pre-training row; then each row's PTA stage for the selector alone (copa.train.selector_stage):
+    # COPA on the ~5% boxed images, boxes on every image, and none (TPD without PTA)
+    pretrain_steps: int = 40
+    selector_steps: int = 400
+    selector_batch: int = 16
     ablation_rows: bool = True
-    eval_images: int = 100
+    eval_images: int = 60
     picture_images: int = 4
-    keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     finetune_steps: dict[str, int] = field(default_factory=lambda: {
-        "retrieval": 30, "vqa": 50, "caption": 30, "grounding": 50})
+        "retrieval": 20, "vqa": 100, "caption": 30, "grounding": 60})
+    finetune_lr: float = 3e-4
     itm_topk: int = 4
     safety_factor: float = 4.0  # budget = planned seconds on a 2-core AVX2 machine x this
     planned_step_s: float = 3.5  # one pre-training step there (fp32), for the safety net only
-    planned_finetune_step_s: float = 2.0  # one fine-tuning step there, likewise
+    planned_finetune_step_s: float = 2.0  # one fine-tuning step there, likewise (retrieval's ITM: the dearest)
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, batch_size=16, trunk_steps=4, branch_steps=8, boxed_per_batch=4,
+QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, batch_size=16, pretrain_steps=8, selector_steps=20, selector_batch=4,
                  ablation_rows=False, eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0],
                  finetune_steps={"retrieval": 4, "vqa": 4, "caption": 4, "grounding": 4})
 
@@ -116,7 +117,9 @@ class Demo:
     def base_sets(self) -> list[str]:
         p = self.plan
         return [f"data.train={self.data}/train.json", f"data.val={self.data}/val.json",
-                f"data.test={self.data}/test.json", f"train.batch_size={p.batch_size}", f"eval.itm_topk={p.itm_topk}"]
+                f"data.test={self.data}/test.json", f"train.batch_size={p.batch_size}", f"eval.itm_topk={p.itm_topk}",
+                # PTA runs in its own stage here (pta_stage), never mixed into pre-training batches
+                "train.boxed_per_batch=0"]
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
@@ -135,34 +138,49 @@ class Demo:
                           "--n-val", str(p.n_val), "--n-test", str(p.n_test), "--seed", "0"])
             self.results["data"] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
 
-    def pretrain(self, name: str = "pretrain", extra: tuple[str, ...] = (), stop_at: int | None = None,
-                 branch_from: Path | None = None) -> Path:
+    def pretrain(self) -> Path:
+        """The shared trunk: the full objective without PTA, a fixed number of seeded steps."""
         from copa.train.trainer import pretrain
 
         p = self.plan
-        total = p.trunk_steps + p.branch_steps
-        steps = (stop_at or total) - (p.trunk_steps if branch_from is not None else 0)
-        budget = p.safety_factor * p.planned_step_s * steps
-        sets = [f"train.steps={total}", f"train.time_budget_s={budget:.0f}",
-                f"train.val_every={max(1, total // 2)}", f"train.ckpt_every={p.trunk_steps or total}",
-                f"train.warmup={max(2, total // 10)}", *extra]
+        steps = p.pretrain_steps
+        sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_step_s * steps:.0f}",
+                f"train.val_every={steps}", f"train.ckpt_every={steps}",
+                f"train.warmup={max(2, steps // 10)}", "train.loss_weights.pta=0.0"]
         cfg = self.config(*sets)
-        out = self.out / name
-        with self.stage(name):
-            if branch_from is not None and out.exists():  # a re-run of the demo: branch afresh
-                shutil.rmtree(out)
-            res = pretrain(cfg, out, stop_at=stop_at, branch_from=branch_from)
-            flags = ["--stop-at", str(stop_at)] if stop_at is not None else []
-            flags += ["--branch-from", str(branch_from)] if branch_from is not None else []
-            self.command(["pretrain", "--config", self.config_path, "--out", str(out), *flags,
+        out = self.out / "pretrain"
+        with self.stage("pretrain"):
+            res = pretrain(cfg, out)
+            self.command(["pretrain", "--config", self.config_path, "--out", str(out),
                           *set_flags([*self.base_sets(), *self.overrides, *sets])])
             summary = json.loads((out / "summary.json").read_text())
-            hit = summary["stopped_early"] and (stop_at is None or res.steps < stop_at)
-            if hit:
-                self.flag_budget(name, res.steps, stop_at or total)
-            self.results[name] = {"steps": res.steps, "final_val": res.final, "wall_s": summary["wall_s"],
-                                  "stopped_early": hit, "precision": summary["precision"],
-                                  "branched_from": str(branch_from or "")}
+            if summary["stopped_early"]:
+                self.flag_budget("pretrain", res.steps, steps)
+            self.results["pretrain"] = {"steps": res.steps, "final_val": res.final, "wall_s": summary["wall_s"],
+                                        "stopped_early": summary["stopped_early"], "precision": summary["precision"]}
+        return out / "model"
+
+    def pta_stage(self, name: str, init: Path, train_json: Path) -> Path:
+        """One pre-training row: the trunk's selector trained with PTA on the boxes of ``train_json``."""
+        import dataclasses
+
+        from copa.evaluation import pta_eval
+        from copa.model.copa import load
+        from copa.train.selector_stage import train_selector
+
+        p = self.plan
+        data_set = f"data.train={train_json}"
+        with self.stage(name):
+            model = load(init)
+            cfg = dataclasses.replace(self.config(data_set), model=model.cfg)
+            res = train_selector(model, cfg, p.selector_steps, p.selector_batch)
+            out = self.out / name
+            model.save_pretrained(out / "model")
+            self.command(["pta-stage", "--config", self.config_path, "--init", str(init), "--out", str(out),
+                          "--steps", str(p.selector_steps), "--batch", str(p.selector_batch),
+                          *set_flags([*self.base_sets(), *self.overrides, data_set])])
+            val = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
+            self.results[name] = {**dataclasses.asdict(res), "final_val": val}
         return out / "model"
 
     def flag_budget(self, stage: str, done: int, planned: int) -> None:
@@ -172,21 +190,15 @@ class Demo:
         self.results.setdefault("budget_hits", []).append({"stage": stage, "steps": done, "planned": planned})
 
     def pretrain_all(self) -> dict[str, Path]:
-        """The pre-training rows: a trunk without PTA, then COPA (PTA from the ~5% of images with
-        boxes), the same without PTA, and the same with boxes on every image: same data order,
-        same steps, only PTA and its labels differ."""
-        p = self.plan
-        boxed = (f"train.boxed_per_batch={p.boxed_per_batch}",)
-        no_pta = ("train.loss_weights.pta=0.0",)
-        if not p.ablation_rows:
-            return {"copa": self.pretrain(extra=boxed)}
-        self.pretrain("pretrain_shared", no_pta, stop_at=p.trunk_steps)
-        trunk = self.out / "pretrain_shared"
-        self.results["pretrain_shared_steps"] = p.trunk_steps
-        all_boxes = (f"data.train={self.data}/train_all_boxes.json", *boxed)
-        return {"copa": self.pretrain(extra=boxed, branch_from=trunk),
-                "no_pta": self.pretrain("pretrain_no_pta", (*boxed, *no_pta), branch_from=trunk),
-                "all_boxes": self.pretrain("pretrain_all_boxes", all_boxes, branch_from=trunk)}
+        """The pre-training rows: one trunk (full objective, no PTA), then per row only the selector's
+        PTA stage: COPA (the ~5% of images with boxes), boxes on every image, none (TPD without PTA).
+        Everything but the selector is shared, so the rows measure exactly what PTA buys."""
+        trunk = self.pretrain()
+        rows = {"copa": self.pta_stage("pta_copa", trunk, self.data / "train.json")}
+        if self.plan.ablation_rows:
+            rows["no_pta"] = trunk
+            rows["all_boxes"] = self.pta_stage("pta_all_boxes", trunk, self.data / "train_all_boxes.json")
+        return rows
 
     def selector_ablation(self, models: dict[str, Path]) -> None:
         """Object-patch recall, AP and text specificity on the test split per selector, at the same
@@ -211,10 +223,10 @@ class Demo:
             self.results["pta_vs_keep"] = {r: pta_eval(model, cfg, "test", r, n) for r in self.plan.keep_sweep}
 
     def tasks(self, models: dict[str, Path]) -> None:
-        """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, with the
-        other selectors swapped in (same weights), and, for VQA and grounding, fine-tuned from the
-        other pre-training rows: the ablation table."""
-        from copa.evaluation import with_selector
+        """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, and with the
+        other selectors swapped in (same weights; for the other pre-training rows, their trained
+        selectors): the ablation table."""
+        from copa.evaluation import with_selector, with_selectors_of
         from copa.model.copa import load
         from copa.tasks.base import TaskOptions
         from copa.tasks.finetune import finetune, run_evaluation
@@ -228,10 +240,11 @@ class Demo:
             ablation.setdefault(row, {})[f"{name}_metric"] = metrics.get(key)
             ablation[row][f"{name}_sps"] = metrics.get("samples_per_s")
 
+        donors = {row: load(models[row]) for row in ("no_pta", "all_boxes") if row in models}
         for name, (key, label) in TASK_METRICS.items():
             steps = p.finetune_steps[name]
             sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
-                    f"train.warmup={max(1, steps // 10)}", "train.lr=1e-4", "train.lr_vit=1e-4"]
+                    f"train.warmup={max(1, steps // 10)}", f"train.lr={p.finetune_lr:g}", f"train.lr_vit={p.finetune_lr:g}"]
             cfg = self.config(*sets)
             keep = cfg.model.select.keep_ratios[0]
             with self.stage(f"task: {name}"):
@@ -246,12 +259,18 @@ class Demo:
                 rows = {}
                 for setting, ratio in ((f"pruned (keep {keep})", keep), ("unpruned (keep 1.0)", 1.0)):
                     tag = "pruned" if ratio < 1.0 else "unpruned"
-                    res = run_evaluation(task, model, cfg, "test", out / f"test_{tag}", ratio)
-                    self.command(["evaluate", name, "--ckpt", str(out / "model"), "--split", "test",
-                                  "--keep-ratio", str(ratio), "--out", str(out / f"test_{tag}")])
+                    # VQA's pruned evaluation also answers each question with another image: what the model
+                    # gets without looking (a model that ignores the image scores the same)
+                    blind = ["eval.blind_control=true"] if name == "vqa" and ratio < 1.0 else []
+                    res = run_evaluation(task, model, self.config(*sets, *blind), "test", out / f"test_{tag}", ratio)
+                    self.command(["evaluate", name, "--config", self.config_path, "--ckpt", str(out / "model"),
+                                  "--split", "test", "--keep-ratio", str(ratio), "--out", str(out / f"test_{tag}"),
+                                  *set_flags([*self.base_sets(), *self.overrides, *blind])])
                     m = res.metrics
                     rows[setting] = {"metric_name": label, "metric": m.get(key), "baseline": m.get(f"baseline_{key}"),
                                      "samples_per_s": m.get("samples_per_s"), "keep_ratio": ratio}
+                    if "blind_accuracy" in m:
+                        rows[setting]["blind"] = m["blind_accuracy"]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 self.results["tasks"][name] = rows
                 if name in ("vqa", "grounding"):  # task accuracy vs keep ratio, same fine-tuned weights
@@ -260,18 +279,15 @@ class Demo:
                         if r not in curve:
                             curve[r] = run_evaluation(task, model, cfg, "test", None, r).metrics.get(key)
                     self.results.setdefault("task_vs_keep", {})[name] = dict(sorted(curve.items()))
-                if name in ("vqa", "grounding", "retrieval"):
+                if name in ("vqa", "grounding"):  # the two tasks that read the selection most directly
                     for sel in ("random", "cls_attn", "text_attn"):
                         res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
                         record(sel, name, res.metrics, key)
-                if name in ("vqa", "grounding"):
-                    for row, label_row in (("no_pta", "tpd without PTA"),):
-                        if row not in models:
-                            continue
-                        out2 = self.out / f"tasks_{row}" / name
-                        finetune(task, cfg, out2, init=models[row], eval_split=None)
-                        res = run_evaluation(task, load(out2 / "model"), cfg, "test", None, keep)
-                        record(label_row, name, res.metrics, key)
+                    # the other pre-training rows differ from COPA's only in the selector: theirs, same weights
+                    for row, label_row in (("no_pta", "tpd without PTA"), ("all_boxes", ALL_BOXES_ROW)):
+                        if row in donors:
+                            res = run_evaluation(task, with_selectors_of(model, donors[row]), cfg, "test", None, keep)
+                            record(label_row, name, res.metrics, key)
                 torch.set_grad_enabled(True)
 
     def bench(self) -> None:

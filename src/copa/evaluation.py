@@ -37,6 +37,22 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
     return out
 
 
+def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
+    """A view of ``model`` sharing all its weights but selecting with ``donor``'s selectors (same
+    selector type and shapes, e.g. another pre-training row of the same trunk): a fine-tuned model
+    evaluated with another row's selection, no fine-tune of its own."""
+    if model.cfg.select != donor.cfg.select:
+        raise ValueError(f"selection configs differ: {model.cfg.select} vs {donor.cfg.select}")
+    vit = copy.copy(model.vision)
+    vit._modules = dict(model.vision._modules)
+    vit.selectors = copy.deepcopy(donor.vision.selectors)
+    vit.keep_ratios = list(model.vision.keep_ratios)
+    out = copy.copy(model)
+    out._modules = dict(model._modules)
+    out.vision = vit
+    return out
+
+
 def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_size: int = 32) -> Any:
     from copa.data.collate import Collator
     from copa.data.dataset import PretrainDataset

@@ -33,14 +33,13 @@ def _get(d: dict[Any, Any], k: float) -> Any:
 
 def _pretrain_sentence(res: dict[str, Any]) -> str:
     pre = res["pretrain"]
-    text = f"{pre['steps']} steps ({pre['precision']})"
-    shared = res.get("pretrain_shared")
-    if shared and pre.get("branched_from"):
-        text += (f": the first {shared['steps']} steps without PTA in {shared['wall_s']:.0f} s, shared with the "
-                 f"ablation rows (no PTA; boxes on every image), which branch from the same checkpoint, then PTA "
-                 f"on for the rest, {pre['wall_s']:.0f} s")
-    else:
-        text += f" in {pre['wall_s']:.0f} s"
+    text = (f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) with ITC, ITM, MLM and "
+            "PrefixLM and no PTA, shared by every pre-training row; then each row's PTA stage trains the selector "
+            "alone (everything else frozen)")
+    stage = res.get("pta_copa")
+    if stage:
+        text += (f": COPA's for {stage['steps']} steps on the {stage['boxed_images']} training images that carry "
+                 f"boxes, {stage['wall_s']:.0f} s")
     return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
 
 
@@ -58,15 +57,16 @@ def _pta_blocks(res: dict[str, Any]) -> list[Block]:
     out: list[Block] = []
     pre = res.get("pretrain")
     if pre:
-        v = pre["final_val"]
-        out += [("h2", "Pre-training (tiny preset, synthetic scenes, with PTA)"),
+        v = {**pre["final_val"], **{f"pta_{k}": x for k, x in res.get("pta_copa", {}).get("final_val", {}).items()}}
+        out += [("h2", "Pre-training (tiny preset, synthetic scenes, PTA from ~5% boxed images)"),
                 ("p", _pretrain_sentence(res)),
                 ("table", (["metric (validation)", "value"],
                            [[k, _fmt(v.get(k))] for k in ("pta_specificity@0.25", "pta_specificity@0.5",
                                                            "pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
                                                            "pta_ap_phrase", "pta_ap_agnostic", "val_itc", "val_itm",
-                                                           "val_mlm", "val_prefix_lm", "val_pta") if k in v]))]
-        out.append(("p", ("Object-patch recall = share of the patches under the queried object's box that survive "
+                                                           "val_mlm", "val_prefix_lm") if k in v]))]
+        out.append(("p", ("Selection metrics after COPA's PTA stage, losses at the end of the trunk. Object-patch "
+                         "recall = share of the patches under the queried object's box that survive "
                          f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
                          f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation. Text specificity = recall of "
                          "the queried object's patches minus recall of the other objects' patches of the same image, "
@@ -99,15 +99,12 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
         rows.append([name, _fmt(r.get("specificity@0.25")), _fmt(r.get("specificity@0.5")), _fmt(r.get("recall_phrase")),
                      _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
                     + [_fmt(t.get(c[0])) for c in present])
-    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). `random`, `cls_attn` (EViT-style), "
-            "`text_attn` (TRIPS-style) and `none` share the weights of the COPA pre-training and differ in the "
-            "selector only; `tpd without PTA` and `boxes on every image` are their own pre-trainings (PTA weight 0; "
-            "PTA labels on all training images instead of ~5%)"
-            + (" with the same data order and number of steps; the first "
-               f"{res['pretrain_shared']['steps']} steps, run without PTA, are shared with COPA's"
-               if res.get("pretrain_shared") and res.get("pretrain", {}).get("branched_from") else "")
-            + "; their VQA and grounding rows are fine-tuned like COPA's. Random selection scores recall = keep "
-              "ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split.")
+    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). Every row shares the weights of "
+            "the one pre-training trunk and differs in the selector only: `random`, `cls_attn` (EViT-style) and "
+            "`text_attn` (TRIPS-style) are parameter-free; `tpd without PTA` is the trunk's own TPD, COPA's was "
+            "trained by PTA on the ~5% boxed images, the last row by PTA with boxes on every image. The task "
+            "columns evaluate COPA's fine-tuned model with each row's selector swapped in. Random selection scores "
+            "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split.")
     out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
     sweep = res.get("pta_vs_keep")
     if sweep:
@@ -140,10 +137,14 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             if margin is not None and margin <= 0:
                 behind.append(f"{task} ({setting})")
             rows.append([task, setting, m.get("metric_name", ""), _fmt(value), _fmt(base),
-                         "—" if margin is None else f"{margin:+.3f}", _fmt(m.get("samples_per_s"), 1)])
+                         "—" if margin is None else f"{margin:+.3f}", _fmt(m.get("blind")),
+                         _fmt(m.get("samples_per_s"), 1)])
     out: list[Block] = [("h2", "Downstream tasks: pruned vs unpruned"),
-                        ("table", (["task", "setting", "metric", "value", "trivial baseline", "margin", "samples/s"],
-                                   rows))]
+                        ("table", (["task", "setting", "metric", "value", "trivial baseline", "margin",
+                                    "with another image", "samples/s"], rows)),
+                        ("p", ("`with another image`: VQA's questions answered with another test image (same model): "
+                              "what it scores without looking. Close to `value` means the model answers from the "
+                              "question alone."))]
     if behind:
         out.append(("p", "Not above the trivial baseline at this run's fine-tuning budget: " + ", ".join(behind)
                     + ". Short fine-tunes first learn the answer prior; BENCHMARKS.md has longer runs."))
@@ -153,7 +154,7 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
 # the learning issue's targets for the full demo: (label, how to read it from results, target, baseline label)
 TARGETS = [
     ("text specificity @0.25 (COPA)", ("ablation", "specificity@0.25"), 0.5, "0 (random / text-blind)"),
-    ("object-patch recall @0.5 (phrase)", ("pretrain", "pta_recall_phrase"), 0.9, "0.5 (random)"),
+    ("object-patch recall @0.5 (phrase, COPA)", ("ablation", "recall_phrase"), 0.9, "0.5 (random)"),
     ("VQA accuracy (%)", ("task", "vqa"), 70.0, "majority answer"),
     ("grounding acc@0.5 (%)", ("task", "grounding"), 60.0, "centre box"),
     ("retrieval mean recall (%)", ("task", "retrieval"), 50.0, "random ranking"),
@@ -166,7 +167,7 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
     if kind == "ablation":
         rows = res.get("ablation_pta", {}).get("rows", {})
         copa = next((r for name, r in rows.items() if "COPA" in name), {})
-        return copa.get(key), 0.0
+        return copa.get(key), (copa.get("recall_random") if key.startswith("recall") else 0.0)
     if kind == "pretrain":
         return res.get("pretrain", {}).get("final_val", {}).get(key), res.get("pretrain", {}).get(
             "final_val", {}).get("pta_recall_random")

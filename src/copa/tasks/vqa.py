@@ -123,18 +123,21 @@ class VQATask(Task):
                     answers = generate(
                         model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty
                     )
-            for i, answer, refs in zip(idx, answers, batch.answers, strict=True):
+            ranked = (cand_ids, cand_mask, candidates) if candidates else None
+            blind = self._blind_answers(model, batch, env, mode, ranked) if ev.blind_control else [None] * len(answers)
+            for i, answer, refs, other in zip(idx, answers, batch.answers, blind, strict=True):
                 rec = dataset.records[i]
-                preds.append(
-                    {
-                        "index": i,
-                        "image": rec.image,
-                        "question": rec.questions[0].q,
-                        "answers": refs,
-                        "prediction": answer,
-                        "score": vqa_score(answer, refs),
-                    }
-                )
+                pred = {
+                    "index": i,
+                    "image": rec.image,
+                    "question": rec.questions[0].q,
+                    "answers": refs,
+                    "prediction": answer,
+                    "score": vqa_score(answer, refs),
+                }
+                if other is not None:
+                    pred["blind_prediction"], pred["blind_score"] = other, vqa_score(other, refs)
+                preds.append(pred)
         preds, seconds = gather_predictions(preds, env.watch.seconds)
         refs = [p["answers"] for p in preds]
         train_refs = split_answers(env.cfg, "train")
@@ -147,4 +150,29 @@ class VQATask(Task):
             "baseline_accuracy": 100.0 * sum(vqa_score(majority, r) for r in refs) / max(1, len(refs)),
             **throughput(len(preds), seconds),
         }
+        blind = [p["blind_score"] for p in preds if "blind_score" in p]
+        if blind:  # same questions, another image: the accuracy this model reaches without looking
+            metrics["blind_accuracy"] = 100.0 * sum(blind) / len(blind)
+            metrics["blind_questions"] = len(blind)
+            seen = [p["score"] for p in preds if "blind_score" in p]
+            metrics["accuracy_on_blind_questions"] = 100.0 * sum(seen) / len(seen)
         return EvalResult(metrics, preds)
+
+    def _blind_answers(self, model: COPAModel, batch: Batch, env: EvalEnv, mode: str,
+                       ranked: tuple[Tensor, Tensor, list[str]] | None) -> list[str | None]:
+        """Each question answered with the image half a batch away (None where that is the same
+        image), outside the timed region."""
+        b = batch.images.shape[0]
+        perm = (torch.arange(b) + b // 2) % b
+        other = (batch.image_ids[perm] != batch.image_ids).tolist()
+        if not any(other):
+            return [None] * b
+        with env.autocast():
+            ctx, cmask = model(batch.images[perm], batch.question_ids, batch.question_mask).context()
+            if ranked is not None:
+                best = rank_candidates(model, ctx, cmask, ranked[0], ranked[1]).argmax(1).tolist()
+                answers = [ranked[2][j] for j in best]
+            else:
+                ev = env.ev
+                answers = generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+        return [a if o else None for a, o in zip(answers, other, strict=True)]

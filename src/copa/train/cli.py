@@ -24,6 +24,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "resume with this command's settings (ablations that share their first steps)")
     p.set_defaults(func=run)
 
+    q = sub.add_parser("pta-stage", help="train only the selector with PTA on a pre-trained model (boxed images)")
+    add_common(q, out_default="runs/pta_stage")
+    q.add_argument("--init", required=True, help="the pre-trained COPA model directory")
+    q.add_argument("--steps", type=int, default=300, help="selector updates (default 300)")
+    q.add_argument("--batch", type=int, default=16, help="boxed images per step (default 16)")
+    q.add_argument("--lr", type=float, default=None, help="default: train.lr_selector, else train.lr")
+    q.set_defaults(func=run_pta_stage)
+
+
+def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
+    """Load --init, train its selector (copa.train.selector_stage), save OUT/model + OUT/summary.json
+    with the validation selection metrics before and after."""
+    import dataclasses
+    from pathlib import Path
+
+    from copa.evaluation import pta_eval
+    from copa.model.copa import load
+    from copa.train.selector_stage import train_selector
+
+    model = load(args.init)
+    cfg = dataclasses.replace(cfg, model=model.cfg)  # read the data with the model's own image size/tokenizer
+    before = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
+    res = train_selector(model, cfg, args.steps, args.batch, args.lr)
+    after = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
+    out = Path(args.out)
+    model.save_pretrained(out / "model")
+    summary = {"init": str(args.init), **dataclasses.asdict(res), "val_before": before, "val_after": after}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train import distributed as D

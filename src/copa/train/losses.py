@@ -154,7 +154,7 @@ class StepOutput:
     sim: Tensor | None = None  # (B, B) ITC similarity, for inspection
     neg_txt: Tensor | None = None
     neg_img: Tensor | None = None
-    itm_kept: Tensor | None = None  # (3B, K) kept patches of [positive; image+hard text; hard image+text]
+    itm_kept: Tensor | None = None  # (3B or 2B, K) kept patches of [positive; negative pairs]
     events: dict[str, int] = field(default_factory=dict)  # e.g. {"itm_skipped": 1}, for the run summary
 
 
@@ -162,7 +162,7 @@ class PretrainObjective(nn.Module):
     """All pre-training losses for one batch; wrap this module with DDP/FSDP."""
 
     def __init__(self, model: COPAModel, weights: dict[str, float], mlm_prob: float = 0.15, pta_pos_weight: float = 2.0,
-                 pta_contrast: float = 0.0) -> None:
+                 pta_contrast: float = 0.0, itm_negatives: str = "both") -> None:
         super().__init__()
         unknown = set(weights) - set(LOSS_NAMES)
         if unknown:
@@ -173,6 +173,7 @@ class PretrainObjective(nn.Module):
         self.mlm_prob = mlm_prob
         self.pta_pos_weight = pta_pos_weight
         self.pta_contrast = pta_contrast
+        self.itm_negatives = itm_negatives
         tok = model.tokenizer
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
         self.vocab = tok.vocab_size
@@ -206,12 +207,17 @@ class PretrainObjective(nn.Module):
                 events["itm_skipped"] = 1
             else:
                 neg_txt, neg_img = sample_hard_negatives(sim, batch.image_ids)
-            img_idx = torch.cat([ar, ar, neg_img])  # positive, (image, hard text), (hard image, text)
-            txt_idx = torch.cat([ar, neg_txt, ar])
+            if self.itm_negatives == "both":  # positive, (image, hard text), (hard image, text)
+                img_idx, txt_idx = torch.cat([ar, ar, neg_img]), torch.cat([ar, neg_txt, ar])
+            else:  # even rows pair their image with a hard text, odd rows their text with a hard image
+                even = ar % 2 == 0
+                img_idx = torch.cat([ar, torch.where(even, ar, neg_img)])
+                txt_idx = torch.cat([ar, torch.where(even, neg_txt, ar)])
             vis = m.encode_image(prefix[img_idx], txt_cls[txt_idx])
             fused = m.fuse(vis, txt[txt_idx], mask[txt_idx])
             itm_kept = vis.kept
-            labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
+            n_neg = img_idx.shape[0] - b
+            labels = torch.cat([torch.ones(b), torch.zeros(n_neg)]).long().to(ids.device)
             losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels) * (0.0 if skip_itm else 1.0)
 
         if w["mlm"]:

@@ -375,7 +375,8 @@ def pretrain(
     model.to(device).train()
     dtype = resolve_precision(cfg.train.precision, device)
     t = cfg.train
-    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast)
+    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast,
+                                  t.itm_negatives)
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
     state = None

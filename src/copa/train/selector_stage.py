@@ -1,0 +1,117 @@
+"""A PTA stage for the selector alone, on a pre-trained model.
+
+Everything but the first-stage selector is frozen; only the images that carry boxes are read; the
+loss is exactly pre-training's PTA loss (``PretrainObjective.pta_loss``: phrase queries, phrase-level
+negatives, the text-agnostic query on the union of boxes). Why a stage of its own: PTA needs a few
+hundred updates of the selector before it becomes text-specific (BENCHMARKS.md), and a full
+pre-training step costs ~3 s on a 2-core CPU, while a selector-only step (the frozen ViT prefix of 16
+images and the selector) costs ~0.1 s. The demo's pre-training rows then share one trunk and differ
+only in this stage: none (TPD without PTA), the ~5% boxed images (COPA), or boxes on every image.
+Joint PTA during pre-training (``train.loss_weights.pta``) stays the library's default.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from copa.config import Config
+from copa.errors import UserError
+from copa.model.copa import COPAModel
+from copa.train.losses import PretrainObjective
+from copa.train.sampler import EpochSeeded, loader_generator
+
+log = logging.getLogger(__name__)
+
+
+class PoolSampler(Sampler[int]):
+    """Endless shuffled passes over ``pool`` (indices into a dataset of ``n``), as ``EpochSeeded``
+    keys ``epoch * n + i`` so every epoch draws its own augmentations."""
+
+    def __init__(self, n: int, pool: list[int], seed: int) -> None:
+        self.n, self.pool, self.seed = n, list(pool), seed
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = 0
+        while True:
+            for j in np.random.default_rng([self.seed, 104729, epoch]).permutation(len(self.pool)):
+                yield epoch * self.n + self.pool[j]
+            epoch += 1
+
+
+@dataclass
+class SelectorStageResult:
+    steps: int
+    boxed_images: int
+    first_loss: float
+    last_loss: float  # mean of the last 10 steps
+    wall_s: float
+
+
+def boxed_loader(dataset: Any, cfg: Config, batch_size: int) -> DataLoader:
+    """Batches of the training images that carry boxes (with pre-training's augmentations)."""
+    from copa.data.collate import Collator
+
+    pool = [i for i, r in enumerate(getattr(dataset, "records", [])) if r.objects]
+    if not pool:
+        raise UserError(f"no record of {cfg.data.train} carries boxes (objects): the selector stage has "
+                        "nothing to learn from")
+    return DataLoader(EpochSeeded(dataset, cfg.seed), batch_size=min(batch_size, len(pool)),
+                      sampler=PoolSampler(len(dataset), pool, cfg.seed), num_workers=cfg.data.num_workers,
+                      collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
+                      generator=loader_generator(cfg.seed), drop_last=True)
+
+
+def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 16,
+                   lr: float | None = None) -> SelectorStageResult:
+    """Train ``model``'s first-stage selector with PTA for ``steps`` steps of ``batch_size`` boxed
+    images (in place; every other parameter keeps its value). ``lr`` defaults to
+    ``train.lr_selector`` (else ``train.lr``)."""
+    from copa.train.trainer import build_datasets
+
+    if not len(model.vision.selectors) or not any(p.numel() for p in model.vision.selectors[0].parameters()):
+        raise UserError(f"selector {model.cfg.select.selector!r} has no parameters: nothing for PTA to train")
+    if steps <= 0:
+        raise UserError(f"the selector stage needs a positive number of steps, got {steps}")
+    t = cfg.train
+    dataset = build_datasets(cfg, ("train",))["train"]
+    loader = boxed_loader(dataset, cfg, batch_size)
+    boxed = sum(1 for r in dataset.records if r.objects)
+    selector = model.vision.selectors[0]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in selector.parameters():
+        p.requires_grad_(True)
+    # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
+    model.eval()
+    objective = PretrainObjective(model, {"pta": 1.0}, pta_pos_weight=t.pta_pos_weight, pta_contrast=t.pta_contrast)
+    opt = torch.optim.AdamW(selector.parameters(), lr=lr or t.lr_selector or t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        it = iter(loader)
+        for step in range(1, steps + 1):
+            batch = next(it)
+            with torch.no_grad():
+                prefix = model.image_prefix(batch.images)
+            loss = objective.pta_loss(prefix, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if step % max(1, steps // 5) == 0 or step == 1:
+                log.info("selector stage step %d/%d: pta %.4f", step, steps, losses[-1])
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return SelectorStageResult(steps, boxed, losses[0], float(np.mean(losses[-10:])), time.perf_counter() - t0)
