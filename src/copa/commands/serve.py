@@ -43,7 +43,9 @@ def demo_layout(path: Path) -> dict[str, Path] | None:
     """The models and examples of a ``copa demo`` output directory, or None if ``path`` is not one."""
     if not (path / "tasks").is_dir() or not (path / "pretrain" / "model").is_dir():
         return None
-    found = {"base": path / "pretrain" / "model"}
+    # COPA's own selector: the PTA stage after the shared trunk when the demo ran one
+    base = path / "pta_copa" / "model"
+    found = {"base": base if base.is_dir() else path / "pretrain" / "model"}
     for task in ("vqa", "grounding", "caption"):
         if (path / "tasks" / task / "model").is_dir():
             found[task] = path / "tasks" / task / "model"
