@@ -64,3 +64,28 @@ def train_config(data_dir, *overrides: str):
         *TRAIN_MICRO, f"data.train={data_dir}/train.json", f"data.val={data_dir}/val.json",
         f"data.test={data_dir}/test.json", *overrides,
     )
+
+
+@pytest.fixture(scope="session")
+def micro_ckpt(tmp_path_factory):
+    """A saved micro COPA model (random weights), as ``save_pretrained`` writes it; read-only."""
+    from copa.model.copa import COPAModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    COPAModel(micro_config().model).save_pretrained(path)
+    return path
+
+
+def scene_png(path, size=(48, 40), seed=0):
+    """A small RGB PNG with two coloured shapes on a noisy background (not square on purpose)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(90, 140, (size[1], size[0], 3), dtype=np.uint8))
+    d = ImageDraw.Draw(img)
+    d.ellipse([4, 4, 20, 20], fill=(220, 30, 30))
+    d.rectangle([size[0] - 20, size[1] - 18, size[0] - 4, size[1] - 3], fill=(30, 40, 220))
+    img.save(path)
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from copa.cli import main
-from tests.conftest import MICRO
+from tests.conftest import MICRO, scene_png
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,10 @@ def files(tmp_path_factory) -> Path:
     (d / "list.json").write_text("[]")
     (d / "number.json").write_text("42")
     (d / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
+    scene_png(d / "scene.png")
+    (d / "bad.png").write_bytes(b"not an image")
+    (d / "empty_dir").mkdir()
+    (d / "images.json").write_text(json.dumps({"image": "scene.png"}))
     torch.manual_seed(0)
     good = d / "model"
     COPAModel(load_config("configs/tiny.yaml", MICRO).model).save_pretrained(good)
@@ -56,6 +60,12 @@ def _info(*sets: str) -> list[str]:
 
 def _evaluate(ckpt: str, *extra: str) -> list[str]:
     return ["evaluate", "retrieval", "--ckpt", ckpt, "--out", "{d}/eval", *extra]
+
+
+def _predict(task: str, *extra: str) -> list[str]:
+    ckpt = [] if "--ckpt" in extra else ["--ckpt", "{d}/model"]
+    image = [] if "--image" in extra else ["--image", "{d}/scene.png"]
+    return ["predict", task, *ckpt, *image, "--out", "{d}/pred.jsonl", *extra]
 
 
 def _pretrain(*sets: str) -> list[str]:
@@ -101,6 +111,21 @@ CASES = {
     "config.json without a model": (_evaluate("{d}/no_model_section"), "has no 'model' section"),
     "config.json not the weights": (_evaluate("{d}/config_not_the_weights"), "cannot be loaded"),
     "config.json unknown key": (_evaluate("{d}/unknown_key"), "unknown config key"),
+    "predict a missing checkpoint": (_predict("caption", "--ckpt", "{d}/nope"), "not a COPA checkpoint"),
+    "predict vqa without a question": (_predict("vqa"), "vqa needs --question"),
+    "predict vqa with --text": (_predict("vqa", "--text", "x"), "vqa takes --question"),
+    "predict grounding without a text": (_predict("grounding"), "grounding needs --text"),
+    "predict retrieval without a text": (_predict("retrieval"), "retrieval needs at least one --text"),
+    "predict --keep-ratio 0": (_predict("caption", "--keep-ratio", "0"), "--keep-ratio 0.0 is outside"),
+    "predict a missing image": (_predict("caption", "--image", "{d}/nope"), "no such file or folder"),
+    "predict only unreadable images": (_predict("caption", "--image", "{d}/bad.png"), "no readable image"),
+    "predict an empty folder": (_predict("caption", "--image", "{d}/empty_dir"), "holds no images"),
+    "predict a JSON object": (_predict("caption", "--image", "{d}/images.json"), "expected a non-empty JSON list"),
+    "predict on a missing GPU": (_predict("caption", "--device", "cuda:3"), "--device cuda:3"),
+    "export an unknown part": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--parts", "decoder"],
+                               "--parts: unknown part(s) ['decoder']"),
+    "export --keep-ratio 2": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--keep-ratio", "2"],
+                              "--keep-ratio 2.0 is outside"),
     "finetune --init missing": (
         ["finetune", "vqa", "--init", "{d}/nope", "--out", "{d}/ft"], "not a COPA checkpoint"
     ),

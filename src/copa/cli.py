@@ -24,6 +24,9 @@ COMMAND_MODULES = [
     "copa.data.cli",
     "copa.train.cli",
     "copa.tasks.cli",
+    "copa.commands.predict",
+    "copa.commands.serve",
+    "copa.commands.export",
     "copa.bench",
     "copa.demo",
 ]

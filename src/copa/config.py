@@ -21,6 +21,10 @@ T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------- model
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 # The defaults are the tiny preset (configs/tiny.yaml), so `Config()` (a command without --config)
 # builds a working model.
 @dataclass
@@ -87,6 +91,22 @@ class DecoderConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """How an image becomes the model's input; saved with the model, so ``copa.load`` alone can
+    prepare an image (``copa.preprocess.ImageTransform``): resize the whole image to
+    ``model.vision.image_size`` square (bicubic, aspect not kept, as ALBEF/mPLUG evaluate), scale
+    to [0, 1], normalise with ``mean`` / ``std``. The data pipeline normalises with the same values.
+
+    Texts need no field here: the tokenizer is saved beside the weights and truncates at
+    ``model.text.max_len`` tokens. ``copa convert`` sets mean/std from the converted checkpoint
+    (CLIP: the CLIP constants; google/vit: 0.5).
+    """
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -95,6 +115,7 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     embed_dim: int = 256  # ITC projection size
     temperature: float = 0.07
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -117,8 +138,10 @@ class DataConfig:
     patch_tau: float = 0.25
     max_phrases: int = 4
     num_workers: int = 0
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # image normalisation of the data pipeline. None: the model's (model.preprocess), which is what
+    # ``Config`` fills in; set model.preprocess.mean/std instead (these remain as aliases)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -191,6 +214,27 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     name: str = "copa"
+
+    def __post_init__(self) -> None:
+        # the data is normalised as the model expects unless a run says otherwise (check_config)
+        pre = self.model.preprocess
+        if self.data.mean is None:
+            self.data.mean = tuple(pre.mean)
+        if self.data.std is None:
+            self.data.std = tuple(pre.std)
+
+
+def with_preprocess(cfg: Config, pre: PreprocessConfig) -> Config:
+    """``cfg`` whose model preprocessing and data normalisation are ``pre`` (a checkpoint's)."""
+    data = dataclasses.replace(cfg.data, mean=tuple(pre.mean), std=tuple(pre.std))
+    model = dataclasses.replace(cfg.model, preprocess=dataclasses.replace(pre))
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def with_model(cfg: Config, model: ModelConfig) -> Config:
+    """``cfg`` for another model config (e.g. a loaded checkpoint's): the model section replaced,
+    the data normalised with that model's preprocessing."""
+    return dataclasses.replace(with_preprocess(cfg, model.preprocess), model=model)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -364,6 +408,9 @@ def check_model_config(m: ModelConfig) -> None:
     for name in ("layers", "heads", "max_len"):
         _positive(f"model.text.{name}", getattr(m.text, name))
     _positive("model.embed_dim", m.embed_dim)
+    pre = m.preprocess
+    if len(pre.mean) != 3 or len(pre.std) != 3 or not all(x > 0 for x in pre.std):
+        raise ConfigError(f"model.preprocess: mean and std need 3 values each, std > 0; got {pre.mean}, {pre.std}")
 
 
 def check_config(cfg: Config) -> None:
@@ -372,6 +419,7 @@ def check_config(cfg: Config) -> None:
     ``ckpt_every`` would divide by zero hours into a run."""
     check_model_config(cfg.model)
     t, d, e = cfg.train, cfg.data, cfg.eval
+    _sync_normalisation(cfg)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.distributed", t.distributed, DISTRIBUTED)
     _choice("data.format", d.format, DATA_FORMATS)
@@ -402,6 +450,20 @@ def check_config(cfg: Config) -> None:
     _positive("data.max_caption_chars", d.max_caption_chars)
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+
+
+def _sync_normalisation(cfg: Config) -> None:
+    """``data.mean/std`` given (the older keys) and the model's left at the default: the run's
+    normalisation becomes the model's, so the saved model records what it was trained with."""
+    pre, d = cfg.model.preprocess, cfg.data
+    for name, default in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+        given, model = tuple(getattr(d, name)), tuple(getattr(pre, name))
+        if given == model:
+            continue
+        if model != default:
+            raise ConfigError(f"data.{name} {list(given)} differs from model.preprocess.{name} {list(model)}; "
+                              f"set model.preprocess.{name} only")
+        setattr(pre, name, given)
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:

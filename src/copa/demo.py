@@ -368,6 +368,7 @@ class Demo:
         self.bench()
         self.pictures(models["copa"])
         self.report()
+        log.info("see the trained models in a browser: copa serve --ckpt %s  (then open http://127.0.0.1:7860/)", self.out)
         return 0
 
 

@@ -31,6 +31,12 @@ def _overlay(img: np.ndarray, kept: Sequence[int], grid: int) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def overlay_kept(img: np.ndarray, kept: Sequence[int], grid: int) -> np.ndarray:
+    """img (H, W, 3) uint8 with H, W multiples of ``grid`` -> the same with the patches not in
+    ``kept`` (row-major indices) dimmed."""
+    return _overlay(img, kept, grid)
+
+
 def kept_patches_figure(
     path: Path, rows: list[tuple[str, list[tuple[str, Sequence[int]]]]], grid: int, image_size: int
 ) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from copa.config import DataConfig
+from copa.config import CLIP_MEAN, CLIP_STD, DataConfig
 from copa.data.badinput import (
     MAX_CAPTION_CHARS,
     MAX_SIDE,
@@ -89,8 +89,8 @@ class SampleBuilder:
             crop_ratio,
             cfg.hflip,
             cfg.min_box_visible,
-            tuple(cfg.mean),
-            tuple(cfg.std),
+            tuple(cfg.mean or CLIP_MEAN),  # a bare DataConfig(): the default model's
+            tuple(cfg.std or CLIP_STD),
         )
 
     def _pick(self, n: int, rng: np.random.Generator) -> int | None:

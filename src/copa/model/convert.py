@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from copa.config import VisionConfig
+from copa.config import CLIP_MEAN, CLIP_STD, PreprocessConfig, VisionConfig
 from copa.model.layers import BertStyleLayer
 from copa.model.vit import VisionTransformer, resize_pos_embed
 
@@ -46,6 +46,7 @@ __all__ = [
     "interpolate_pos_embed_in_state",
     "load_from_local",
     "load_vision_weights",
+    "preprocess_from_local",
     "read_local_state_dict",
     "vision_config_from_clip",
     "vision_config_from_vit",
@@ -541,3 +542,29 @@ def load_from_local(path: str | Path) -> tuple[VisionConfig, StateDict]:
         raise ValueError(f"{d}: config says {cfg.layers} layers, weights have a different number")
     log.info("converted %s checkpoint %s (%d layers, width %d)", model_type, d, cfg.layers, cfg.width)
     return cfg, converted
+
+
+# the normalisation each checkpoint family was trained with, when the directory has no
+# preprocessor_config.json to say it (google/vit-*: 0.5; every OpenAI / open_clip CLIP: CLIP's)
+_FAMILY_NORM = {
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def preprocess_from_local(path: str | Path) -> PreprocessConfig:
+    """The image normalisation a local HF vision checkpoint expects: ``image_mean``/``image_std`` of
+    its ``preprocessor_config.json`` when there is one, else its family's (``_FAMILY_NORM``)."""
+    d = Path(path)
+    raw = json.loads((d / "config.json").read_text())
+    proc = d / "preprocessor_config.json"
+    if proc.is_file():
+        p = json.loads(proc.read_text())
+        if isinstance(p, dict) and len(p.get("image_mean") or []) == 3 and len(p.get("image_std") or []) == 3:
+            return PreprocessConfig(tuple(map(float, p["image_mean"])), tuple(map(float, p["image_std"])))
+    model_type = raw.get("model_type")
+    if model_type not in _FAMILY_NORM:
+        raise ValueError(f"{d}: unsupported model_type {model_type!r} (expected clip, clip_vision_model or vit)")
+    mean, std = _FAMILY_NORM[model_type]
+    return PreprocessConfig(tuple(mean), tuple(std))

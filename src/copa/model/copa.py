@@ -27,7 +27,7 @@ from copa.model.decoder import Decoder
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
-from copa.model.text import TextEncoder, load_tokenizer
+from copa.model.text import TextEncoder, load_tokenizer, pool_text
 from copa.model.vit import VisionOutput, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,14 @@ class COPAModel(nn.Module):
     def tokenizer(self):
         return load_tokenizer(self.cfg.text.tokenizer)
 
+    @property
+    def image_transform(self):
+        """PIL image -> (3, H, W) input tensor, from the preprocessing saved with the model
+        (``copa.preprocess.ImageTransform``)."""
+        from copa.preprocess import ImageTransform
+
+        return ImageTransform.from_config(self.cfg)
+
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) -> (B, L, Dt)"""
         return self.text(ids, mask)
@@ -103,12 +111,7 @@ class COPAModel(nn.Module):
 
         txt: (B, L, Dt) encoder states, mask: (B, L).
         """
-        if self.cfg.text.pooling == "mean":
-            m = mask.unsqueeze(-1).to(txt.dtype)
-            return (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
-        if self.cfg.text.pooling != "cls":
-            raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {self.cfg.text.pooling!r}")
-        return txt[:, 0]
+        return pool_text(txt, mask, self.cfg.text.pooling)
 
     def encode_query(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) -> pooled text query (B, Dt)."""
@@ -287,8 +290,11 @@ def load_weights(
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> COPAModel:
-    """Load a saved COPA model ready for inference (eval mode)."""
-    return COPAModel.from_pretrained(path, map_location).eval()
+    """Load a saved COPA model ready for inference (eval mode): a local model directory, a training
+    run directory (its ``model/``), or a hub id (``copa.hub.resolve_checkpoint``)."""
+    from copa.hub import resolve_checkpoint
+
+    return COPAModel.from_pretrained(resolve_checkpoint(path), map_location).eval()
 
 
 def build_model(cfg: ModelConfig, load_text_weights: bool = True) -> COPAModel:

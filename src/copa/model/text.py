@@ -88,6 +88,17 @@ def check_checkpoint(loaded: BertConfig, cfg: TextConfig, path: str) -> None:
         raise ValueError(f"text checkpoint {path} does not match model.text: " + "; ".join(bad))
 
 
+def pool_text(txt: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """Encoder states (B, L, Dt) and mask (B, L) -> one vector per text (B, Dt): the mean over the
+    real tokens (``"mean"``) or the [CLS] state (``"cls"``)."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(txt.dtype)
+        return (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if pooling != "cls":
+        raise ValueError(f"model.text.pooling must be 'cls' or 'mean', got {pooling!r}")
+    return txt[:, 0]
+
+
 class TextEncoder(nn.Module):
     """BERT text encoder; exposes its embeddings for the tied MLM/LM heads and the decoder."""
 

@@ -18,7 +18,6 @@ argument (CLI ``--keep-ratio``), else ``cfg.eval.keep_ratio``, else the model's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from copa.config import Config, to_dict
+from copa.config import Config, to_dict, with_model
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
 from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
@@ -178,7 +177,7 @@ def finetune(
     if cfg.train.freeze_text_layers:
         model.text.freeze(cfg.train.freeze_text_layers)
     model.to(device).train()
-    cfg = dataclasses.replace(cfg, model=model.cfg)  # the loader tokenizes with the model's own tokenizer
+    cfg = with_model(cfg, model.cfg)  # the loader tokenizes and normalises as the model expects
     dtype = resolve_precision(cfg.train.precision, device)
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
@@ -274,6 +273,7 @@ def run_evaluation(
         model.set_keep_ratio(ratio)
     model.eval()
     dtype = resolve_precision(cfg.train.precision, device)
+    cfg = with_model(cfg, model.cfg)  # the data is normalised as the model expects
     try:
         v = model.cfg.vision
         data = task.build_dataset(cfg, split, False, v.image_size, v.patch_size)

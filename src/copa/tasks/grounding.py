@@ -62,6 +62,12 @@ def patch_box_loss(out: GroundingOutput, target: Tensor, valid: Tensor) -> dict[
     return {"patch_ce": ce, "l1": parts["l1"], "giou": parts["giou"], "loss": ce + parts["loss"]}
 
 
+def ground_pairs(model: COPAModel, images: Tensor, ids: Tensor, mask: Tensor) -> GroundingOutput:
+    """images (B, 3, H, W), referring expressions ids / mask (B, L) -> the box head's output; the
+    expression queries the TPD. ``.box`` (B, 4) is normalised (cx, cy, w, h)."""
+    return model.ground(model(images, ids, mask))
+
+
 class GroundingTask(Task):
     name = "grounding"
 
@@ -72,7 +78,7 @@ class GroundingTask(Task):
         return expanded_dataset(cfg, split, train, image_size, patch_size, expand, self.options.random_crop)
 
     def forward(self, model: COPAModel, batch: Batch) -> GroundingOutput:
-        return model.ground(model(batch.images, batch.ref_ids, batch.ref_mask))
+        return ground_pairs(model, batch.images, batch.ref_ids, batch.ref_mask)
 
     def predict(self, model: COPAModel, batch: Batch) -> Tensor:
         """(B, 4) normalised cxcywh boxes for the batch's referring expressions."""

@@ -67,6 +67,37 @@ class RetrievalData:
         return self.dataset.records[self.image_rows[i]].image
 
 
+@dataclass
+class Candidates:
+    """Which (image, text) pairs the ITM stage re-scores: each image query's top-k texts
+    ``i2t`` (I, T) bool, each text query's top-k images ``t2i`` (T, I) bool, and their union as
+    ``pairs`` (P, 2) [image, text], each pair once."""
+
+    i2t: Tensor
+    t2i: Tensor
+    pairs: Tensor
+
+    def final_scores(self, sim: Tensor, itm: Tensor, itc_weight: float) -> tuple[Tensor, Tensor]:
+        """ITC similarities ``sim`` (I, T) and the ITM log-odds of ``pairs`` (P,) -> image->text
+        (I, T) and text->image (T, I) scores: re-ranked candidates = ITM + itc_weight * ITC, the
+        others keep their ITC order below every re-ranked one."""
+        itm_mat = torch.zeros_like(sim)
+        itm_mat[self.pairs[:, 0], self.pairs[:, 1]] = itm.to(sim.dtype)
+        reranked = itm_mat + itc_weight * sim
+        i2t = torch.where(self.i2t, reranked, sim - _BELOW)
+        t2i = torch.where(self.t2i, reranked.t(), sim.t() - _BELOW)
+        return i2t, t2i
+
+
+def rerank_candidates(sim: Tensor, topk: int) -> Candidates:
+    """The pairs to re-rank from ITC similarities ``sim`` (I, T): top-``topk`` per query both ways."""
+    n_img, n_txt = sim.shape
+    k_txt, k_img = min(topk, n_txt), min(topk, n_img)
+    i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, sim.topk(k_txt, dim=1).indices, True)
+    t2i = torch.zeros(n_txt, n_img, dtype=torch.bool).scatter_(1, sim.t().topk(k_img, dim=1).indices, True)
+    return Candidates(i2t, t2i, (i2t | t2i.t()).nonzero())
+
+
 def stack_images(samples: list[dict[str, Any]]) -> Tensor:
     """collate_fn: sample dicts -> images (B, 3, H, W)."""
     return torch.stack([s["image"] for s in samples])
@@ -212,20 +243,10 @@ class RetrievalTask(Task):
         ids, mask = ids.to(env.device), mask.to(env.device)
         img, txt, t1 = self._stage1(model, data, ids, mask, env)
         sim = img @ txt.t()  # (I, T) cosine similarities
-        k_txt, k_img = min(env.ev.itm_topk, n_txt), min(env.ev.itm_topk, n_img)
-        cand_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(
-            1, sim.topk(k_txt, dim=1).indices, True
-        )
-        cand_t2i = torch.zeros(n_txt, n_img, dtype=torch.bool).scatter_(
-            1, sim.t().topk(k_img, dim=1).indices, True
-        )
-        pairs = (cand_i2t | cand_t2i.t()).nonzero()  # (P, 2) [image, text], each pair scored once
-        itm, t2 = self._stage2(model, data, ids, mask, pairs, env)
-        itm_mat = torch.zeros(n_img, n_txt)
-        itm_mat[pairs[:, 0], pairs[:, 1]] = itm
-        reranked = itm_mat + self.options.itc_weight * sim
-        i2t = torch.where(cand_i2t, reranked, sim - _BELOW)
-        t2i = torch.where(cand_t2i, reranked.t(), sim.t() - _BELOW)
+        cand = rerank_candidates(sim, env.ev.itm_topk)
+        itm, t2 = self._stage2(model, data, ids, mask, cand.pairs, env)
+        i2t, t2i = cand.final_scores(sim, itm, self.options.itc_weight)
+        pairs = cand.pairs
         metrics: dict[str, Any] = retrieval_metrics(i2t, t2i, data.text_image)
         metrics.update({f"itc_{k}": v for k, v in retrieval_metrics(sim, sim.t(), data.text_image).items()})
         metrics.update(

@@ -81,6 +81,12 @@ def load_answer_list(spec: str, cfg: Config) -> list[str]:
     return [str(a) for a in data]
 
 
+def question_context(model: COPAModel, images: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """images (B, 3, H, W), question ids / mask (B, L) -> decoder context (B, S, D) and mask (B, S):
+    the question queries the TPD and is fused with the kept patches."""
+    return model(images, ids, mask).context()
+
+
 class VQATask(Task):
     name = "vqa"
 
@@ -92,7 +98,7 @@ class VQATask(Task):
 
     def context(self, model: COPAModel, batch: Batch) -> tuple[Tensor, Tensor]:
         """Question-queried fused states -> decoder context (B, S, D) and mask (B, S)."""
-        return model(batch.images, batch.question_ids, batch.question_mask).context()
+        return question_context(model, batch.images, batch.question_ids, batch.question_mask)
 
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
         ctx, cmask = self.context(model, batch)

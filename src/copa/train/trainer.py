@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from copa.config import Config, TrainConfig, to_dict
-from copa.model.copa import COPAModel, load_weights
+from copa.config import Config, TrainConfig, to_dict, with_preprocess
+from copa.model.copa import COPAModel, load_weights, read_model_config
 from copa.train import distributed as D
 from copa.train.checkpoint import (
     check_fork,
@@ -356,6 +356,8 @@ def pretrain(
             fork_run(Path(branch_from), out)
         D.barrier()
         resume = True
+    if init:  # the data must be normalised as the checkpoint's model expects
+        cfg = with_preprocess(cfg, read_model_config(init).preprocess)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
