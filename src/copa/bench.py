@@ -270,8 +270,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, runs: int = 3) -> dict[str, float]:
-    """Measured dense-matmul throughput (n x n @ n x n) in FLOP/s: the best of ``runs`` (+1 warm-up)."""
+def native_precisions(device: torch.device) -> list[torch.dtype]:
+    """The precisions this device runs natively: fp32 always, bf16 on a bf16 GPU or a CPU with
+    AVX-512 BF16 / AMX. (An AVX2-only CPU emulates bf16 matmuls ~100x slower than fp32.)"""
+    from copa.utils import device as dev
+
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        fast = dev.cpu_has_fast_bf16()
+    return [torch.bfloat16, torch.float32] if fast else [torch.float32]
+
+
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device, n: int = 4096, runs: int = 3, max_seconds: float | None = None
+) -> dict[str, Any]:
+    """Measured dense-matmul throughput (n x n @ n x n) in FLOP/s: the best of ``runs`` (+1 warm-up).
+
+    With ``max_seconds``, a 256^3 matmul first estimates the rate, and ``n`` shrinks (to a multiple of
+    64, at least 256) so that all ``runs + 1`` calls fit the budget; ``capped`` says it did. On a CPU
+    that emulates bf16 the requested 4096^3 would take minutes per call.
+    """
+    requested = n
+    if max_seconds is not None and n > 256:
+        a = torch.randn(256, 256, device=device).to(dtype)
+        with torch.inference_mode():
+            torch.mm(a, a)
+            _sync(device)
+            t = time.perf_counter()
+            torch.mm(a, a)
+            _sync(device)
+        per_flop = (time.perf_counter() - t) / (2.0 * 256**3)
+        fit = (max_seconds / (runs + 1) / per_flop / 2.0) ** (1.0 / 3.0)
+        if fit < n:
+            n = max(256, int(fit) // 64 * 64)
+    name = _dtype_name(dtype)
+    log.info("matmul peak %s: %d^3 x %d runs (+1 warm-up)%s", name, n, runs,
+             f" (capped from {requested}^3 to fit {max_seconds:g} s)" if n != requested else "")
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     times = []
@@ -283,8 +318,10 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, runs: i
             _sync(device)
             if i:
                 times.append(time.perf_counter() - t)
+                log.debug("matmul peak %s: run %d/%d %.2f s", name, i, runs, times[-1])
     flops = 2.0 * n**3
-    return {"size": n, "flops_per_s": flops / min(times), "flops_per_s_median": flops / statistics.median(times)}
+    return {"size": n, "flops_per_s": flops / min(times), "flops_per_s_median": flops / statistics.median(times),
+            "capped": n != requested}
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -486,13 +523,17 @@ def time_interleaved(
     that itself got less (another process took a core mid-call) is discarded and re-timed, at most
     ``max_retries`` times (then the last one is kept).
     """
-    for _ in range(warmup):
+    t_start = time.perf_counter()
+    for w in range(warmup):
         for fn in fns.values():
             fn()
+        log.info("warm-up %d/%d done (%.1f s)", w + 1, warmup, time.perf_counter() - t_start)
     threads = max(1, torch.get_num_threads())
     check = min_util > 0 and device.type == "cpu"
     out = Timings({k: [] for k in fns}, {k: [] for k in fns})
-    for _ in range(runs):
+    for i in range(runs):
+        if i:
+            log.info("timed round %d/%d done (%.1f s)", i, runs, time.perf_counter() - t_start)
         for k, fn in fns.items():
             for attempt in range(max_retries + 1):
                 if check:
@@ -661,12 +702,15 @@ def bench_inference(
             e2e_fn = functools.partial(_e2e_call, model, switch, images, ids, mask, decode)
 
             tokens = {}
-            for s in settings:
+            for i, s in enumerate(settings):
                 switch.apply(s)
                 tokens[s] = int(model.vision(images[:1], query[:1]).tokens.shape[1])
                 if s not in flops:  # FLOPs do not depend on the precision
+                    log.info("%s: counting FLOPs of setting %s (%d/%d)", pname, s.name, i + 1, len(settings))
                     flops[s] = (count_flops(e2e_fn(s)), count_flops(vit_fn(s)))
             # peak memory of one e2e forward per setting
+            if memory:
+                log.info("%s: peak memory of %d settings", pname, len(settings))
             resident = _tensor_bytes(model, *switch.selectors.values(), images, ids, mask, query)
             peak_mb = {s: mem.measure(e2e_fn(s), resident) if memory else _NO_MEMORY for s in settings}
             log.info("%s: timing %d settings x %d runs (+%d warm-up), batch %d, interleaved",
@@ -821,6 +865,7 @@ def bench_train(
 
     # FLOPs of forward + backward (the optimizer step is not a matmul); this first step per setting
     # also allocates the AdamW state, which then counts as resident in the memory pass
+    log.info("train: counting FLOPs of %d settings", len(settings))
     flops = {s: count_flops(step_fn(s)) for s in settings}
     peak_mb = {s: _NO_MEMORY for s in settings}
     for s in settings if memory else []:
@@ -922,6 +967,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "times) that got less, i.e. another process took a core; 0 = off (default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes (faster)")
     p.add_argument("--peak-size", type=int, default=4096, help="matmul size for the peak FLOP/s probe (0: skip)")
+    p.add_argument("--peak-max-s", type=float, default=30.0,
+                   help="time cap per precision of the peak probe: the matmul shrinks to fit (0: no cap). "
+                   f"Precisions the CPU only emulates (bf16 without AVX-512 BF16/AMX) are probed only when "
+                   f"benchmarked, capped at {EMULATED_PROBE_S:g} s")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -930,18 +979,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _measure_peaks(
-    store: dict[str, Any], peaks: dict[str, float], device: torch.device, size: int, min_util: float
+    store: dict[str, Any], peaks: dict[str, float], device: torch.device, size: int, min_util: float,
+    dtypes: list[torch.dtype], max_seconds: float | None = None,
 ) -> None:
-    """Measure the bf16 and fp32 matmul peaks; keep the best seen so far in ``store``/``peaks``."""
+    """Measure the matmul peaks of the native precisions and of ``dtypes`` (the ones benchmarked);
+    keep the best seen so far in ``store``/``peaks``. A precision the device only emulates (bf16 on
+    an AVX2 CPU) is probed only when benchmarked, and always under the ``max_seconds`` cap."""
     if min_util > 0 and device.type == "cpu":
         wait_for_quiet(min_util)
+    native = native_precisions(device)
     for dt in (torch.bfloat16, torch.float32):
+        if dt not in native and dt not in dtypes:
+            continue
         name = _dtype_name(dt)
-        pk = matmul_peak(dt, device, size)
-        log.info("matmul peak %s (%d^3): %.3f TFLOP/s", name, size, pk["flops_per_s"] / 1e12)
+        cap = max_seconds if dt in native else min(max_seconds or EMULATED_PROBE_S, EMULATED_PROBE_S)
+        pk = matmul_peak(dt, device, size, max_seconds=cap)
+        if dt not in native:
+            pk["emulated"] = True
+        log.info("matmul peak %s (%d^3): %.3f TFLOP/s", name, pk["size"], pk["flops_per_s"] / 1e12)
         if pk["flops_per_s"] > peaks.get(name, 0.0):
             peaks[name] = pk["flops_per_s"]
             store[name] = pk
+
+
+EMULATED_PROBE_S = 20.0  # the most a peak probe of an emulated precision may take
+
+
+def bf16_warning(device: torch.device, dtypes: list[torch.dtype]) -> str | None:
+    """The loud warning for bf16 forced on a CPU without native bf16; None when it does not apply."""
+    if device.type != "cpu" or torch.bfloat16 not in dtypes or torch.bfloat16 in native_precisions(device):
+        return None
+    return ("bf16 was forced on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it, "
+            "so a bf16 matmul runs ~100x slower than fp32 (measured on an AVX2 EPYC: 0.001 vs 0.12 "
+            "TFLOP/s) and every bf16 number here measures that emulation, not the model. Use "
+            "--precision fp32 (or auto, which picks fp32 on this CPU).")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -966,6 +1037,11 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     specs = args.keep or [",".join(f"{a}:{b:g}" for a, b in zip(cfg.model.select.layers, cfg.model.select.keep_ratios))]
     settings = parse_keeps(specs, cfg.model.vision.layers)
     dtypes = _precisions(args.precision, device)
+    warnings: list[str] = []
+    warning = bf16_warning(device, dtypes)
+    if warning:
+        warnings.append(warning)
+        log.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
     hw = hardware_info(device)
     log.info("hardware: %s, %s cores (%s usable), %d torch threads, torch %s%s", hw["cpu"], hw["cpu_cores"],
              hw["cpu_cores_usable"], hw["torch_threads"], hw["torch"], f", GPU {hw['gpu']}" if "gpu" in hw else "")
@@ -986,11 +1062,13 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         "timing": "median of runs, settings interleaved run by run",
         "min_util": args.min_util,
         "selector": cfg.model.select.selector,
+        "warnings": warnings,
     }
     peaks: dict[str, float] = {}
+    peak_cap = args.peak_max_s if args.peak_max_s > 0 else None
     if args.peak_size > 0:
         result["matmul_peak"] = {}
-        _measure_peaks(result["matmul_peak"], peaks, device, args.peak_size, args.min_util)
+        _measure_peaks(result["matmul_peak"], peaks, device, args.peak_size, args.min_util, dtypes, peak_cap)
     model = build_bench_model(cfg, args.image_size, device, args.seed)
     result["patches"] = model.vision.num_patches
     result["parameters"] = model.num_parameters()
@@ -1008,7 +1086,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         result["results"] = records
         path.write_text(json.dumps(result, indent=2))  # keep the inference numbers if training fails
     if args.peak_size > 0:  # again at the end: the better of both, and the shares follow it
-        _measure_peaks(result["matmul_peak"], peaks, device, args.peak_size, args.min_util)
+        _measure_peaks(result["matmul_peak"], peaks, device, args.peak_size, args.min_util, dtypes, peak_cap)
         for r in result.get("results", []):
             pk = peaks.get(r["precision"])
             r["peak_share"] = r["achieved_flops_per_s"] / pk if pk else None
@@ -1029,6 +1107,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
               f"({hw['cpu_cores_usable']} cores, {hw['torch_threads']} threads), torch {hw['torch']}"
               + (f", GPU {hw['gpu']}" if "gpu" in hw else ""))
     print(header)
+    for w in warnings:
+        print(f"WARNING: {w}")
     if peaks:
         print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
     if "results" in result:
