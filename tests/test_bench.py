@@ -8,17 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from copa.bench import (
-    BenchError,
-    KeepSetting,
-    bench_inference,
-    bench_train,
-    build_bench_model,
-    count_flops,
-    cpu_tensor_peak,
-    parse_keep,
-    parse_keeps,
-)
+from copa.bench.flops import count_flops
+from copa.bench.harness import build_bench_model
+from copa.bench.inference import bench_inference
+from copa.bench.keep import BenchError, KeepSetting, parse_keep, parse_keeps
+from copa.bench.memory import cpu_tensor_peak
+from copa.bench.train import bench_train
 from tests.conftest import MICRO, micro_config
 
 INFER_KEYS = {
@@ -163,7 +158,7 @@ def test_cli_rejects_bad_keep(tmp_path):
 
 
 def test_native_precisions_follow_the_capability_check(monkeypatch):
-    from copa.bench import native_precisions
+    from copa.bench.hardware import native_precisions
 
     cpu = torch.device("cpu")
     _fast_bf16(monkeypatch, True)
@@ -173,7 +168,7 @@ def test_native_precisions_follow_the_capability_check(monkeypatch):
 
 
 def test_matmul_peak_shrinks_to_its_time_cap():
-    from copa.bench import matmul_peak
+    from copa.bench.hardware import matmul_peak
 
     pk = matmul_peak(torch.float32, torch.device("cpu"), n=2048, runs=1, max_seconds=1e-6)
     assert pk["size"] == 256 and pk["capped"] and pk["flops_per_s"] > 0
@@ -186,8 +181,9 @@ def test_cli_without_native_bf16_probes_fp32_only(tmp_path, capsys, monkeypatch)
 
     _fast_bf16(monkeypatch, False)
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1", "--warmup", "0",
-               "--keep", "2:0.5", "--peak-size", "64", "--text-len", "6", "--no-memory", "--out", str(tmp_path)])
+    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
+               "--warmup", "0", "--keep", "2:0.5", "--peak-size", "64", "--text-len", "6", "--no-memory",
+               "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert set(data["matmul_peak"]) == {"fp32"} and data["warnings"] == []
@@ -200,14 +196,14 @@ def test_cli_warns_loudly_when_bf16_is_forced_without_native_bf16(tmp_path, caps
 
     _fast_bf16(monkeypatch, False)
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1", "--warmup", "0",
-               "--keep", "2:0.5", "--precision", "bf16", "--peak-size", "64", "--text-len", "6", "--no-memory",
-               "--out", str(tmp_path)])
+    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
+               "--warmup", "0", "--keep", "2:0.5", "--precision", "bf16", "--peak-size", "64",
+               "--text-len", "6", "--no-memory", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["warnings"]) == 1 and "without native bf16" in data["warnings"][0]
     out = capsys.readouterr()
     assert "WARNING: bf16 was forced" in out.out  # in the printed table's header
-    assert "WARNING copa.bench: " + "!" * 100 in out.err  # and as a banner in the log, before anything runs
+    assert "WARNING copa.bench.cli: " + "!" * 100 in out.err  # and as a banner in the log, first
     # the forced precision is probed (it is what the shares refer to), flagged as emulated
     assert set(data["matmul_peak"]) == {"bf16", "fp32"} and data["matmul_peak"]["bf16"]["emulated"]

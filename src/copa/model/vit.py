@@ -183,7 +183,8 @@ class VisionTransformer(nn.Module):
                     prev = None
                     if has_fused:
                         prev = (x[:, -1:], dropped / (dropped + nc - k))
-                    x, order, weights = select_and_fuse(core, logits, k, fuse, prev, self.select_cfg.straight_through)
+                    st = self.select_cfg.straight_through
+                    x, order, weights = select_and_fuse(core, logits, k, fuse, prev, st)
                 kept = candidates.gather(1, order[:, :k])
                 selections.append(Selection(logits, candidates, kept, weights, sizes))
                 candidates, dropped = kept, dropped + nc - k
