@@ -207,3 +207,31 @@ def test_cli_warns_loudly_when_bf16_is_forced_without_native_bf16(tmp_path, caps
     assert "WARNING copa.bench.cli: " + "!" * 100 in out.err  # and as a banner in the log, first
     # the forced precision is probed (it is what the shares refer to), flagged as emulated
     assert set(data["matmul_peak"]) == {"bf16", "fp32"} and data["matmul_peak"]["bf16"]["emulated"]
+
+
+@pytest.mark.parametrize(("spec", "name", "selector"), [
+    ("tome@2:0.5", "tome@2:0.5", "tome"), (" Random @ 1:0.7,3:0.5", "random@1:0.7,3:0.5", "random"),
+    ("2:0.5", "2:0.5", None),
+])
+def test_parse_keep_with_a_selector(spec, name, selector):
+    s = parse_keep(spec, num_layers=4)
+    assert (s.name, s.selector) == (name, selector)
+    assert parse_keep(s.name, num_layers=4) == s  # the name parses back
+
+
+@pytest.mark.parametrize("spec", ["bogus@2:0.5", "none@2:0.5", "@2:0.5"])
+def test_parse_keep_rejects_unknown_selectors(spec):
+    with pytest.raises(BenchError, match="unknown selector"):
+        parse_keep(spec, num_layers=4)
+
+
+def test_bench_compares_selectors_in_one_run(micro):
+    """tome and random against the config's selector, same weights, same visual-token count."""
+    cfg, model = micro
+    settings = parse_keeps(["2:0.5", "tome@2:0.5", "random@2:0.5"], cfg.model.vision.layers)
+    recs = bench_inference(model, settings, batch=2, text_len=6, runs=1, warmup=0, memory=False)
+    assert [(r["keep"], r["selector"]) for r in recs] == [
+        ("none", "none"), ("2:0.5", "tpd"), ("tome@2:0.5", "tome"), ("random@2:0.5", "random")]
+    assert len({r["visual_tokens"] for r in recs[1:]}) == 1
+    assert recs[1]["visual_tokens"] < recs[0]["visual_tokens"]
+    assert model.vision.select_cfg.selector == "tpd"  # handed back with its own selection

@@ -45,9 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels (default: the config's)")
     p.add_argument("--batch", type=int, default=8, help="images / image-text pairs per forward (default 8)")
-    p.add_argument("--keep", action="append", default=[], metavar="L:R[,L:R]",
+    p.add_argument("--keep", action="append", default=[], metavar="[SEL@]L:R[,L:R]",
                    help="keep setting: 'none', '6:0.5' (select before block 6, keep 50%%) or '4:0.7,8:0.5'; "
-                   "repeatable; default: the config's select.layers/keep_ratios. 'none' is always added")
+                   "a SELECTOR@ prefix ('tome@6:0.5', 'random@6:0.5') uses another selector than the "
+                   "config's, on the same weights; repeatable; default: the config's select.layers/"
+                   "keep_ratios. 'none' is always added")
     p.add_argument("--runs", type=int, default=5, help="timed runs per setting (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up runs per setting")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "both"],

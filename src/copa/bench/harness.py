@@ -25,8 +25,9 @@ class SelectionSwitch:
     """Switches one model between keep settings without touching its ViT/text/fusion weights.
 
     Each pruned setting gets its own selector modules (one per stage, a fixed seed per setting, the
-    ViT's init); ``apply`` swaps them in with the selection layers and ratios. The unpruned setting
-    has no selector, exactly the ``selector: none`` model.
+    ViT's init; the setting's selector or else the config's); ``apply`` swaps them in with the
+    selection layers and ratios. The unpruned setting has no selector, exactly the ``selector: none``
+    model.
     """
 
     def __init__(self, model: nn.Module, settings: list[KeepSetting], seed: int = 0) -> None:
@@ -49,7 +50,8 @@ class SelectionSwitch:
                 torch.manual_seed(seed + 1000 + i)
                 sel = self.base_select
                 width, text_width = vit.cfg.width, model.cfg.text.width
-                mods = [make_selector(sel.selector, width, text_width, sel.tpd_hidden, sel.tpd_form)
+                name = s.selector or sel.selector
+                mods = [make_selector(name, width, text_width, sel.tpd_hidden, sel.tpd_form)
                         for _ in s.layers]
                 mods = [m for m in mods if m is not None]
                 for m in mods:
@@ -57,7 +59,8 @@ class SelectionSwitch:
             if not mods:
                 raise BenchError(
                     f"keep setting {s.name!r} needs a selector, but the config has selector "
-                    f"{self.base_select.selector!r}; set model.select.selector=tpd (or text_attn/cls_attn)"
+                    f"{self.base_select.selector!r}; set model.select.selector=tpd (or another selector) "
+                    f"or name one in the setting, e.g. 'tpd@{s.name}'"
                 )
             self.selectors[s] = nn.ModuleList(mods).to(device=p.device, dtype=p.dtype)
 
@@ -69,7 +72,8 @@ class SelectionSwitch:
         vit = self.model.vision
         if s.layers:
             vit.select_cfg = dataclasses.replace(self.base_select, layers=list(s.layers),
-                                                 keep_ratios=list(s.ratios))
+                                                 keep_ratios=list(s.ratios),
+                                                 selector=s.selector or self.base_select.selector)
             vit.keep_ratios = list(s.ratios)
         else:
             n = len(self.base_select.layers)

@@ -139,6 +139,7 @@ def bench_inference(
             rec = {
                 "precision": pname,
                 "keep": s.name,
+                "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
                 "layers": list(s.layers),
                 "ratios": list(s.ratios),
                 "visual_tokens": tokens[s],

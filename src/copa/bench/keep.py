@@ -16,10 +16,12 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class KeepSetting:
-    """Where to select and how much to keep. ``layers`` = () means unpruned (selector ``none``)."""
+    """Where to select and how much to keep, and with which selector (None: the config's).
+    ``layers`` = () means unpruned (selector ``none``)."""
 
     layers: tuple[int, ...] = ()
     ratios: tuple[float, ...] = ()
+    selector: str | None = None
 
     @property
     def pruned(self) -> bool:
@@ -29,7 +31,8 @@ class KeepSetting:
     def name(self) -> str:
         if not self.layers:
             return "none"
-        return ",".join(f"{layer}:{_fmt_ratio(r)}" for layer, r in zip(self.layers, self.ratios, strict=True))
+        spec = ",".join(f"{layer}:{_fmt_ratio(r)}" for layer, r in zip(self.layers, self.ratios, strict=True))
+        return spec if self.selector is None else f"{self.selector}@{spec}"
 
 
 def _fmt_ratio(r: float) -> str:
@@ -41,11 +44,22 @@ def parse_keep(spec: str, num_layers: int | None = None) -> KeepSetting:
 
     ``"none"`` -> unpruned; ``"6:0.5"`` -> select before block 6 (0-based, i.e. after 6 blocks),
     keep 50 %; ``"4:0.7,8:0.5"`` -> two stages, each ratio of the patches entering that stage.
-    Layers must increase and lie in ``(0, num_layers)``; ratios in ``(0, 1]``.
+    Layers must increase and lie in ``(0, num_layers)``; ratios in ``(0, 1]``. A ``SELECTOR@`` prefix
+    (``"tome@3:0.5"``, ``"random@3:0.5"``) uses that selector instead of the config's, so selectors
+    are compared in one run on the same weights.
     """
+    from copa.model.selection import SELECTORS
+
     text = spec.strip().lower()
     if text in ("none", "unpruned", "full"):
         return KeepSetting()
+    selector = None
+    if "@" in text:
+        selector, text = (s.strip() for s in text.split("@", 1))
+        choices = [s for s in SELECTORS if s != "none"]
+        if selector not in choices:
+            raise BenchError(f"bad keep setting {spec!r}: unknown selector {selector!r}; expected one of "
+                             f"{', '.join(choices)} (the unpruned model is 'none')")
     if not text:
         raise BenchError("empty keep setting; use 'none' or LAYER:RATIO[,LAYER:RATIO...] such as '6:0.5'")
     layers: list[int] = []
@@ -76,7 +90,7 @@ def parse_keep(spec: str, num_layers: int | None = None) -> KeepSetting:
         ratios.append(ratio)
     if any(b <= a for a, b in itertools.pairwise(layers)):
         raise BenchError(f"bad keep setting {spec!r}: layers must strictly increase, got {layers}")
-    return KeepSetting(tuple(layers), tuple(ratios))
+    return KeepSetting(tuple(layers), tuple(ratios), selector)
 
 
 def parse_keeps(specs: list[str], num_layers: int | None = None) -> list[KeepSetting]:

@@ -140,7 +140,8 @@ def bench_train(
         sp, ratio = t0 / ts, f0 / flops[s]
         out.append({
             "precision": dtype_name(dtype) + ("-autocast" if amp else ""),
-            "keep": s.name, "layers": list(s.layers), "ratios": list(s.ratios), "batch": batch,
+            "keep": s.name, "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
+            "layers": list(s.layers), "ratios": list(s.ratios), "batch": batch,
             "flops": flops[s] // batch, "flops_ratio": ratio, "samples_per_s": batch / ts,
             "speedup": sp, "efficiency": sp / ratio, "achieved_flops_per_s": flops[s] / ts,
             **peak_mb[s],
