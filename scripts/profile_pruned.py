@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from copa.bench import build_bench_model
+from copa.bench.harness import build_bench_model
 from copa.config import load_config
 from copa.model import vit
 

@@ -8,17 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from copa.bench import (
-    BenchError,
-    KeepSetting,
-    bench_inference,
-    bench_train,
-    build_bench_model,
-    count_flops,
-    cpu_tensor_peak,
-    parse_keep,
-    parse_keeps,
-)
+from copa.bench.flops import count_flops
+from copa.bench.harness import build_bench_model
+from copa.bench.inference import bench_inference
+from copa.bench.keep import BenchError, KeepSetting, parse_keep, parse_keeps
+from copa.bench.memory import cpu_tensor_peak
+from copa.bench.train import bench_train
 from tests.conftest import MICRO, micro_config
 
 INFER_KEYS = {
@@ -130,8 +125,17 @@ def test_bench_train_micro(micro):
     assert not model.training
 
 
-def test_cli_writes_json(tmp_path, capsys):
+def _fast_bf16(monkeypatch, fast: bool) -> None:
+    """Mock the CPU capability check (AVX-512 BF16 / AMX) that decides what the CPU runs natively."""
+    import copa.utils.device
+
+    monkeypatch.setattr(copa.utils.device, "cpu_has_fast_bf16", lambda: fast)
+
+
+def test_cli_writes_json(tmp_path, capsys, monkeypatch):
     from copa.cli import main
+
+    _fast_bf16(monkeypatch, True)  # a CPU with native bf16: both peaks are probed
 
     sets = [a for o in MICRO for a in ("--set", o)]
     rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1", "--warmup", "1",
@@ -151,3 +155,83 @@ def test_cli_rejects_bad_keep(tmp_path):
 
     sets = [a for o in MICRO for a in ("--set", o)]
     assert main(["bench", "--config", "configs/tiny.yaml", *sets, "--keep", "9:0.5", "--out", str(tmp_path)]) == 2
+
+
+def test_native_precisions_follow_the_capability_check(monkeypatch):
+    from copa.bench.hardware import native_precisions
+
+    cpu = torch.device("cpu")
+    _fast_bf16(monkeypatch, True)
+    assert native_precisions(cpu) == [torch.bfloat16, torch.float32]
+    _fast_bf16(monkeypatch, False)
+    assert native_precisions(cpu) == [torch.float32]
+
+
+def test_matmul_peak_shrinks_to_its_time_cap():
+    from copa.bench.hardware import matmul_peak
+
+    pk = matmul_peak(torch.float32, torch.device("cpu"), n=2048, runs=1, max_seconds=1e-6)
+    assert pk["size"] == 256 and pk["capped"] and pk["flops_per_s"] > 0
+    assert not matmul_peak(torch.float32, torch.device("cpu"), n=64, runs=1, max_seconds=1e-6)["capped"]
+
+
+def test_cli_without_native_bf16_probes_fp32_only(tmp_path, capsys, monkeypatch):
+    """An AVX2-only CPU: the default run never touches bf16 (a 4096^3 bf16 probe took > 15 min)."""
+    from copa.cli import main
+
+    _fast_bf16(monkeypatch, False)
+    sets = [a for o in MICRO for a in ("--set", o)]
+    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
+               "--warmup", "0", "--keep", "2:0.5", "--peak-size", "64", "--text-len", "6", "--no-memory",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data["matmul_peak"]) == {"fp32"} and data["warnings"] == []
+    assert {r["precision"] for r in data["results"]} == {"fp32"}  # auto -> fp32 here
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_cli_warns_loudly_when_bf16_is_forced_without_native_bf16(tmp_path, capsys, monkeypatch):
+    from copa.cli import main
+
+    _fast_bf16(monkeypatch, False)
+    sets = [a for o in MICRO for a in ("--set", o)]
+    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
+               "--warmup", "0", "--keep", "2:0.5", "--precision", "bf16", "--peak-size", "64",
+               "--text-len", "6", "--no-memory", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["warnings"]) == 1 and "without native bf16" in data["warnings"][0]
+    out = capsys.readouterr()
+    assert "WARNING: bf16 was forced" in out.out  # in the printed table's header
+    assert "WARNING copa.bench.cli: " + "!" * 100 in out.err  # and as a banner in the log, first
+    # the forced precision is probed (it is what the shares refer to), flagged as emulated
+    assert set(data["matmul_peak"]) == {"bf16", "fp32"} and data["matmul_peak"]["bf16"]["emulated"]
+
+
+@pytest.mark.parametrize(("spec", "name", "selector"), [
+    ("tome@2:0.5", "tome@2:0.5", "tome"), (" Random @ 1:0.7,3:0.5", "random@1:0.7,3:0.5", "random"),
+    ("2:0.5", "2:0.5", None),
+])
+def test_parse_keep_with_a_selector(spec, name, selector):
+    s = parse_keep(spec, num_layers=4)
+    assert (s.name, s.selector) == (name, selector)
+    assert parse_keep(s.name, num_layers=4) == s  # the name parses back
+
+
+@pytest.mark.parametrize("spec", ["bogus@2:0.5", "none@2:0.5", "@2:0.5"])
+def test_parse_keep_rejects_unknown_selectors(spec):
+    with pytest.raises(BenchError, match="unknown selector"):
+        parse_keep(spec, num_layers=4)
+
+
+def test_bench_compares_selectors_in_one_run(micro):
+    """tome and random against the config's selector, same weights, same visual-token count."""
+    cfg, model = micro
+    settings = parse_keeps(["2:0.5", "tome@2:0.5", "random@2:0.5"], cfg.model.vision.layers)
+    recs = bench_inference(model, settings, batch=2, text_len=6, runs=1, warmup=0, memory=False)
+    assert [(r["keep"], r["selector"]) for r in recs] == [
+        ("none", "none"), ("2:0.5", "tpd"), ("tome@2:0.5", "tome"), ("random@2:0.5", "random")]
+    assert len({r["visual_tokens"] for r in recs[1:]}) == 1
+    assert recs[1]["visual_tokens"] < recs[0]["visual_tokens"]
+    assert model.vision.select_cfg.selector == "tpd"  # handed back with its own selection

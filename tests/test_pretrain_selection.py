@@ -52,7 +52,7 @@ def test_set_selection_replaces_selectors_of_another_kind(micro_model):
         micro_model.set_selection(SelectConfig(layers=[9], keep_ratios=[0.5]))
 
 
-@pytest.mark.parametrize("selector", ["cls_attn", "text_attn"])
+@pytest.mark.parametrize("selector", ["cls_attn", "text_attn", "tome"])
 def test_attention_selectors_run_under_fsdp(synth_dir, tmp_path, selector):
     """A one-process FSDP group: parameters are DTensors, so a selector that reads a sharded block's
     weights outside FSDP's unshard fails exactly as with more processes; the loss must match."""

@@ -44,7 +44,7 @@ class VisionConfig:
 
 @dataclass
 class SelectConfig:
-    selector: str = "tpd"  # "tpd" | "text_attn" | "cls_attn" | "random" | "none"
+    selector: str = "tpd"  # "tpd" | "text_attn" | "cls_attn" | "random" | "tome" | "none"
     layers: list[int] = field(default_factory=lambda: [3])  # select before block i (0-based) = after i blocks
     keep_ratios: list[float] = field(default_factory=lambda: [0.5])  # of the patches entering each stage
     tpd_hidden: int = 256

@@ -20,9 +20,17 @@ from copa.model.selection import make_selector
 log = logging.getLogger(__name__)
 
 
+# The selector ablation at equal visual-token count: the selectors without weights of their own,
+# swapped into COPA's weights by ``with_selector`` (``none`` = unpruned). PTA quality is measured for
+# all of them; the task rows (VQA, grounding, retrieval) for the pruned ones.
+ABLATION_SELECTORS = ("none", "random", "tome", "cls_attn", "text_attn")
+TASK_ABLATION_SELECTORS = tuple(s for s in ABLATION_SELECTORS if s != "none")
+
+
 def with_selector(model: COPAModel, selector: str) -> COPAModel:
-    """A view of ``model`` sharing all weights but using another selector (parameter-free ones, or
-    ``none``); ``tpd`` returns the model itself. Used for ablations at the same keep ratio."""
+    """A view of ``model`` sharing all weights but using another selector (parameter-free ones:
+    ``random``, ``tome``, ``cls_attn``, ``text_attn``, or ``none``); ``tpd`` returns the model itself.
+    Used for ablations at the same keep ratio (``ABLATION_SELECTORS``)."""
     if selector == "tpd":
         return model
     vit = copy.copy(model.vision)

@@ -89,6 +89,13 @@ class SelfAttention(nn.Module):
         q, k, _ = self.qkv(x).chunk(3, dim=-1)
         return split_heads(q, self.heads), split_heads(k, self.heads)
 
+    def keys(self, x: Tensor) -> Tensor:
+        """Keys alone, (B, L, D) -> (B, H, L, d): only the key rows of the fused projection run."""
+        d = x.shape[-1]
+        w = self.qkv.weight[d : 2 * d]
+        b = None if self.qkv.bias is None else self.qkv.bias[d : 2 * d]
+        return split_heads(F.linear(x, w, b), self.heads)
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D), mask: (B, L) or None -> (B, L, D)"""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -143,6 +150,11 @@ class ViTBlock(nn.Module):
         """
         q, k = self.attn.qk(self.norm1(x))
         return (q[:, :, :queries] @ k[:, :, queries:].transpose(-1, -2)) * q.shape[-1] ** -0.5
+
+    def attention_keys(self, x: Tensor) -> Tensor:
+        """This block's attention keys of x: (B, L, D) -> (B, H, L, d). For token merging (``tome``),
+        which matches tokens by key similarity; registered for FSDP like ``attention_scores``."""
+        return self.attn.keys(self.norm1(x)).contiguous()  # not a view: FSDP hooks its outputs
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, D) -> (B, L, D)"""

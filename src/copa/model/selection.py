@@ -6,6 +6,9 @@ top-K patches by logit with ``topk``-style sorting and ``gather`` (no masks, so 
 is really shorter in training too) and fuses the dropped ones into one token weighted by the
 softmax of their logits. The fused-token weights are also how a loss on the output sends gradient
 back into the selector.
+
+``tome`` is the exception that merges instead of selecting: ToMe-style bipartite soft matching on
+the next block's keys (``TokenMerging``), to the same number of visual tokens and the same layout.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ class Selection:
     - ``logits``: (B, N_s) selector logits of the candidate patches (sigmoid gives TPD scores);
     - ``candidates``: (B, N_s) original patch index (0..N-1) of each candidate;
     - ``kept``: (B, K) original patch indices kept, best first;
-    - ``fuse_weights``: (B, N_s - K) softmax weights of the dropped patches in the fused token.
+    - ``fuse_weights``: (B, N_s - K) softmax weights of the dropped patches in the fused token;
+    - ``sizes``: (B, K(+1)) merging selectors only: how many original patches each output visual token
+      (kept slots, then the fused slot) stands for; None for the selecting ones (1 per kept token).
     """
 
     logits: Tensor
     candidates: Tensor
     kept: Tensor
     fuse_weights: Tensor | None
+    sizes: Tensor | None = None
 
 
 def select_and_fuse(
@@ -83,9 +89,14 @@ def select_and_fuse(
 
 
 class Selector(nn.Module):
-    """Interface: ``forward(x, query, block) -> logits (B, N)``."""
+    """Interface: ``forward(x, query, block) -> logits (B, N)``.
+
+    A selector with ``merges = True`` also builds the output tokens itself (``TokenMerging.merge``)
+    instead of ``select_and_fuse``; its logits still rank the patches (for ``kept`` and PTA metrics).
+    """
 
     needs_text: bool = False
+    merges: bool = False
 
     def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -206,6 +217,182 @@ class RandomSelector(Selector):
         return torch.rand(b, n, generator=self._gen[key], device=x.device).to(x.dtype)
 
 
+# ------------------------------------------------------------------------------ token merging (ToMe)
+def _merge_round(
+    metric: Tensor, sizes: Tensor, rep: Tensor, assign: Tensor, r: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One round of bipartite soft matching: merge ``r`` tokens of set A into their best match in B.
+
+    metric: (B, n, c) size-weighted mean keys of the current tokens; sizes: (B, n) patches per token;
+    rep: (B, n) input index of the token each current token still is (its representative);
+    assign: (B, n0) current token of each of the n0 input tokens.
+    A = even positions, B = odd positions (positions ordered by representative, so both sets are
+    spread over the image). Each A token's edge goes to its most cosine-similar B token; the ``r``
+    A tokens with the most similar edges are merged (ties: the earlier A token first).
+    Returns (metric, sizes, rep, assign) after the round, each with n - r tokens, and ``gone``:
+    (B, r) the representatives merged away, in merge order.
+    """
+    b, n, c = metric.shape
+    a_m, b_m = metric[:, 0::2], metric[:, 1::2]
+    sim = F.normalize(a_m, dim=-1) @ F.normalize(b_m, dim=-1).transpose(1, 2)  # (B, nA, nB)
+    best, dst = sim.max(dim=-1)  # (B, nA)
+    edges = best.argsort(dim=-1, descending=True, stable=True)
+    src = 2 * edges[:, :r]  # (B, r) current index of each merged A token
+    tgt = 2 * dst.gather(1, edges[:, :r]) + 1  # (B, r) current index of its B match
+    ar = torch.arange(n, device=metric.device).expand(b, n)
+    alive = torch.ones(b, n, dtype=torch.bool, device=metric.device).scatter(1, src, False)
+    survivors = ar[alive].view(b, n - r)  # current indices of the tokens that remain
+    new = survivors.gather(1, rep.gather(1, survivors).argsort(dim=1))  # ordered by representative
+    pos = torch.empty_like(ar).scatter(1, new, torch.arange(n - r, device=metric.device).expand(b, -1))
+    pos = pos.scatter(1, src, pos.gather(1, tgt))  # a merged token goes where its match goes
+    s_src = sizes.gather(1, src)
+    merged_sizes = sizes.scatter_add(1, tgt, s_src)
+    moved = metric.gather(1, src.unsqueeze(-1).expand(b, r, c)) * s_src.unsqueeze(-1)
+    weighted = (metric * sizes.unsqueeze(-1)).scatter_add(1, tgt.unsqueeze(-1).expand(b, r, c), moved)
+    merged_metric = weighted / merged_sizes.unsqueeze(-1)
+    return (merged_metric.gather(1, new.unsqueeze(-1).expand(b, n - r, c)), merged_sizes.gather(1, new),
+            rep.gather(1, new), pos.gather(1, assign), rep.gather(1, src))
+
+
+@torch.no_grad()
+def bipartite_merge_plan(metric: Tensor, sizes: Tensor, target: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023), repeated until ``target`` tokens remain.
+
+    metric: (B, n, c) token keys; sizes: (B, n) patches each token stands for (1 for raw patches).
+    One round can merge at most the ceil(n/2) tokens of set A, so reaching ``target`` < n/2 takes
+    several rounds; each round merges as many tokens as it can (all of A) until the last one, which
+    merges the ``r`` best edges that land exactly on ``target``. The merged metric is the size-weighted
+    mean of its members' metrics. This schedule makes the merge of any target a prefix of the merge
+    down to 1 token, so one ranking serves every target.
+
+    Returns
+    - ``rank``: (B, n) float32 in [0, 1], the position of each token in the merge order down to 1
+      token, normalised (merged first = 0, the last survivor = 1): the top-M by rank are exactly the
+      representatives of a merge down to M tokens;
+    - ``group``: (B, n) long, which output token (0..target-1) each input token is merged into;
+    - ``rep``: (B, target) long, the input token each output token is, best rank first (so output
+      token j is the group of ``rep[:, j]``).
+    """
+    b, n, _ = metric.shape
+    if not 1 <= target <= n:
+        raise ValueError(f"merge target must be in 1..{n}, got {target}")
+    dev = metric.device
+    m, s = metric.float(), sizes.float()
+    rep = torch.arange(n, device=dev).expand(b, n)
+    assign = rep
+    order = torch.full((b, n), n - 1, dtype=torch.long, device=dev)  # the last survivor stays n - 1
+    done, snap = 0, None
+    while m.shape[1] > 1:
+        cur = m.shape[1]
+        na = (cur + 1) // 2
+        if snap is None and target >= cur - na:  # the target lies within this round
+            snap = _merge_round(m, s, rep, assign, cur - target)[2:4]
+        m, s, rep, assign, gone = _merge_round(m, s, rep, assign, na)
+        order = order.scatter(1, gone, done + torch.arange(na, device=dev).expand(b, -1))
+        done += na
+    if snap is None:  # target 1
+        snap = (rep, assign)
+    rank = order.float() / max(1, n - 1)
+    t_rep, t_assign = snap
+    best_first = rank.gather(1, t_rep).argsort(dim=1, descending=True)
+    inverse = best_first.argsort(dim=1)
+    return rank, inverse.gather(1, t_assign), t_rep.gather(1, best_first)
+
+
+def merge_tokens(x: Tensor, sizes: Tensor, group: Tensor, rep: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted averages of the groups of a merge plan.
+
+    x: (B, n, D) tokens; sizes: (B, n); group: (B, n) output token of each input token; rep: (B, M)
+    representative input token of each output token. -> (merged (B, M, D), merged sizes (B, M)).
+    Computed as ``x_rep + sum_i (s_i / S) (x_i - x_rep)``, equal to ``sum_i s_i x_i / S``, but exact
+    where the members are identical (their differences are exactly zero).
+    """
+    b, n, d = x.shape
+    m = rep.shape[1]
+    total = torch.zeros(b, m, dtype=sizes.dtype, device=x.device).scatter_add(1, group, sizes)  # (B, M)
+    base = x.gather(1, rep.unsqueeze(-1).expand(b, m, d))  # (B, M, D)
+    idx = group.unsqueeze(-1).expand(b, n, d)
+    share = (sizes / total.gather(1, group)).to(x.dtype).unsqueeze(-1)  # (B, n, 1)
+    delta = torch.zeros_like(base).scatter_add(1, idx, (x - base.gather(1, idx)) * share)
+    return base + delta, total
+
+
+class TokenMerging(Selector):
+    """ToMe-style merging (Bolya et al., ICLR 2023) to the same number of visual tokens as selection.
+
+    Written from the paper's description: tokens are matched by the cosine similarity of the next
+    block's attention keys (mean over heads), by bipartite soft matching (``bipartite_merge_plan``),
+    and merged into size-weighted averages (``merge_tokens``); no parameters, no text. Where the
+    selectors keep K patches and fuse the rest into one token, this merges the N candidates into K+1
+    groups (K without a fused token) and keeps the layout ``[CLS, K tokens, fused]``: the K groups with
+    the best-ranked representatives fill the kept slots (``kept`` = their representatives' patch
+    indices, which the grounding head reads as positions) and the last group fills the fused slot,
+    size-weighted with an earlier stage's fused token. Patch sizes carry over between stages
+    (``Selection.sizes``). Proportional attention (ToMe's ``+ log s`` in the following blocks'
+    attention) is not implemented: every later block, the fusion encoder and the decoder attend to
+    the merged tokens as plain tokens, as they do to the selectors' fused token.
+
+    ``forward`` gives the ranking logits of a merge down to one token (float32, in [0, 1]): the top-M
+    patches by logit are the representatives of a merge down to M, so the PTA metrics (object-patch
+    recall, specificity) measure what merging keeps as its own token.
+    """
+
+    merges = True
+
+    @staticmethod
+    def metric(x: Tensor, block: ViTBlock) -> Tensor:
+        """x: (B, n, D) tokens -> (B, n, d) the block's keys, mean over heads."""
+        return block.attention_keys(x).mean(dim=1)
+
+    def forward(self, x: Tensor, query: Tensor | None, block: ViTBlock) -> Tensor:
+        """x: (B, 1+N, D) -> logits (B, N): rank in the merge order (text ignored)."""
+        patches = x[:, 1:]
+        ones = torch.ones(patches.shape[:2], device=x.device)
+        return bipartite_merge_plan(self.metric(patches, block), ones, 1)[0]
+
+    def merge(
+        self,
+        x: Tensor,
+        block: ViTBlock,
+        k: int,
+        fuse: bool = True,
+        fused_prev: tuple[Tensor, Tensor] | None = None,
+        sizes: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Merge the N patches of ``x`` into K kept tokens (+ the fused one).
+
+        x: (B, 1+N, D) with [CLS] first (never merged); k: kept slots; ``fused_prev`` = (an earlier
+        stage's fused token (B, 1, D), the patches it stands for (B,)); sizes: (B, N) patches each
+        candidate stands for (None: 1 each).
+        Returns (out, logits, order, out_sizes): out (B, 1+K+1, D) = [CLS, K merged, fused] (no fused
+        token when ``fuse`` is False or K = N); logits (B, N) merge ranks; order (B, N) positions
+        sorted by rank, best first (``order[:, :K]`` are the kept slots' representatives);
+        out_sizes (B, K(+1)).
+        """
+        cls, patches = x[:, :1], x[:, 1:]
+        b, n, _ = patches.shape
+        if sizes is None:
+            sizes = torch.ones(b, n, device=x.device)
+        sizes = sizes.float()
+        target = k + 1 if fuse and k < n else k
+        logits, group, rep = bipartite_merge_plan(self.metric(patches, block), sizes, target)
+        merged, total = merge_tokens(patches, sizes, group, rep)
+        order = logits.argsort(dim=1, descending=True)
+        if target == k:
+            return torch.cat([cls, merged], dim=1), logits, order, total
+        fused, s_fused = merged[:, k:], total[:, k]
+        if fused_prev is not None:
+            prev, s_prev = fused_prev[0], fused_prev[1].float()
+            s_all = s_prev + s_fused
+            fused = prev + (s_fused / s_all).to(x.dtype).view(b, 1, 1) * (fused - prev)
+            s_fused = s_all
+        out_sizes = torch.cat([total[:, :k], s_fused.unsqueeze(1)], dim=1)
+        return torch.cat([cls, merged[:, :k], fused], dim=1), logits, order, out_sizes
+
+
+SELECTORS = ("tpd", "text_attn", "cls_attn", "random", "tome", "none")
+
+
 def make_selector(name: str, dim: int, text_dim: int, hidden: int, form: str = "additive") -> Selector | None:
     if name == "tpd":
         return TPD(dim, text_dim, hidden, form)
@@ -215,9 +402,11 @@ def make_selector(name: str, dim: int, text_dim: int, hidden: int, form: str = "
         return ClsAttention()
     if name == "random":
         return RandomSelector()
+    if name == "tome":
+        return TokenMerging()
     if name == "none":
         return None
-    raise ValueError(f"unknown selector {name!r}; expected tpd, text_attn, cls_attn, random or none")
+    raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}")
 
 
 def tpd_scores(logits: Tensor) -> Tensor:

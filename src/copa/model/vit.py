@@ -166,19 +166,27 @@ class VisionTransformer(nn.Module):
         candidates = torch.arange(n, device=x.device).expand(b, n)
         selections: list[Selection] = []
         has_fused, dropped = False, 0
+        sizes: Tensor | None = None  # (B, T) patches per visual token, kept by merging selectors only
         for s, layer in enumerate(layers[:-1]):
             k = num_keep(candidates.shape[1], ratios[s])
             if self.selectors and k < candidates.shape[1]:
                 core = x[:, :-1] if has_fused else x
                 nc = candidates.shape[1]
-                logits = self.selectors[s](core, query, self.blocks[layer])
-                prev = None
-                if has_fused:
-                    prev = (x[:, -1:], dropped / (dropped + nc - k))
-                x, order, weights = select_and_fuse(core, logits, k, self.select_cfg.fuse_dropped, prev,
-                                                   self.select_cfg.straight_through)
+                sel, fuse = self.selectors[s], self.select_cfg.fuse_dropped
+                if sel.merges:  # ToMe: merged groups in the same [CLS, K, fused] layout
+                    prev_m = (x[:, -1:], sizes[:, -1]) if has_fused and sizes is not None else None
+                    core_sizes = None if sizes is None else sizes[:, : nc]
+                    x, logits, order, sizes = sel.merge(core, self.blocks[layer], k, fuse, prev_m, core_sizes)
+                    weights = None
+                else:
+                    logits = sel(core, query, self.blocks[layer])
+                    prev = None
+                    if has_fused:
+                        prev = (x[:, -1:], dropped / (dropped + nc - k))
+                    st = self.select_cfg.straight_through
+                    x, order, weights = select_and_fuse(core, logits, k, fuse, prev, st)
                 kept = candidates.gather(1, order[:, :k])
-                selections.append(Selection(logits, candidates, kept, weights))
+                selections.append(Selection(logits, candidates, kept, weights, sizes))
                 candidates, dropped = kept, dropped + nc - k
                 has_fused = self.select_cfg.fuse_dropped
             x = self._run(x, layer, layers[s + 1])

@@ -33,6 +33,7 @@ from copa.data.dataset import PretrainDataset
 from copa.data.records import Record
 from copa.model.copa import COPAModel
 from copa.train import distributed as D
+from copa.utils.device import sync
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,13 @@ class Stopwatch:
     def __init__(self, device: torch.device) -> None:
         self.device, self.seconds, self._t0 = device, 0.0, 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __enter__(self) -> Self:
-        self._sync()
+        sync(self.device)
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._sync()
+        sync(self.device)
         self.seconds += time.perf_counter() - self._t0
 
 

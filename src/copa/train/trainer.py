@@ -280,9 +280,9 @@ class TrainResult:
 def shard_fsdp(objective: PretrainObjective) -> PretrainObjective:
     """FSDP2 in place: one unit per transformer layer, the rest in the root unit.
 
-    The attention selectors use a ViT block's query/key projections outside its forward
-    (``ViTBlock.attention_scores``); registering that method makes FSDP gather the block's weights
-    for it too (without it: "mixed torch.Tensor and DTensor").
+    The attention selectors and token merging use a ViT block's query/key projections outside its
+    forward (``ViTBlock.attention_scores``, ``attention_keys``); registering those methods makes FSDP
+    gather the block's weights for them too (without it: "mixed torch.Tensor and DTensor").
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -291,6 +291,7 @@ def shard_fsdp(objective: PretrainObjective) -> PretrainObjective:
         fully_shard(layer)
     for block in m.vision.blocks:
         register_fsdp_forward_method(block, "attention_scores")
+        register_fsdp_forward_method(block, "attention_keys")
     fully_shard(objective)
     return objective
 

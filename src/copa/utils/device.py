@@ -43,3 +43,10 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def sync(device: torch.device) -> None:
+    """Wait until the device has run everything queued (CUDA kernels are asynchronous); a no-op on the
+    CPU. Every timer calls it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

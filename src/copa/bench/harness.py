@@ -1,0 +1,150 @@
+"""What the inference and training runners share: the model with random weights, fixed inputs, the
+switch between keep settings on one set of weights, and ``prepare`` (checks, switch, memory meter)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from copa.bench.keep import BenchError, KeepSetting
+from copa.bench.memory import PeakMemory
+from copa.config import Config, SelectConfig
+
+log = logging.getLogger(__name__)
+
+CLS_ID, SEP_ID = 101, 102  # bert-base-uncased WordPiece ids; the text ids are random otherwise
+
+
+class SelectionSwitch:
+    """Switches one model between keep settings without touching its ViT/text/fusion weights.
+
+    Each pruned setting gets its own selector modules (one per stage, a fixed seed per setting, the
+    ViT's init; the setting's selector or else the config's); ``apply`` swaps them in with the
+    selection layers and ratios. The unpruned setting has no selector, exactly the ``selector: none``
+    model.
+    """
+
+    def __init__(self, model: nn.Module, settings: list[KeepSetting], seed: int = 0) -> None:
+        from copa.model.selection import make_selector
+        from copa.model.vit import _init_weights
+
+        vit = model.vision
+        self.model = model
+        self.base_select: SelectConfig = vit.select_cfg
+        self._saved = (vit.select_cfg, vit.selectors, list(vit.keep_ratios))
+        self.selectors: dict[KeepSetting, nn.ModuleList] = {}
+        p = next(vit.parameters())
+        for i, s in enumerate(settings):
+            if not s.layers:
+                self.selectors[s] = nn.ModuleList()
+                continue
+            if s.layers[-1] >= len(vit.blocks):
+                raise BenchError(f"keep setting {s.name!r}: the ViT has only {len(vit.blocks)} blocks")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1000 + i)
+                sel = self.base_select
+                width, text_width = vit.cfg.width, model.cfg.text.width
+                name = s.selector or sel.selector
+                mods = [make_selector(name, width, text_width, sel.tpd_hidden, sel.tpd_form)
+                        for _ in s.layers]
+                mods = [m for m in mods if m is not None]
+                for m in mods:
+                    m.apply(_init_weights)
+            if not mods:
+                raise BenchError(
+                    f"keep setting {s.name!r} needs a selector, but the config has selector "
+                    f"{self.base_select.selector!r}; set model.select.selector=tpd (or another selector) "
+                    f"or name one in the setting, e.g. 'tpd@{s.name}'"
+                )
+            self.selectors[s] = nn.ModuleList(mods).to(device=p.device, dtype=p.dtype)
+
+    def to(self, dtype: torch.dtype) -> None:
+        for mods in self.selectors.values():
+            mods.to(dtype=dtype)
+
+    def apply(self, s: KeepSetting) -> None:
+        vit = self.model.vision
+        if s.layers:
+            vit.select_cfg = dataclasses.replace(self.base_select, layers=list(s.layers),
+                                                 keep_ratios=list(s.ratios),
+                                                 selector=s.selector or self.base_select.selector)
+            vit.keep_ratios = list(s.ratios)
+        else:
+            n = len(self.base_select.layers)
+            vit.select_cfg = dataclasses.replace(self.base_select, selector="none", keep_ratios=[1.0] * n)
+            vit.keep_ratios = [1.0] * n
+        vit.selectors = self.selectors[s]
+
+    def restore(self) -> None:
+        """Put the model's own selection config and selectors back."""
+        vit = self.model.vision
+        vit.select_cfg, vit.selectors, vit.keep_ratios = self._saved[0], self._saved[1], list(self._saved[2])
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for mods in self.selectors.values():
+            yield from mods.parameters()
+
+
+def build_bench_model(cfg: Config, image_size: int | None, device: torch.device, seed: int = 0) -> nn.Module:
+    """The preset's model with random weights (no text checkpoint is loaded) at ``image_size``.
+
+    The ViT is built for the benchmark's image size directly (its position table has that grid), so
+    no interpolation runs inside the timed forward.
+    """
+    from copa.model.copa import COPAModel
+
+    mcfg = dataclasses.replace(cfg.model, vision=dataclasses.replace(cfg.model.vision))
+    if image_size:
+        if image_size % mcfg.vision.patch_size:
+            raise BenchError(
+                f"image size {image_size} is not a multiple of the patch size {mcfg.vision.patch_size}"
+            )
+        mcfg.vision.image_size = image_size
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    model = COPAModel(mcfg, load_text_weights=False).to(device).eval()
+    log.info("built %s model (%.1f M parameters, %d px) in %.1f s", cfg.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, mcfg.vision.image_size,
+             time.perf_counter() - t)
+    return model
+
+
+def make_inputs(
+    model: nn.Module, batch: int, text_len: int, device: torch.device, seed: int = 0
+) -> dict[str, Tensor]:
+    """Fixed random images (B, 3, H, W) and question tokens ([CLS] w.. [SEP], all attended)."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.cfg.vision.image_size
+    images = torch.randn(batch, 3, size, size, generator=g)
+    vocab = model.cfg.text.vocab_size
+    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, text_len), generator=g)
+    ids[:, 0], ids[:, -1] = CLS_ID % vocab, SEP_ID % vocab
+    return {"images": images.to(device), "ids": ids.to(device), "mask": torch.ones_like(ids).to(device)}
+
+
+
+@dataclass
+class Harness:
+    """One benchmark's shared state: the model (one set of weights for every setting), the keep
+    settings (unpruned first), the switch between them, the device and the memory meter."""
+
+    model: nn.Module
+    settings: list[KeepSetting]
+    switch: SelectionSwitch
+    device: torch.device
+    memory: PeakMemory
+
+
+def prepare(model: nn.Module, settings: list[KeepSetting], seed: int = 0) -> Harness:
+    """The setup both runners start from; ``settings[0]`` must be the unpruned one (``parse_keeps``
+    puts it there), since every speedup is measured against it."""
+    if not settings or settings[0].layers:
+        raise BenchError("the first setting must be the unpruned one ('none')")
+    device = next(model.parameters()).device
+    return Harness(model, settings, SelectionSwitch(model, settings, seed), device, PeakMemory(device))
