@@ -203,7 +203,7 @@ class Demo:
     def selector_ablation(self, models: dict[str, Path]) -> None:
         """Object-patch recall, AP and text specificity on the test split per selector, at the same
         keep ratio: parameter-free selectors swapped into COPA's weights, and the pre-training rows."""
-        from copa.evaluation import pta_eval, with_selector
+        from copa.evaluation import ABLATION_SELECTORS, pta_eval, with_selector
         from copa.model.copa import load
 
         with self.stage("selector ablation (PTA quality)"):
@@ -212,7 +212,7 @@ class Demo:
             keep = cfg.model.select.keep_ratios[0]
             n = self.plan.eval_images
             rows = {}
-            for sel in ("none", "random", "cls_attn", "text_attn"):
+            for sel in ABLATION_SELECTORS:
                 rows[sel] = pta_eval(with_selector(model, sel), cfg, "test", keep, n)
             if "no_pta" in models:
                 rows["tpd without PTA"] = pta_eval(load(models["no_pta"]), cfg, "test", keep, n)
@@ -226,7 +226,7 @@ class Demo:
         """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, and with the
         other selectors swapped in (same weights; for the other pre-training rows, their trained
         selectors): the ablation table."""
-        from copa.evaluation import with_selector, with_selectors_of
+        from copa.evaluation import TASK_ABLATION_SELECTORS, with_selector, with_selectors_of
         from copa.model.copa import load
         from copa.tasks.base import TaskOptions
         from copa.tasks.finetune import finetune, run_evaluation
@@ -280,7 +280,7 @@ class Demo:
                             curve[r] = run_evaluation(task, model, cfg, "test", None, r).metrics.get(key)
                     self.results.setdefault("task_vs_keep", {})[name] = dict(sorted(curve.items()))
                 if name in ("vqa", "grounding"):  # the two tasks that read the selection most directly
-                    for sel in ("random", "cls_attn", "text_attn"):
+                    for sel in TASK_ABLATION_SELECTORS:
                         res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
                         record(sel, name, res.metrics, key)
                     # the other pre-training rows differ from COPA's only in the selector: theirs, same weights

@@ -100,12 +100,25 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
                      _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
                     + [_fmt(t.get(c[0])) for c in present])
     note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). Every row shares the weights of "
-            "the one pre-training trunk and differs in the selector only: `random`, `cls_attn` (EViT-style) and "
-            "`text_attn` (TRIPS-style) are parameter-free; `tpd without PTA` is the trunk's own TPD, COPA's was "
+            "the one pre-training trunk and differs in the selector only: `random`, `tome` (ToMe-style merging to the "
+            "same visual-token count; its recall counts patches that stay their own token), `cls_attn` (EViT-style) "
+            "and `text_attn` (TRIPS-style) are parameter-free; `tpd without PTA` is the trunk's own TPD, COPA's was "
             "trained by PTA on the ~5% boxed images, the last row by PTA with boxes on every image. The task "
             "columns evaluate COPA's fine-tuned model with each row's selector swapped in. Random selection scores "
             "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split.")
     out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
+    copa_name = next((n for n in ab["rows"] if "COPA" in n), None)
+    if copa_name:
+        def margin(a: Any, b: Any) -> str:
+            ok = all(isinstance(v, (int, float)) and not math.isnan(v) for v in (a, b))
+            return f"{a - b:+.3f}" if ok else "—"
+
+        mcols = [("specificity@0.25", "specificity @0.25")] + [c for c in present if c[0].endswith("_metric")]
+        copa = {**ab["rows"][copa_name], **tasks.get(copa_name, {})}
+        mrows = [[name] + [margin(copa.get(c), {**r, **tasks.get(name, {})}.get(c)) for c, _ in mcols]
+                 for name, r in ab["rows"].items() if name != copa_name]
+        out += [("h3", "COPA's margin over each row (COPA minus the row; > 0: COPA is better)"),
+                ("table", (["row"] + [label for _, label in mcols], mrows))]
     sweep = res.get("pta_vs_keep")
     if sweep:
         out += [("h3", "Object-patch recall vs keep ratio (TPD with PTA)"),
