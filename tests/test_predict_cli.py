@@ -95,3 +95,23 @@ def test_stdout_is_json_lines(micro_ckpt, folder, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert [json.loads(line)["text"] for line in out.splitlines()] == ["x"]
+
+
+def test_the_bad_input_corpus_through_predict(micro_ckpt, tmp_path, capsys):
+    """The corpus of tests/badcorpus.py: every good and repaired image predicted, every bad one
+    skipped and counted by the kind the data readers count it as."""
+    from tests.badcorpus import BAD_IMAGES, N_GOOD, REPAIRED_IMAGES, _write_images
+
+    _write_images(tmp_path / "corpus")
+    out = tmp_path / "c.jsonl"
+    assert main(["predict", "kept", "--ckpt", str(micro_ckpt), "--image", str(tmp_path / "corpus"),
+                 "--text", "a red circle", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    names = {line["image"].rsplit("/", 1)[1].split(".")[0] for line in _lines(out)}
+    # "thin" (600 x 9) is a sliver only under the corpus's data.max_image_side=512; predict keeps the
+    # library's 4096, so it is not downscaled and stays usable
+    assert names == {f"good{i}" for i in range(N_GOOD)} | set(REPAIRED_IMAGES) | {"thin"}
+    on_disk = {k: kind for k, (data, kind) in BAD_IMAGES.items() if data is not None and k != "thin"}
+    expect = {kind: list(on_disk.values()).count(kind) for kind in on_disk.values()}
+    assert f"{len(on_disk)} image(s) skipped {{" in err
+    assert all(f"'{kind}': {n}" in err for kind, n in expect.items()), (expect, err[-400:])
