@@ -162,25 +162,17 @@ class Demo:
 
     def pta_stage(self, name: str, init: Path, train_json: Path) -> Path:
         """One pre-training row: the trunk's selector trained with PTA on the boxes of ``train_json``."""
-        import dataclasses
-
-        from copa.evaluation import pta_eval
-        from copa.model.copa import load
-        from copa.train.selector_stage import train_selector
+        from copa.train.selector_stage import run_stage
 
         p = self.plan
         data_set = f"data.train={train_json}"
+        out = self.out / name
         with self.stage(name):
-            model = load(init)
-            cfg = dataclasses.replace(self.config(data_set), model=model.cfg)
-            res = train_selector(model, cfg, p.selector_steps, p.selector_batch)
-            out = self.out / name
-            model.save_pretrained(out / "model")
+            summary = run_stage(init, self.config(data_set), out, p.selector_steps, p.selector_batch)
             self.command(["pta-stage", "--config", self.config_path, "--init", str(init), "--out", str(out),
                           "--steps", str(p.selector_steps), "--batch", str(p.selector_batch),
                           *set_flags([*self.base_sets(), *self.overrides, data_set])])
-            val = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
-            self.results[name] = {**dataclasses.asdict(res), "final_val": val}
+            self.results[name] = summary
         return out / "model"
 
     def flag_budget(self, stage: str, done: int, planned: int) -> None:

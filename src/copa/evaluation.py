@@ -33,11 +33,17 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
     Used for ablations at the same keep ratio (``ABLATION_SELECTORS``)."""
     if selector == "tpd":
         return model
-    vit = copy.copy(model.vision)
-    vit._modules = dict(model.vision._modules)
     sel = make_selector(selector, model.cfg.vision.width, model.cfg.text.width, model.cfg.select.tpd_hidden,
                         model.cfg.select.tpd_form)
-    vit.selectors = nn.ModuleList([] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers])
+    fresh = [] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers]
+    return _selecting_with(model, nn.ModuleList(fresh))
+
+
+def _selecting_with(model: COPAModel, selectors: nn.ModuleList) -> COPAModel:
+    """A shallow view of ``model``: every module shared except the ViT's ``selectors``."""
+    vit = copy.copy(model.vision)
+    vit._modules = dict(model.vision._modules)
+    vit.selectors = selectors
     vit.keep_ratios = list(model.vision.keep_ratios)
     out = copy.copy(model)
     out._modules = dict(model._modules)
@@ -51,14 +57,7 @@ def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
     evaluated with another row's selection, no fine-tune of its own."""
     if model.cfg.select != donor.cfg.select:
         raise ValueError(f"selection configs differ: {model.cfg.select} vs {donor.cfg.select}")
-    vit = copy.copy(model.vision)
-    vit._modules = dict(model.vision._modules)
-    vit.selectors = copy.deepcopy(donor.vision.selectors)
-    vit.keep_ratios = list(model.vision.keep_ratios)
-    out = copy.copy(model)
-    out._modules = dict(model._modules)
-    out.vision = vit
-    return out
+    return _selecting_with(model, copy.deepcopy(donor.vision.selectors))
 
 
 def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_size: int = 32) -> Any:

@@ -57,7 +57,7 @@ def _pta_blocks(res: dict[str, Any]) -> list[Block]:
     out: list[Block] = []
     pre = res.get("pretrain")
     if pre:
-        v = {**pre["final_val"], **{f"pta_{k}": x for k, x in res.get("pta_copa", {}).get("final_val", {}).items()}}
+        v = {**pre["final_val"], **{f"pta_{k}": x for k, x in res.get("pta_copa", {}).get("val_after", {}).items()}}
         out += [("h2", "Pre-training (tiny preset, synthetic scenes, PTA from ~5% boxed images)"),
                 ("p", _pretrain_sentence(res)),
                 ("table", (["metric (validation)", "value"],

@@ -110,20 +110,11 @@ class VQATask(Task):
         ev, opts = env.ev, self.options
         candidates = load_answer_list(opts.answer_list, env.cfg) if opts.answer_list else None
         mode = "rank" if candidates else (opts.decode or "greedy")
-        if candidates:
-            cand_ids, cand_mask = tokenize(model, candidates, env.device)
+        ranked = (*tokenize(model, candidates, env.device), candidates) if candidates else None
         preds: list[dict[str, Any]] = []
         for idx, batch in iter_shard(dataset, env, model):
             with env.watch, env.autocast():
-                ctx, cmask = self.context(model, batch)
-                if candidates:
-                    best = rank_candidates(model, ctx, cmask, cand_ids, cand_mask).argmax(1).tolist()
-                    answers = [candidates[j] for j in best]
-                else:
-                    answers = generate(
-                        model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty
-                    )
-            ranked = (cand_ids, cand_mask, candidates) if candidates else None
+                answers = self._answers(model, batch.images, batch, env, mode, ranked)
             blind = self._blind_answers(model, batch, env, mode, ranked) if ev.blind_control else [None] * len(answers)
             for i, answer, refs, other in zip(idx, answers, batch.answers, blind, strict=True):
                 rec = dataset.records[i]
@@ -158,6 +149,18 @@ class VQATask(Task):
             metrics["accuracy_on_blind_questions"] = 100.0 * sum(seen) / len(seen)
         return EvalResult(metrics, preds)
 
+    @staticmethod
+    def _answers(model: COPAModel, images: Tensor, batch: Batch, env: EvalEnv, mode: str,
+                 ranked: tuple[Tensor, Tensor, list[str]] | None) -> list[str]:
+        """The answer to each of ``batch``'s questions about ``images`` (B, 3, H, W): the best of
+        ``ranked`` = (candidate ids, mask, strings) by likelihood, or generated in ``mode``."""
+        ctx, cmask = question_context(model, images, batch.question_ids, batch.question_mask)
+        if ranked is not None:
+            best = rank_candidates(model, ctx, cmask, ranked[0], ranked[1]).argmax(1).tolist()
+            return [ranked[2][j] for j in best]
+        ev = env.ev
+        return generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+
     def _blind_answers(self, model: COPAModel, batch: Batch, env: EvalEnv, mode: str,
                        ranked: tuple[Tensor, Tensor, list[str]] | None) -> list[str | None]:
         """Each question answered with the image half a batch away (None where that is the same
@@ -168,11 +171,5 @@ class VQATask(Task):
         if not any(other):
             return [None] * b
         with env.autocast():
-            ctx, cmask = model(batch.images[perm], batch.question_ids, batch.question_mask).context()
-            if ranked is not None:
-                best = rank_candidates(model, ctx, cmask, ranked[0], ranked[1]).argmax(1).tolist()
-                answers = [ranked[2][j] for j in best]
-            else:
-                ev = env.ev
-                answers = generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
+            answers = self._answers(model, batch.images[perm], batch, env, mode, ranked)
         return [a if o else None for a, o in zip(answers, other, strict=True)]

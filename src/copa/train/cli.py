@@ -34,25 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
-    """Load --init, train its selector (copa.train.selector_stage), save OUT/model + OUT/summary.json
-    with the validation selection metrics before and after."""
-    import dataclasses
-    from pathlib import Path
+    from copa.train.selector_stage import run_stage
 
-    from copa.evaluation import pta_eval
-    from copa.model.copa import load
-    from copa.train.selector_stage import train_selector
-
-    model = load(args.init)
-    cfg = dataclasses.replace(cfg, model=model.cfg)  # read the data with the model's own image size/tokenizer
-    before = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
-    res = train_selector(model, cfg, args.steps, args.batch, args.lr)
-    after = pta_eval(model, cfg, "val", model.vision.keep_ratios[0])
-    out = Path(args.out)
-    model.save_pretrained(out / "model")
-    summary = {"init": str(args.init), **dataclasses.asdict(res), "val_before": before, "val_after": after}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(run_stage(args.init, cfg, args.out, args.steps, args.batch, args.lr), indent=2))
     return 0
 
 

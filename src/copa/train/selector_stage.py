@@ -12,10 +12,13 @@ Joint PTA during pre-training (``train.loss_weights.pta``) stays the library's d
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,3 +118,24 @@ def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return SelectorStageResult(steps, boxed, losses[0], float(np.mean(losses[-10:])), time.perf_counter() - t0)
+
+
+def run_stage(init: str | Path, cfg: Config, out: str | Path, steps: int, batch_size: int = 16,
+              lr: float | None = None) -> dict[str, Any]:
+    """``copa pta-stage``: load ``init``, train its selector, save ``out/model`` and
+    ``out/summary.json`` (the stage's losses and the validation selection metrics before and after).
+    The data is read with the model's own image size and tokenizer. Returns the summary."""
+    from copa.evaluation import pta_eval
+    from copa.model.copa import load
+
+    model = load(init)
+    cfg = dataclasses.replace(cfg, model=model.cfg)
+    keep = model.vision.keep_ratios[0]
+    before = pta_eval(model, cfg, "val", keep)
+    res = train_selector(model, cfg, steps, batch_size, lr)
+    after = pta_eval(model, cfg, "val", keep)
+    out = Path(out)
+    model.save_pretrained(out / "model")
+    summary = {"init": str(init), **dataclasses.asdict(res), "val_before": before, "val_after": after}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
