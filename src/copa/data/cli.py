@@ -20,10 +20,17 @@ def _print(summary: dict[str, Any]) -> None:
 
 def cmd_synth(args: argparse.Namespace, cfg: Config) -> int:
     from copa.data.synth import write_synth
+    from copa.data.synth_alt import write_synth_alt
 
+    seed = cfg.seed if args.seed is None else args.seed
+    if args.style == "alt":  # evaluation only: a test split, every box kept
+        summary = write_synth_alt(args.out, seed=seed, n_test=args.n_test)
+        summary["out"] = str(args.out)
+        _print(summary)
+        return 0
     summary = write_synth(
         args.out,
-        seed=cfg.seed if args.seed is None else args.seed,
+        seed=seed,
         n_train=args.n_train,
         n_val=args.n_val,
         n_test=args.n_test,
@@ -105,6 +112,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--box-share", type=float, default=None, help="default: data.box_share")
+    p.add_argument("--style", choices=("main", "alt"), default="main",
+                   help="alt: a test split in a second look (other backgrounds, shades, tilts, sizes, 1-5 "
+                        "objects; copa.data.synth_alt) to evaluate on data the training generator never makes")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("shard", help="write webdataset .tar shards from any reader")
