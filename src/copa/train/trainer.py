@@ -322,9 +322,10 @@ def pretrain(
             del model_sd, opt_sd
             D.barrier()
 
-    loop = TrainLoop(wrapped, model, opt, sched, iter(train_loader), device, dtype, t.steps, t.grad_accum,
-                     t.clip_grad, t.log_every, t.time_budget_s, per_step, where="pretrain", terms=LOSS_NAMES,
-                     runlog=runlog, progress=True, events=step_events,
+    loop = TrainLoop(wrapped, model, opt, sched, iter(train_loader), device, dtype, steps=t.steps,
+                     grad_accum=t.grad_accum, clip_grad=t.clip_grad, log_every=t.log_every,
+                     time_budget_s=t.time_budget_s, samples_per_step=per_step, where="pretrain",
+                     terms=LOSS_NAMES, runlog=runlog, progress=True, events=step_events,
                      on_batch=lambda batch: batch_events.update(batch.events), after_step=after_step,
                      failure_note=kept)
     try:
