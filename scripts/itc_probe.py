@@ -18,7 +18,8 @@ import torch
 from copa.config import load_config
 from copa.model.copa import COPAModel
 from copa.train.losses import PretrainObjective
-from copa.train.trainer import build_datasets, lr_lambda, make_loader, param_groups
+from copa.train.optim import for_training
+from copa.train.trainer import build_datasets, make_loader
 from copa.utils.device import autocast, resolve_precision
 
 log = logging.getLogger("itc_probe")
@@ -36,8 +37,7 @@ def main() -> None:
     model = COPAModel(cfg.model)
     objective = PretrainObjective(model, {"itc": 1.0})
     data = build_datasets(cfg, ("train", "val"))
-    opt = torch.optim.AdamW(param_groups(model, cfg.train), betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup, cfg.train.steps))
+    opt, sched = for_training(model, cfg.train)
     device = torch.device("cpu")
     dtype = resolve_precision(cfg.train.precision, device)
     batches = iter(make_loader(data["train"], cfg, train=True))

@@ -17,7 +17,8 @@ import torch
 from copa.config import load_config
 from copa.model.copa import COPAModel
 from copa.train.losses import LOSS_NAMES, PretrainObjective
-from copa.train.trainer import build_datasets, make_loader, param_groups
+from copa.train.optim import adamw, param_groups
+from copa.train.trainer import build_datasets, make_loader
 
 log = logging.getLogger("profile_step")
 
@@ -60,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     batches = [next(it) for _ in range(3)]
     data_s = (time.perf_counter() - t0) / 3
-    opt = torch.optim.AdamW(param_groups(model, cfg.train))
+    opt = adamw(param_groups(model, cfg.train))
     weights = dict(cfg.train.loss_weights)
     full = time_steps(PretrainObjective(model, weights), opt, batches, args.steps)
     print(f"{args.config} {' '.join(args.overrides)} batch {args.batch}, threads {torch.get_num_threads()}")

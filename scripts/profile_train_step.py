@@ -25,7 +25,7 @@ from copa.bench.keep import parse_keeps
 from copa.bench.train import synthetic_batch
 from copa.config import load_config
 from copa.train.losses import PretrainObjective
-from copa.train.trainer import param_groups
+from copa.train.optim import param_groups
 from copa.utils.device import autocast
 
 PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")

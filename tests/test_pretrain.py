@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from copa.model.copa import COPAModel
+from copa.train.loop import NonFiniteLossError
 from copa.train.losses import PretrainObjective
-from copa.train.trainer import NonFiniteLossError, build_datasets, make_loader, pretrain
+from copa.train.trainer import build_datasets, make_loader, pretrain
 from tests.conftest import train_config
 
 

@@ -58,7 +58,8 @@ def test_attention_selectors_run_under_fsdp(synth_dir, tmp_path, selector):
     weights outside FSDP's unshard fails exactly as with more processes; the loss must match."""
     import torch.distributed as dist
 
-    from copa.train.trainer import shard_fsdp, validate
+    from copa.train.loop import shard_fsdp
+    from copa.train.trainer import validate
 
     cfg = train_config(synth_dir, "model.text.layers=1", f"model.select.selector={selector}",
                        "model.select.keep_ratios=[0.25]")

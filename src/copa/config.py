@@ -154,7 +154,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-4
     lr_vit: float = 1e-4
-    # the pretrained text encoder; None: same as lr (see copa.train.trainer.param_groups for why lower)
+    # the pretrained text encoder; None: same as lr (see copa.train.optim.param_groups for why lower)
     lr_text: float | None = 3e-5
     # the selectors (TPD); None: same as lr
     lr_selector: float | None = None

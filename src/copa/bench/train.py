@@ -87,7 +87,7 @@ def bench_train(
     autocast over fp32 weights as in ``copa pretrain``. Steps are interleaved across settings.
     The weights drift with the steps (speed does not depend on their values)."""
     from copa.train.losses import PretrainObjective
-    from copa.train.trainer import param_groups
+    from copa.train.optim import adamw, param_groups
 
     h = prepare(model, settings, seed)
     device, switch, mem = h.device, h.switch, h.memory
@@ -101,7 +101,7 @@ def bench_train(
     extra = [q for q in switch.parameters()]
     if extra:
         groups.append({"params": extra, "lr": t.lr, "weight_decay": t.weight_decay})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    opt = adamw(groups)  # the training kernel (fused where torch has it), so the step costs what it costs there
     amp = dtype != torch.float32
 
     def step_fn(s: KeepSetting) -> Callable[[], None]:

@@ -146,7 +146,7 @@ class ViTBlock(nn.Module):
         the others: x (B, Q+N, D) -> (B, H, Q, N). For the attention-based selectors.
 
         They run outside the block's forward, so under FSDP this method is registered as a forward
-        method (``copa.train.trainer.shard_fsdp``) and the sharded weights are gathered for it too.
+        method (``copa.train.loop.shard_fsdp``) and the sharded weights are gathered for it too.
         """
         q, k = self.attn.qk(self.norm1(x))
         return (q[:, :, :queries] @ k[:, :, queries:].transpose(-1, -2)) * q.shape[-1] ** -0.5

@@ -109,7 +109,7 @@ def run_finetune(args: argparse.Namespace, cfg: Config) -> int:
     from copa.tasks.finetune import finetune
     from copa.tasks.registry import make_task
     from copa.train import distributed as D
-    from copa.train.trainer import NonFiniteLossError
+    from copa.train.loop import NonFiniteLossError
 
     split = None if args.eval_split in ("", "none") else args.eval_split
     try:

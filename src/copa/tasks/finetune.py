@@ -1,9 +1,10 @@
 """One fine-tuning loop and one evaluation driver for every task.
 
 ``finetune`` loads a COPA model directory (``--init``, e.g. a pre-training run's ``OUT/model``),
-adapts it to the fine-tuning config (resolution, keep ratios), trains ``task.loss`` with AdamW
-(lower LR for the ViT), warm-up + cosine, gradient accumulation and clipping, bf16 autocast per
-``train.precision``, DDP under torchrun; writes ``OUT/model`` (loadable by ``evaluate``), the loss
+adapts it to the fine-tuning config (resolution, keep ratios), trains ``task.loss`` in pre-training's
+step loop (``copa.train.loop``: AdamW with a lower LR for the ViT, warm-up + cosine, gradient
+accumulation and clipping, bf16 autocast per ``train.precision``, DDP or FSDP per
+``train.distributed`` under torchrun); writes ``OUT/model`` (loadable by ``evaluate``), the loss
 log ``OUT/train_log.csv`` and ``OUT/summary.json``, then evaluates on a split into ``OUT``.
 
 ``run_evaluation`` writes ``OUT/metrics.json`` (task metrics, ``baseline_*``, throughput, keep
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,10 @@ from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
 from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
-from copa.train.trainer import NonFiniteLossError, RunLog, all_finite, lr_lambda, make_loader, param_groups
-from copa.utils.device import autocast, resolve_precision
+from copa.train.loop import NonFiniteLossError, RunLog, TrainLoop, all_finite, full_state, is_sharded, wrap
+from copa.train.optim import for_training
+from copa.train.trainer import make_loader
+from copa.utils.device import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,14 @@ def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
     return model
 
 
+def unsharded(model: COPAModel, state: dict[str, torch.Tensor], device: torch.device) -> COPAModel:
+    """A plain copy of an FSDP-trained ``model`` holding its full ``state``: evaluation calls the
+    model's methods outside the objective's forward, where FSDP would not gather the shards."""
+    plain = COPAModel(model.cfg, load_text_weights=False)  # every weight comes from ``state``
+    plain.load_state_dict(state)
+    return plain.to(device).eval()
+
+
 # --------------------------------------------------------------------------------- training
 @dataclass
 class FinetuneResult:
@@ -117,45 +127,6 @@ class FinetuneResult:
     last_loss: float
     out: Path
     eval: EvalResult | None
-
-
-def _wrap(objective: nn.Module, device: torch.device) -> nn.Module:
-    if D.world_size() == 1:
-        return objective
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # each task leaves most heads unused, hence find_unused_parameters
-    return DDP(
-        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-    )
-
-
-def _accumulate(
-    wrapped: nn.Module, it: Any, device: torch.device, dtype: torch.dtype, accum: int, where: str
-) -> dict[str, float]:
-    """Forward + backward of ``accum`` batches; their mean loss terms. Raises on a non-finite loss
-    on any rank (every rank takes part in the check, so all stop together)."""
-    acc: dict[str, float] = {}
-    for _ in range(accum):
-        batch = next(it).to(device)
-        with autocast(device, dtype):
-            parts = wrapped(batch)
-        bad = D.all_reduce_mean(torch.tensor(float(not torch.isfinite(parts["loss"])), device=device))
-        if bad > 0:
-            raise NonFiniteLossError(f"non-finite loss at {where}")
-        (parts["loss"] / accum).backward()
-        for k, val in parts.items():
-            acc[k] = acc.get(k, 0.0) + float(val.detach()) / accum
-    return acc
-
-
-def _out_of_time(budget_s: float, t0: float, device: torch.device) -> bool:
-    """Whether the time budget is spent, agreed by all ranks (rank clocks differ; a rank stopping
-    alone would leave the others waiting in a collective)."""
-    if budget_s <= 0:
-        return False
-    late = torch.tensor(float(time.perf_counter() - t0 > budget_s), device=device)
-    return bool(D.all_reduce_mean(late) > 0)
 
 
 def finetune(
@@ -181,44 +152,20 @@ def finetune(
     dtype = resolve_precision(cfg.train.precision, device)
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
-    wrapped = _wrap(TaskObjective(model, task), device)
-    opt = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
+    fsdp = is_sharded(t.distributed)
+    wrapped = wrap(TaskObjective(model, task), t.distributed, device)
+    opt, sched = for_training(model, t)  # after wrapping: FSDP replaces parameters with sharded ones
     torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
-    it = iter(make_loader(dataset, cfg, train=True))
     runlog = RunLog(out, main, tensorboard=False)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    step = 0
+    loop = TrainLoop(wrapped, model, opt, sched, iter(make_loader(dataset, cfg, train=True)), device, dtype,
+                     steps=t.steps, grad_accum=t.grad_accum, clip_grad=t.clip_grad, log_every=t.log_every,
+                     time_budget_s=t.time_budget_s, samples_per_step=t.batch_size * t.grad_accum,
+                     where=task.name, runlog=runlog, failure_note=lambda: ", no model written")
     try:
-        while step < t.steps:
-            acc = _accumulate(wrapped, it, device, dtype, t.grad_accum, f"{task.name} step {step + 1}")
-            if t.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(acc["loss"])
-            if step % t.log_every == 0 or step in (1, t.steps):
-                row = {**acc, "lr": sched.get_last_lr()[-1], "elapsed_s": time.perf_counter() - t0}
-                runlog.write("train_log", step, row)
-                if main:
-                    log.info(
-                        "%s step %d/%d: %s",
-                        task.name,
-                        step,
-                        t.steps,
-                        {k: round(x, 4) for k, x in acc.items()},
-                    )
-            if _out_of_time(t.time_budget_s, t0, device):
-                log.warning(
-                    "time budget of %.0f s reached at step %d of %d: stopping", t.time_budget_s, step, t.steps
-                )
-                break
+        res = loop.run()
     finally:
         runlog.close()
-    wall = time.perf_counter() - t0
+    step, losses = res.steps, res.losses
     model.eval()
     meta = {
         META_KEY: {
@@ -229,8 +176,13 @@ def finetune(
             "train": cfg.data.train,
         }
     }
-    if not all_finite(model.parameters()):  # a model that diverged without a non-finite loss is not saved
+    # under FSDP every rank takes the full weights: to check them, save them, and evaluate unsharded
+    full_sd = full_state(model, None, fsdp, everywhere=True)[0]
+    finite = all_finite(full_sd.values() if full_sd is not None else model.parameters())
+    if not finite:  # a model that diverged without a non-finite loss is not saved
         raise NonFiniteLossError(f"non-finite parameters after {task.name} step {step}; no model written")
+    if full_sd is not None:
+        model = unsharded(model, full_sd, device)
     if main:
         model.save_pretrained(out / "model", extra=meta)
     summary = {
@@ -238,7 +190,7 @@ def finetune(
         "steps": step,
         "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan,
-        "wall_s": wall,
+        "wall_s": res.wall_s,
         "world_size": D.world_size(),
         "precision": str(dtype).replace("torch.", ""),
         "image_size": v.image_size,

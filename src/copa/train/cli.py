@@ -42,7 +42,8 @@ def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train import distributed as D
-    from copa.train.trainer import NonFiniteLossError, pretrain
+    from copa.train.loop import NonFiniteLossError
+    from copa.train.trainer import pretrain
 
     try:
         res = pretrain(cfg, args.out, resume=args.resume, init=args.init, stop_at=args.stop_at,

@@ -29,6 +29,7 @@ from copa.config import Config
 from copa.errors import UserError
 from copa.model.copa import COPAModel
 from copa.train.losses import PretrainObjective
+from copa.train.optim import build_optimizer
 from copa.train.sampler import EpochSeeded, loader_generator
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 
     # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
     model.eval()
     objective = PretrainObjective(model, {"pta": 1.0}, pta_pos_weight=t.pta_pos_weight, pta_contrast=t.pta_contrast)
-    opt = torch.optim.AdamW(selector.parameters(), lr=lr or t.lr_selector or t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    # one group, decay on every tensor, Adam's default β2 and warm-up then a constant rate (floor 1):
+    # the recipe this stage was tuned with (BENCHMARKS.md)
+    group = {"params": list(selector.parameters()), "lr": lr or t.lr_selector or t.lr, "weight_decay": t.weight_decay}
+    opt, sched = build_optimizer([group], steps, warmup=steps // 10, floor=1.0, betas=(0.9, 0.999))
     losses: list[float] = []
     t0 = time.perf_counter()
     try:

@@ -1,14 +1,13 @@
-"""The pre-training loop: AdamW (lower LR for the ViT), warm-up + cosine, accumulation, clipping,
-bf16 autocast, checkpoints that resume exactly, DDP/FSDP, CSV + TensorBoard logs, validation with
-PTA quality metrics.
+"""Pre-training: data, validation with PTA quality metrics and checkpoints that resume exactly,
+around the shared step loop (``copa.train.loop``: accumulation, clipping, bf16 autocast, DDP/FSDP,
+CSV + TensorBoard logs, time budget) and optimizer (``copa.train.optim``: AdamW with a lower LR for
+the ViT and the text encoder, warm-up + cosine).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from copa.config import Config, TrainConfig, to_dict, with_preprocess
+from copa.config import Config, to_dict, with_preprocess
 from copa.model.copa import COPAModel, load_weights, read_model_config
 from copa.train import distributed as D
 from copa.train.checkpoint import (
@@ -32,63 +30,28 @@ from copa.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from copa.train.loop import (
+    NonFiniteLossError,
+    RunLog,
+    TrainLoop,
+    all_finite,
+    full_state,
+    is_sharded,
+    load_optimizer_state,
+    shard_fsdp,
+    wrap,
+)
 from copa.train.losses import LOSS_NAMES, PretrainObjective
+from copa.train.optim import for_training, lr_lambda, param_groups
 from copa.train.pta_metrics import PTAMeter
 from copa.train.sampler import BoxedMixSampler, EpochSeeded, ResumableSampler, loader_generator
 from copa.utils.device import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
-
-
-# ------------------------------------------------------------------------------ optimisation
-def param_groups(model: COPAModel, t: TrainConfig) -> list[dict[str, Any]]:
-    """Three learning rates: the ViT backbone at ``lr_vit``, the pretrained text encoder at
-    ``lr_text`` and everything else (selectors, fusion, decoder, heads) at ``lr``; no weight decay
-    on biases, norms, embeddings and other 1-D parameters.
-
-    The text encoder gets its own, lower rate because at the new modules' rate (3e-4) it loses its
-    pretrained sentence structure within a few dozen steps: every caption maps to nearly the same
-    vector and ITC sits at chance (ln B) for ~100 steps; at 3e-5 ITC learns from the start (BENCHMARKS.md).
-    """
-    rates = {"vit": t.lr_vit, "text": t.lr, "selector": t.lr, "rest": t.lr}
-    if t.lr_text is not None:
-        rates["text"] = t.lr_text
-    if t.lr_selector is not None:
-        rates["selector"] = t.lr_selector
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith("vision.") and not name.startswith("vision.selectors"):
-            part = "vit"
-        elif name.startswith("text."):
-            part = "text"
-        elif name.startswith("vision.selectors"):
-            part = "selector"
-        else:
-            part = "rest"
-        decay = p.ndim >= 2 and "embed" not in name and "token" not in name
-        groups.setdefault((part, decay), []).append(p)
-    return [
-        {"params": ps, "lr": rates[part], "weight_decay": t.weight_decay if decay else 0.0, "base_lr": rates[part], "name": f"{part}{'' if decay else '_nodecay'}"}
-        for (part, decay), ps in groups.items()
-    ]
-
-
-def lr_lambda(warmup: int, total: int, floor: float = 0.05):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+# moved to copa.train.loop / copa.train.optim; still importable from here for existing callers
+__all__ = ["NonFiniteLossError", "RunLog", "TrainResult", "build_datasets", "lr_lambda", "make_loader",
+           "param_groups", "pretrain", "shard_fsdp", "validate"]
 
 
 # ------------------------------------------------------------------------------ data
@@ -170,50 +133,6 @@ def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_si
     )
 
 
-# ------------------------------------------------------------------------------ logging
-class RunLog:
-    """CSV + TensorBoard on rank 0; no-op elsewhere."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True) -> None:
-        self.enabled = enabled
-        self.files: dict[str, tuple[Any, csv.DictWriter]] = {}
-        self.out = out
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:  # tensorboard is optional at run time
-                log.warning("tensorboard not installed: CSV logs only")
-
-    def write(self, name: str, step: int, row: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **row}
-        if name not in self.files:
-            path = self.out / f"{name}.csv"
-            append = path.exists()
-            f = path.open("a", newline="")
-            w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-            if not append:
-                w.writeheader()
-            self.files[name] = (f, w)
-        f, w = self.files[name]
-        w.writerow(row)
-        f.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{name}/{k}", v, step)
-
-    def close(self) -> None:
-        for f, _ in self.files.values():
-            f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ------------------------------------------------------------------------------ validation
 @torch.no_grad()
 def validate(objective: PretrainObjective, loader: DataLoader, device: torch.device, dtype: torch.dtype,
@@ -269,56 +188,12 @@ def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
         meter.add("agnostic", sel(prefix[boxed], None, block), batch.union_labels[boxed])
 
 
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ pre-training
 @dataclass
 class TrainResult:
     steps: int
     final: dict[str, float]
     out: Path
-
-
-def shard_fsdp(objective: PretrainObjective) -> PretrainObjective:
-    """FSDP2 in place: one unit per transformer layer, the rest in the root unit.
-
-    The attention selectors and token merging use a ViT block's query/key projections outside its
-    forward (``ViTBlock.attention_scores``, ``attention_keys``); registering those methods makes FSDP
-    gather the block's weights for them too (without it: "mixed torch.Tensor and DTensor").
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    m = objective.model
-    for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
-        fully_shard(layer)
-    for block in m.vision.blocks:
-        register_fsdp_forward_method(block, "attention_scores")
-        register_fsdp_forward_method(block, "attention_keys")
-    fully_shard(objective)
-    return objective
-
-
-def _wrap(objective: PretrainObjective, cfg: Config, device: torch.device) -> nn.Module:
-    if D.world_size() == 1:
-        return objective
-    if cfg.train.distributed == "fsdp":
-        return shard_fsdp(objective)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # the box head is not used in pre-training, hence find_unused_parameters
-    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-
-
-def _full_state(model: COPAModel, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict | None, dict]:
-    """Full (unsharded) model and optimizer state on CPU. Collective under FSDP: call on every rank."""
-    if not fsdp:
-        return None, opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
 
 
 def _adopt_selection(model: COPAModel, cfg: Config) -> None:
@@ -386,19 +261,11 @@ def pretrain(
         state = load_trainer_state(ckpt)
     elif resume:
         log.info("no checkpoint in %s: starting from scratch", out)
-    wrapped = _wrap(objective, cfg, device)
-    fsdp = D.world_size() > 1 and cfg.train.distributed == "fsdp"
-    # the optimizer is built after wrapping: FSDP replaces parameters with sharded ones
-    opt = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup, t.steps))
+    fsdp = is_sharded(t.distributed)
+    wrapped = wrap(objective, t.distributed, device)
+    opt, sched = for_training(model, t)  # after wrapping: FSDP replaces parameters with sharded ones
     if state is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, opt, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
-        else:
-            opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, opt, state["optimizer"], fsdp)
         sched.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
         set_rng_state(state["rng"][D.rank()] if isinstance(state["rng"], list) else state["rng"])
@@ -413,112 +280,64 @@ def pretrain(
     if hasattr(datasets["val"], "__len__"):
         val_bs = max(1, min(t.batch_size, len(datasets["val"]) // D.world_size()))
     val_loader = make_loader(datasets["val"], cfg, train=False, batch_size=val_bs)
-    it = iter(train_loader)
     runlog = RunLog(out, main)
     # this rank's events so far: bad input met in batches (counted once: first epoch only) and
     # training events (ITM skipped for a one-image batch); a resumed run continues the counts
     counted = state.get("events", []) if state is not None else []
     mine = counted[D.rank()] if D.rank() < len(counted) else {}
     batch_events: Counter[str] = Counter(mine.get("train", {}))
-    val_events: Counter[str] | None = Counter(mine.get("val", {})) if mine.get("val_counted") else None
+    val_state: dict[str, Counter[str] | None] = {
+        "events": Counter(mine.get("val", {})) if mine.get("val_counted") else None}
     step_events: Counter[str] = Counter(mine.get("steps", {}))
-
-    bar = None
-    if main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start_step, desc="pretrain", dynamic_ncols=True, mininterval=1.0)
     last_val: dict[str, float] = {}
-    t0 = time.perf_counter()
-    window_t, window_n = time.perf_counter(), 0
-    step = start_step
-    stopped_early = False
+
+    def kept() -> str:
+        return f", the last good checkpoint is kept ({latest_checkpoint(out)})"
+
+    def after_step(step: int, final: bool) -> None:
+        """Validation and checkpoints; ``final``: the last step, or the time budget ran out."""
+        nonlocal last_val
+        if step % t.val_every == 0 or final:
+            # a val stream restarts at every validation: its events are counted at the first one
+            first = val_state["events"] is None
+            if first:
+                val_state["events"] = Counter()
+            last_val = validate(objective, val_loader, device, dtype, events=val_state["events"] if first else None)
+            runlog.write("val_log", step, last_val)
+            if main:
+                log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
+        if step % t.ckpt_every == 0 or final:
+            model_sd, opt_sd = full_state(model, opt, fsdp)
+            # never write (and point `latest` at) a model that has diverged; every rank agrees
+            finite = all_finite(model_sd.values() if model_sd is not None else model.parameters())
+            if D.all_reduce_mean(torch.tensor(float(not finite), device=device)) > 0:
+                raise NonFiniteLossError(f"non-finite parameters after step {step}; not saved{kept()}")
+            rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
+            events = D.gather_objects(_events_state(batch_events, val_state["events"], step_events))
+            if main:
+                ckpt_state = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "step": step,
+                              "rng": rngs, "data_position": step * per_step, "events": events}
+                save_checkpoint(out, step, model, ckpt_state, extra={"provenance": provenance(cfg, step)},
+                                state_dict=model_sd)
+            del model_sd, opt_sd
+            D.barrier()
+
+    loop = TrainLoop(wrapped, model, opt, sched, iter(train_loader), device, dtype, steps=t.steps,
+                     grad_accum=t.grad_accum, clip_grad=t.clip_grad, log_every=t.log_every,
+                     time_budget_s=t.time_budget_s, samples_per_step=per_step, where="pretrain",
+                     terms=LOSS_NAMES, runlog=runlog, progress=True, events=step_events,
+                     on_batch=lambda batch: batch_events.update(batch.events), after_step=after_step,
+                     failure_note=kept)
     try:
-        while step < t.steps:
-            losses_acc = {k: 0.0 for k in LOSS_NAMES}
-            for _ in range(t.grad_accum):
-                batch = next(it)
-                batch_events.update(batch.events)
-                batch = batch.to(device)
-                with autocast(device, dtype):
-                    res = wrapped(batch)
-                bad = [k for k, v in res.losses.items() if not torch.isfinite(v)]
-                flag = D.all_reduce_mean(torch.tensor(float(bool(bad)), device=device))
-                if flag > 0:
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1}: {bad or 'on another rank'}; "
-                        f"stopping, the last good checkpoint is kept ({latest_checkpoint(out)})"
-                    )
-                step_events.update(res.events)
-                (res.loss / t.grad_accum).backward()
-                for k, v in res.losses.items():
-                    losses_acc[k] += float(v.detach()) / t.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad) if t.clip_grad > 0 else torch.tensor(0.0)
-            if not math.isfinite(float(grad_norm)):  # ranks hold the same reduced gradients: all stop here
-                raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopping before the "
-                                         f"update, the last good checkpoint is kept "
-                                         f"({latest_checkpoint(out)})")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            window_n += per_step * D.world_size()
-            total = sum(objective.weights[k] * v for k, v in losses_acc.items())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses_acc.items() if objective.weights[k]} | {"sps": f"{window_n / max(1e-9, time.perf_counter() - window_t):.1f}"}, refresh=False)
-            if step % t.log_every == 0 or step == t.steps:
-                sps = window_n / max(1e-9, time.perf_counter() - window_t)
-                runlog.write("train_log", step, {"loss": total, **losses_acc, "lr": sched.get_last_lr()[-1],
-                                                 "grad_norm": float(grad_norm), "samples_per_s": sps,
-                                                 "elapsed_s": time.perf_counter() - t0})
-                window_t, window_n = time.perf_counter(), 0
-            # decided together: a rank that stopped alone would leave the others waiting in the
-            # next collective (validation's all-gather) until the process-group timeout
-            budget_hit = t.time_budget_s > 0 and bool(D.all_reduce_mean(torch.tensor(
-                float(time.perf_counter() - t0 > t.time_budget_s), device=device)) > 0)
-            if step % t.val_every == 0 or step == t.steps or budget_hit:
-                # a val stream restarts at every validation: its events are counted at the first one
-                first = val_events is None
-                val_events = val_events if val_events is not None else Counter()
-                last_val = validate(objective, val_loader, device, dtype,
-                                    events=val_events if first else None)
-                runlog.write("val_log", step, last_val)
-                if main:
-                    log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
-            if step % t.ckpt_every == 0 or step == t.steps or budget_hit:
-                model_sd, opt_sd = _full_state(model, opt, fsdp)
-                # never write (and point `latest` at) a model that has diverged; every rank agrees
-                finite = all_finite(model_sd.values() if model_sd is not None else model.parameters())
-                if D.all_reduce_mean(torch.tensor(float(not finite), device=device)) > 0:
-                    raise NonFiniteLossError(f"non-finite parameters after step {step}; not saved, the last "
-                                             f"good checkpoint is kept ({latest_checkpoint(out)})")
-                rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
-                events = D.gather_objects(_events_state(batch_events, val_events, step_events))
-                if main:
-                    state = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "step": step,
-                             "rng": rngs, "data_position": step * per_step, "events": events}
-                    save_checkpoint(out, step, model, state, extra={"provenance": provenance(cfg, step)},
-                                    state_dict=model_sd)
-                del model_sd, opt_sd
-                D.barrier()
-            if stop_at is not None and step >= stop_at and step < t.steps:
-                log.warning("stopping at step %d as asked (--stop-at); continue with --resume", step)
-                stopped_early = True
-                break
-            if budget_hit and step < t.steps:
-                log.warning("time budget of %.0f s reached at step %d of %d: stopping early", t.time_budget_s, step, t.steps)
-                stopped_early = True
-                break
+        res = loop.run(start_step, stop_at)
     finally:
-        if bar is not None:
-            bar.close()
         runlog.close()
-    final_sd = _full_state(model, opt, fsdp)[0] if fsdp else None
+    step, stopped_early = res.steps, res.stopped_early
+    final_sd = full_state(model, None, fsdp)[0] if fsdp else None
     # DDP ranks must agree exactly; FSDP ranks hold shards, so its one checksum is of the full state
     checksums = [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
-    every = D.gather_objects(_events_state(batch_events, val_events, step_events))
-    summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": time.perf_counter() - t0,
+    every = D.gather_objects(_events_state(batch_events, val_state["events"], step_events))
+    summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": res.wall_s,
                "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
                "final_val": last_val, "data_report": _data_report(datasets, every),
                "events": dict(sum((Counter(e["steps"]) for e in every), Counter())),
@@ -553,12 +372,6 @@ def _data_report(datasets: dict[str, Any], every: list[Any]) -> dict[str, Any]:
             total.update(e[key])
         out[split] = total.summary()
     return out
-
-
-def all_finite(tensors: Any) -> bool:
-    """Whether every floating-point tensor holds only finite values."""
-    with torch.no_grad():
-        return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t))
 
 
 def param_checksum(params: Any) -> float:
