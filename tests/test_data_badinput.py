@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from copa.config import DataConfig
-from copa.data.badinput import DataReport, clean_box, load_image, validate_records
+from copa.data.badinput import DataReport, clean_box, validate_records
 from copa.data.dataset import PretrainDataset, build_dataloader
+from copa.data.image_io import load_image
 from copa.data.records import Obj, Record, Ref
 
 
@@ -153,7 +154,7 @@ def test_lazy_failure_is_substituted_and_counted(data_corpus):
 def test_huge_image_downscaled_with_its_boxes(data_corpus):
     records, _ = data_corpus
     huge = next(r for r in records if r.image_id == "huge")
-    ld = load_image(huge, max_side=1024)
+    ld = load_image(huge, DataConfig(max_image_side=1024))
     assert max(ld.image.size) == 1024 and ld.image.mode == "RGB" and ld.repairs == ["huge_image"]
     assert ld.scale == pytest.approx((1024 / 5000, 1024 / 5000))
     good, _ = validate_records([huge])

@@ -15,6 +15,8 @@ from copa.data.dataset import StreamingPretrainDataset
 from copa.data.readers import read_records
 from tests.badcorpus import MAX_SIDE, MIN_SIDE, WRITERS, Corpus
 
+LIMITS = DataConfig(max_image_side=MAX_SIDE, min_image_side=MIN_SIDE)  # what the expected counts assume
+
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, Corpus]:
@@ -26,7 +28,7 @@ def corpora(tmp_path_factory) -> dict[str, Corpus]:
 def test_every_reader_counts_the_corpus_exactly(reader, corpora):
     c = corpora[reader]
     records = read_records(c.source)
-    good, report = validate_records(records, decode=True, min_side=MIN_SIDE, max_side=MAX_SIDE)
+    good, report = validate_records(records, LIMITS, decode=True)
     s = report.summary()
     assert s["counts"] == c.expected
     assert {r.image_id for r in good} == c.keep  # no good record lost, no bad one through
@@ -36,8 +38,7 @@ def test_every_reader_counts_the_corpus_exactly(reader, corpora):
 
 def test_shard_stream_counts_once_over_epochs(corpora):
     c = corpora["wds"]
-    ds = StreamingPretrainDataset(str(c.source), DataConfig(), 32, 8, train=True, max_side=MAX_SIDE,
-                                  min_side=MIN_SIDE)
+    ds = StreamingPretrainDataset(str(c.source), LIMITS, 32, 8, train=True)
     total, seen = DataReport(), []
     for epoch in range(3):
         ds.set_epoch(epoch)

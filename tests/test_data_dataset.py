@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from copa.config import DataConfig
+from copa.data.build import make_dataset
 from copa.data.collate import Batch, Collator
-from copa.data.dataset import PretrainDataset, StreamingPretrainDataset, build_dataloader, make_dataset
+from copa.data.dataset import PretrainDataset, StreamingPretrainDataset, build_dataloader
 from copa.data.readers import read_records
 from copa.data.records import Record
 from copa.data.shards import write_shards

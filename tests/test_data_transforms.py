@@ -133,8 +133,8 @@ def test_flip_swaps_texts_and_moves_boxes(tmp_path):
     rec, img = _record()
     img.save(tmp_path / "a.png")
     rec.image = str(tmp_path / "a.png")
-    cfg = DataConfig(hflip=1.0, crop_scale=(1.0, 1.0))
-    b = SampleBuilder(cfg, 64, 16, train=True, crop_ratio=(1.0, 1.0))
+    cfg = DataConfig(hflip=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    b = SampleBuilder(cfg, 64, 16, train=True)
     s = b(rec, 0, np.random.default_rng(0))
     assert s["caption"] == "a large red square to the right of a small blue circle"
     assert sorted(s["phrases"]) == ["large red square on the right", "small blue circle on the left"]

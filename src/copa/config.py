@@ -130,9 +130,11 @@ class DataConfig:
     min_box_visible: float = 0.3  # drop a box whose visible area after cropping is below this share
     crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
-    max_image_side: int = 4096  # larger images are downscaled on load (boxes follow)
-    min_image_side: int = 8  # smaller images are skipped
-    max_caption_chars: int = 1000  # longer texts are cut (counted as long_caption)
+    # The input limits, here only (copa.data.image_io and copa.data.badinput read them from this
+    # config; inference without a run config uses these defaults).
+    max_image_side: int = 4096  # larger images are downscaled on load (boxes follow; JPEG decodes at 1/2^k)
+    min_image_side: int = 8  # smaller images are skipped: no usable content at 16-px patches
+    max_caption_chars: int = 1000  # longer texts are cut (long_caption): far beyond any tokenizer max_len
     decode_check: bool = False  # fully decode every image before training (finds truncated files early)
     hflip: float = 0.5
     patch_tau: float = 0.25

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from copa.config import Config
@@ -61,15 +59,14 @@ def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
 
 
 def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_size: int = 32) -> Any:
+    """Evaluation batches of ``cfg.data.<split>`` (its first ``max_images`` records), built, cleaned
+    and limited as every other dataset is (``copa.data.build.build_dataset``)."""
+    from copa.data.build import build_dataset
     from copa.data.collate import Collator
-    from copa.data.dataset import PretrainDataset
-    from copa.data.readers import read_records
 
-    recs = read_records(getattr(cfg.data, split), cfg.data.format, cfg.data.image_root)
-    if max_images:
-        recs = recs[:max_images]
     v = cfg.model.vision
-    ds = PretrainDataset(recs, cfg.data, v.image_size, v.patch_size, train=False)
+    ds = build_dataset(cfg.data, split, v.image_size, v.patch_size, train=False, max_records=max_images,
+                       stream=False)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                        collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len))
 
@@ -96,6 +93,7 @@ def pta_eval(model: COPAModel, cfg: Config, split: str, keep_ratio: float, max_i
 def kept_for_texts(model: COPAModel, cfg: Config, split: str, n_images: int) -> list[tuple[str, list[tuple[str, list[int]]]]]:
     """For the first ``n_images`` images with two or more objects: the kept patches for two object
     phrases and for the text-agnostic query. -> [(image path, [(text, kept indices), ...]), ...]"""
+    from copa.data.image_io import ImageError, load_image
     from copa.data.readers import read_records
 
     model.eval()
@@ -105,9 +103,14 @@ def kept_for_texts(model: COPAModel, cfg: Config, split: str, n_images: int) -> 
     rows = []
     for rec in read_records(getattr(cfg.data, split), cfg.data.format, cfg.data.image_root):
         phrases = list(dict.fromkeys(o.phrase for o in rec.objects))
-        if len(phrases) < 2 or not Path(rec.image).exists():
+        if len(phrases) < 2:
             continue
-        img = np.asarray(Image.open(rec.image).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+        try:
+            image = load_image(rec, cfg.data).image
+        except ImageError as e:  # a figure helper: an unusable image is simply not drawn
+            log.debug("kept_for_texts: %s", e)
+            continue
+        img = np.asarray(image.resize((size, size)), dtype=np.float32) / 255.0
         x = ((torch.from_numpy(img).permute(2, 0, 1) - mean) / std).unsqueeze(0)
         prefix = model.image_prefix(x)
         texts = phrases[:2]

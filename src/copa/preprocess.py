@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,32 +18,8 @@ from PIL import Image
 from torch import Tensor
 
 from copa.config import ModelConfig
-from copa.data.image_io import MAX_SIDE, MIN_SIDE, ImageError, load_image, to_rgb
-from copa.data.records import Record
+from copa.data.image_io import ImageError, ImageInput, open_image  # re-exported: the API's image types
 from copa.data.transforms import ImageBoxTransform
-
-ImageInput = Image.Image | str | Path | bytes
-"""An image as the high-level API takes it: a PIL image, a file path, or encoded bytes."""
-
-
-def open_image(src: ImageInput, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Image.Image:
-    """Any ``ImageInput`` -> RGB PIL image, decoded like training data (16-bit, palette, alpha and
-    huge images handled by ``copa.data.image_io.load_image``).
-
-    Raises:
-        ImageError: unreadable, truncated, tiny or otherwise unusable (``kind`` says which).
-    """
-    if isinstance(src, Image.Image):
-        if min(src.size) < min_side:
-            raise ImageError("tiny_image", f"{src.width}x{src.height}")
-        im = to_rgb(src)
-        if max(im.size) > max_side:
-            im = im.copy() if im is src else im
-            im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        return im
-    if isinstance(src, bytes):
-        return load_image(Record("<bytes>", data=src), max_side, min_side).image
-    return load_image(Record(str(src)), max_side, min_side).image
 
 
 @dataclass

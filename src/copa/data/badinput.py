@@ -1,4 +1,8 @@
-"""Bad input: validate records and images, repair what can be repaired, count everything.
+"""Bad input: validate records, repair what can be repaired, count everything (``DataReport``).
+
+Images are opened and checked by ``copa.data.image_io``; the limits (image sides, caption length)
+come from ``DataConfig`` only. This module holds the policy: what is skipped, repaired or dropped,
+and the counts.
 
 Policy (SPEC §3: nothing is lost silently, nothing stops the run):
 
@@ -13,8 +17,9 @@ Policy (SPEC §3: nothing is lost silently, nothing stops the run):
   them (``DataReport.update``) — counted, never silent.
 
 * Readers count what they cannot turn into a record (``malformed_record``) or must leave out of one
-  (``malformed_field``, ``orphan_annotation``, unreadable shards); their ``RecordList.report``
-  is folded into the pre-scan's report by ``validate_records``, so one report covers the source.
+  (``malformed_field``, ``orphan_annotation``, unreadable shards) and return the counts with the
+  records (``RecordList.report``); ``validate_records`` folds them into the pre-scan's report, so
+  one report covers the source and reaches the run summary with the pre-scan's counts.
 
 Kinds: ``SKIP`` lose the record, ``REPAIR`` fix it, ``DROP`` remove one caption/box/question/field
 of it, ``INFO`` changes nothing, ``SHARD`` counts shard files (a truncated tar loses an unknown
@@ -30,15 +35,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from copa.data.image_io import (  # noqa: F401  (re-exported: image I/O used to live here)
-    MAX_SIDE,
-    MIN_SIDE,
-    ImageError,
-    Loaded,
-    check_image,
-    load_image,
-    to_rgb,
-)
+from copa.config import DataConfig
+from copa.data.image_io import ImageError, check_image
 from copa.data.records import QA, Box, Obj, Record, Ref
 
 log = logging.getLogger(__name__)
@@ -53,8 +51,6 @@ INFO = ("non_ascii", "substituted")
 SHARD = ("truncated_shard", "unreadable_shard")
 KINDS = SKIP + REPAIR + DROP + INFO + SHARD
 RECORD_KEYS = ("records_in", "records_out")  # also travel in event dicts (streams count records as they go)
-
-MAX_CAPTION_CHARS = 1000  # far beyond any tokenizer max_len; keeps tokenization cheap
 
 
 @dataclass
@@ -156,24 +152,28 @@ def clean_box(box: Box, width: int | None, height: int | None) -> tuple[Box | No
 def validate_record(
     rec: Record,
     report: DataReport,
+    cfg: DataConfig | None = None,
     check_images: bool = True,
-    decode: bool = False,
-    min_side: int = MIN_SIDE,
-    max_side: int = MAX_SIDE,
-    max_caption_chars: int = MAX_CAPTION_CHARS,
+    decode: bool | None = None,
 ) -> Record | None:
-    """A cleaned copy of ``rec``, or ``None`` if it is unusable. Counts go to ``report``."""
+    """A cleaned copy of ``rec``, or ``None`` if it is unusable. Counts go to ``report``.
+
+    Limits from ``cfg`` (default: the library's ``DataConfig()``); ``decode`` (default
+    ``cfg.decode_check``) fully decodes the image instead of reading its header.
+    """
+    cfg = cfg or DataConfig()
+    decode = cfg.decode_check if decode is None else decode
     width, height = rec.width, rec.height
     if check_images:
         try:
-            width, height, repairs = check_image(rec, decode, min_side, max_side)
+            width, height, repairs = check_image(rec, cfg, decode)
         except ImageError as e:
             log.debug("skip %s", e)
             report.add(e.kind)
             return None
         for k in repairs:
             report.add(k)
-    mc = max_caption_chars
+    mc = cfg.max_caption_chars
     captions = [c for c in (clean_text(t, report, "empty_caption", mc) for t in rec.captions) if c]
 
     def box_ok(b: Box) -> Box | None:
@@ -212,25 +212,26 @@ def validate_record(
 
 def validate_records(
     records: Iterable[Record],
+    cfg: DataConfig | None = None,
     report: DataReport | None = None,
     check_images: bool = True,
-    decode: bool = False,
-    **kw: Any,
+    decode: bool | None = None,
+    reader: DataReport | None = None,
 ) -> tuple[list[Record], DataReport]:
     """Pre-scan: (usable cleaned records in input order, report). See the module docstring.
 
-    When ``records`` came from a reader (a ``RecordList``), its skips are part of the report and
-    ``records_in`` counts the entries the reader read.
+    ``reader`` is what the reader of ``records`` skipped (by default ``records.report`` when they
+    came from a reader as a ``RecordList``): its counts become part of the report, and
+    ``records_in`` counts every entry the reader read, the ones that never became records included.
     """
     report = report if report is not None else DataReport()
-    reader = getattr(records, "report", None)
-    if isinstance(reader, DataReport):
-        report.counts.update(reader.counts)
-        report.records_in += reader.records_in - reader.records_out  # entries that never became records
+    reader = reader if reader is not None else getattr(records, "report", None)
+    if reader is not None:
+        add_reader_skips(report, reader)
     good = []
     for rec in records:
         report.records_in += 1
-        r = validate_record(rec, report, check_images, decode, **kw)
+        r = validate_record(rec, report, cfg, check_images, decode)
         if r is not None:
             good.append(r)
     report.records_out += len(good)
@@ -238,3 +239,10 @@ def validate_records(
     if s["skipped"] or s["repaired"] or s["dropped_items"]:
         log.warning("data: %d of %d records usable; %s", len(good), s["records_in"], s["counts"])
     return good, report
+
+
+def add_reader_skips(report: DataReport, reader: DataReport) -> None:
+    """Fold a reader's report into a pre-scan's: its counts, and as ``records_in`` the entries that
+    never became records (the records themselves are counted by the pre-scan as it meets them)."""
+    report.counts.update(reader.counts)
+    report.records_in += reader.records_in - reader.records_out

@@ -66,7 +66,7 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
     from copa.data.readers import read_records
 
     records = read_records(args.src, args.format or cfg.data.format, args.image_root or cfg.data.image_root)
-    good, report = validate_records(records, decode=args.decode)
+    good, report = validate_records(records, cfg.data, decode=args.decode)  # the limits of the config
     size, patch = cfg.model.vision.image_size, cfg.model.vision.patch_size
     n = (size // patch) ** 2
     shares = []

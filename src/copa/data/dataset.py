@@ -33,18 +33,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from copa.config import CLIP_MEAN, CLIP_STD, DataConfig
-from copa.data.badinput import (
-    MAX_CAPTION_CHARS,
-    MAX_SIDE,
-    MIN_SIDE,
-    DataReport,
-    ImageError,
-    load_image,
-    validate_record,
-    validate_records,
-)
+from copa.data.badinput import DataReport, validate_record, validate_records
+from copa.data.image_io import ImageError, load_image
 from copa.data.patch_labels import box_to_patch_labels, grid_size, union_labels
-from copa.data.readers import detect_format, read_records
 from copa.data.records import Record
 from copa.data.shards import ShardDataset, stable_id
 from copa.data.transforms import ImageBoxTransform, swap_left_right
@@ -63,30 +54,27 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class SampleBuilder:
-    """Record → sample dict (see the module docstring). Picklable; raises ``ImageError``."""
+    """Record → sample dict (see the module docstring). Picklable; raises ``ImageError``.
+
+    Everything but the model's image and patch size comes from ``cfg``: crop, flip, box visibility,
+    patch-label tau, phrases per sample, normalisation and the image limits of ``load_image``.
+    """
 
     def __init__(
-        self,
-        cfg: DataConfig,
-        image_size: int | Sequence[int],
-        patch_size: int,
-        train: bool,
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        max_side: int = MAX_SIDE,
-        min_side: int = MIN_SIDE,
+        self, cfg: DataConfig, image_size: int | Sequence[int], patch_size: int, train: bool
     ) -> None:
         self.image_size = _size(image_size)
         self.patch_size = patch_size
         self.train = train
+        self.cfg = cfg
         self.tau = cfg.patch_tau
         self.max_phrases = cfg.max_phrases
-        self.max_side, self.min_side = max_side, min_side
         self.num_patches = int(np.prod(grid_size(self.image_size, patch_size)))
         self.transform = ImageBoxTransform(
             self.image_size,
             train,
             tuple(cfg.crop_scale),
-            crop_ratio,
+            tuple(cfg.crop_ratio),
             cfg.hflip,
             cfg.min_box_visible,
             tuple(cfg.mean or CLIP_MEAN),  # a bare DataConfig(): the default model's
@@ -99,7 +87,7 @@ class SampleBuilder:
         return int(rng.integers(n)) if self.train else 0
 
     def __call__(self, rec: Record, image_id: int, rng: np.random.Generator) -> Sample:
-        ld = load_image(rec, self.max_side, self.min_side)
+        ld = load_image(rec, self.cfg)
         qi = self._pick(len(rec.questions), rng)
         ri = self._pick(len(rec.refs), rng)
         ci = self._pick(len(rec.captions), rng)
@@ -150,12 +138,15 @@ class PretrainDataset(Dataset):
     """Map-style dataset over records.
 
     Args:
-        records: records from any reader.
-        cfg: data config (crop scale, flip, min box visible, tau, max phrases, mean/std).
+        records: records from any reader (``copa.data.build.build_dataset`` reads a config split).
+        cfg: data config (crop, flip, min box visible, tau, max phrases, mean/std, image limits).
         image_size: model image size (int or (H, W)); patch_size: ViT patch size.
         train: random crop/flip and random caption/phrase/question choice; else deterministic.
-        validate: pre-scan records (``validate_records``): cleans texts/boxes, drops unusable
-            records; its counts are in ``self.report``. ``decode=True`` fully decodes in the pre-scan.
+        validate: pre-scan records (``validate_records`` under ``cfg``'s limits): cleans texts/boxes,
+            drops unusable records; its counts are in ``self.report``. ``decode`` (default
+            ``cfg.decode_check``) fully decodes in the pre-scan.
+        report: with ``validate=False``: the counts of the pre-scan the records already passed
+            (default: none, every record counted as usable).
 
     A record whose image fails to load at ``__getitem__`` despite the pre-scan (e.g. truncated data
     behind a valid header) is replaced by the next loadable record; the sample's ``events`` say so
@@ -170,24 +161,14 @@ class PretrainDataset(Dataset):
         patch_size: int,
         train: bool,
         validate: bool = True,
-        decode: bool = False,
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        max_side: int = MAX_SIDE,
-        min_side: int = MIN_SIDE,
-        max_caption_chars: int = MAX_CAPTION_CHARS,
+        decode: bool | None = None,
+        report: DataReport | None = None,
     ) -> None:
         if validate:
-            recs, self.report = validate_records(
-                records,
-                check_images=True,
-                decode=decode,
-                min_side=min_side,
-                max_side=max_side,
-                max_caption_chars=max_caption_chars,
-            )
+            recs, self.report = validate_records(records, cfg, decode=decode)
         else:
             recs = list(records)
-            self.report = DataReport(records_in=len(recs), records_out=len(recs))
+            self.report = report or DataReport(records_in=len(recs), records_out=len(recs))
         if not recs:
             found = self.report.summary()["counts"] or "no records given"
             raise DataSourceError(f"no usable records: {found}")
@@ -195,7 +176,7 @@ class PretrainDataset(Dataset):
         ids: dict[str, int] = {}
         self.image_ids = [ids.setdefault(r.image, len(ids)) for r in recs]
         self.num_images = len(ids)
-        self.builder = SampleBuilder(cfg, image_size, patch_size, train, crop_ratio, max_side, min_side)
+        self.builder = SampleBuilder(cfg, image_size, patch_size, train)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -240,15 +221,12 @@ class StreamingPretrainDataset(IterableDataset):
         image_size: int | Sequence[int],
         patch_size: int,
         train: bool,
-        max_side: int = MAX_SIDE,
-        min_side: int = MIN_SIDE,
-        max_caption_chars: int = MAX_CAPTION_CHARS,
         **shard_kw: Any,
     ) -> None:
         super().__init__()
         self.shards = ShardDataset(urls, **shard_kw)
-        self.builder = SampleBuilder(cfg, image_size, patch_size, train, max_side=max_side, min_side=min_side)
-        self.check = {"min_side": min_side, "max_side": max_side, "max_caption_chars": max_caption_chars}
+        self.cfg = cfg
+        self.builder = SampleBuilder(cfg, image_size, patch_size, train)
         self._pending = DataReport()
 
     def set_epoch(self, epoch: int) -> None:
@@ -257,7 +235,9 @@ class StreamingPretrainDataset(IterableDataset):
     def __iter__(self) -> Any:
         pending = self._pending if self.shards.epoch == 0 else DataReport()  # a throw-away after epoch 0
         for rec in self.shards.records(pending):
-            good = validate_record(rec, pending, **self.check)
+            # header check only: the builder decodes the image next anyway (decode_check is for the
+            # in-memory pre-scan, which otherwise would meet a truncated file only at training time)
+            good = validate_record(rec, pending, self.cfg, decode=False)
             if good is None:
                 continue
             try:
@@ -271,23 +251,6 @@ class StreamingPretrainDataset(IterableDataset):
         if self._pending.counts:
             log.warning("bad input at the end of a shard stream (counted with the next sample): %s",
                         dict(self._pending.counts))
-
-
-def make_dataset(
-    path: str, cfg: DataConfig, image_size: int | Sequence[int], patch_size: int, train: bool, **kw: Any
-) -> PretrainDataset | StreamingPretrainDataset:
-    """The dataset for a config path (``cfg.train``/``val``/``test``) in ``cfg.format`` (``auto``
-    detects it): webdataset shards stream (``StreamingPretrainDataset``), everything else is read
-    into memory and pre-scanned (``PretrainDataset``; its ``report`` holds the counts). ``kw`` goes
-    to the dataset class."""
-    fmt = cfg.format
-    if fmt == "auto" and not str(path).endswith(".json"):
-        fmt = detect_format(path)
-    if fmt == "wds":
-        kw = {k: v for k, v in kw.items() if k in ("max_side", "min_side", "max_caption_chars")}
-        return StreamingPretrainDataset(path, cfg, image_size, patch_size, train, **kw)
-    records = read_records(path, cfg.format, cfg.image_root)
-    return PretrainDataset(records, cfg, image_size, patch_size, train, **kw)
 
 
 def build_dataloader(

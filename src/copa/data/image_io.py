@@ -1,7 +1,11 @@
-"""Image input: open, check and decode a record's image as RGB, with every failure typed.
+"""Image input, the one place images are opened, checked and decoded as RGB, every failure typed.
 
-``check_image`` reads only the header (cheap: no pixel decode); ``load_image`` decodes. Both raise
+``check_image`` reads only the header (cheap: no pixel decode); ``load_image`` decodes a record's
+image; ``open_image`` decodes what the inference API takes (a PIL image, a path or bytes). All raise
 ``ImageError`` whose ``kind`` is the bad-input kind the caller counts (``copa.data.badinput``).
+
+The size limits (``min_image_side``, ``max_image_side``) live only in ``DataConfig``: every function
+takes the config, and without one uses the library default ``DataConfig()`` (what inference uses).
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from copa.config import DataConfig
 from copa.data.records import Record
 
-MIN_SIDE = 8  # smaller images carry no usable content at 16-px patches
-MAX_SIDE = 4096  # larger images are downscaled on load (JPEG via draft mode: decodes at 1/2^k)
+ImageInput = Image.Image | str | Path | bytes
+"""An image as the high-level API takes it: a PIL image, a file path, or encoded bytes."""
 
 
 class ImageError(Exception):
@@ -46,7 +52,9 @@ def _open(rec: Record) -> Image.Image:
         raise ImageError("corrupt_file", f"{rec.image}: {e}") from e
 
 
-def _check_size(size: tuple[int, int], rec: Record, min_side: int, max_side: int) -> None:
+def _check_size(size: tuple[int, int], rec: Record, cfg: DataConfig) -> None:
+    """``size`` (W, H) against the config's limits; a huge image passes (it is downscaled)."""
+    min_side, max_side = cfg.min_image_side, cfg.max_image_side
     if min(size) < min_side:
         raise ImageError("tiny_image", f"{rec.image}: {size[0]}x{size[1]}")
     if max(size) > max_side and min(size) * max_side / max(size) < min_side:
@@ -97,19 +105,22 @@ class Loaded:
     repairs: list[str]
 
 
-def load_image(rec: Record, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Loaded:
-    """Decode a record's image as RGB, at most ``max_side`` pixels per side.
+def load_image(rec: Record, cfg: DataConfig | None = None) -> Loaded:
+    """Decode a record's image as RGB, at most ``cfg.max_image_side`` pixels per side (a larger
+    JPEG is decoded in draft mode, at 1/2^k scale, so a huge file stays cheap).
 
     ``repairs`` of the result lists the REPAIR kinds applied (non-RGB, huge).
 
     Raises:
         ImageError: the image cannot be used (kind says why).
     """
+    cfg = cfg or DataConfig()
+    max_side = cfg.max_image_side
     im = _open(rec)
     repairs: list[str] = []
     try:
         orig = im.size
-        _check_size(orig, rec, min_side, max_side)
+        _check_size(orig, rec, cfg)
         if max(orig) > max_side:
             repairs.append("huge_image")
             if im.format == "JPEG":
@@ -132,16 +143,38 @@ def load_image(rec: Record, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) 
 
 
 def check_image(
-    rec: Record, decode: bool = False, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE
+    rec: Record, cfg: DataConfig | None = None, decode: bool = False
 ) -> tuple[int, int, list[str]]:
     """Header check (``decode=True``: full decode too). Returns (width, height, repairs to come)."""
+    cfg = cfg or DataConfig()
     if decode:
-        ld = load_image(rec, max_side, min_side)
+        ld = load_image(rec, cfg)
         ld.image.close()
         return ld.orig_size[0], ld.orig_size[1], ld.repairs
     with _open(rec) as im:
-        _check_size(im.size, rec, min_side, max_side)
-        repairs = ["huge_image"] if max(im.size) > max_side else []
+        _check_size(im.size, rec, cfg)
+        repairs = ["huge_image"] if max(im.size) > cfg.max_image_side else []
         if im.mode != "RGB":
             repairs.append("non_rgb_converted")
         return im.width, im.height, repairs
+
+
+def open_image(src: ImageInput, cfg: DataConfig | None = None) -> Image.Image:
+    """Any ``ImageInput`` -> RGB PIL image, decoded like training data (16-bit, palette, alpha and
+    huge images as ``load_image`` handles them), under ``cfg``'s limits (default: the library's).
+
+    Raises:
+        ImageError: unreadable, truncated, tiny or otherwise unusable (``kind`` says which).
+    """
+    cfg = cfg or DataConfig()
+    if isinstance(src, Image.Image):
+        if min(src.size) < cfg.min_image_side:
+            raise ImageError("tiny_image", f"{src.width}x{src.height}")
+        im = to_rgb(src)
+        if max(im.size) > cfg.max_image_side:
+            im = im.copy() if im is src else im  # never resize the caller's image in place
+            im.thumbnail((cfg.max_image_side, cfg.max_image_side), Image.Resampling.BICUBIC)
+        return im
+    if isinstance(src, bytes):
+        return load_image(Record("<bytes>", data=src), cfg).image
+    return load_image(Record(str(src)), cfg).image

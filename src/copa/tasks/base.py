@@ -9,9 +9,10 @@ and one evaluation driver:
 - ``loss(model, batch)`` -> ``{"loss": scalar, ...}`` on a collated ``copa.data.collate.Batch``;
 - ``evaluate(model, dataset, env)`` -> ``EvalResult`` (metrics incl. baselines, predictions).
 
-Datasets reuse ``PretrainDataset``: each record is cleaned once (``validate_records``), then
-expanded into derived records that hold exactly one question / ref, so the sample builder's image
-loading, transforms, flip-aware left/right swapping and the collator all apply unchanged.
+Datasets reuse ``PretrainDataset`` through ``copa.data.build.build_dataset``: each record is
+cleaned once (``validate_records``), then expanded into derived records that hold exactly one
+question / ref, so the sample builder's image loading, transforms, flip-aware left/right swapping
+and the collator all apply unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from copa.config import Config, EvalConfig
+from copa.data.build import Expand, build_dataset
 from copa.data.collate import Batch, Collator
 from copa.data.dataset import PretrainDataset
 from copa.data.records import Record
@@ -119,28 +121,6 @@ class EvalEnv:
 
 
 # --------------------------------------------------------------------------------- datasets
-Expand = Callable[[Record], list[Record]]
-
-
-def read_clean(cfg: Config, split: str) -> tuple[list[Record], Any]:
-    """Records of ``cfg.data.<split>``, cleaned by the bad-input pre-scan: (records, DataReport)."""
-    from copa.data.badinput import validate_records
-    from copa.data.readers import read_records
-
-    d = cfg.data
-    path = getattr(d, split)
-    recs = read_records(path, d.format, d.image_root)
-    good, report = validate_records(
-        recs,
-        decode=d.decode_check,
-        min_side=d.min_image_side,
-        max_side=d.max_image_side,
-        max_caption_chars=d.max_caption_chars,
-    )
-    log.info("%s: %d usable of %d records from %s", split, len(good), len(recs), path)
-    return good, report
-
-
 def expanded_dataset(
     cfg: Config,
     split: str,
@@ -152,28 +132,8 @@ def expanded_dataset(
 ) -> PretrainDataset:
     """``PretrainDataset`` over the expanded records of a split (validation runs once per record,
     not per derived sample). Without ``random_crop`` the training transform is resize + flip."""
-    good, report = read_clean(cfg, split)
-    derived = [r for rec in good for r in expand(rec)]
-    if not derived:
-        raise ValueError(f"{split} split ({getattr(cfg.data, split)}) has no samples for this task")
-    d = cfg.data
-    crop_ratio = d.crop_ratio
-    if train and not random_crop:
-        # scale = ratio = 1: the crop is the whole image, so only the resize and the flip remain
-        d = dataclasses.replace(d, crop_scale=(1.0, 1.0))
-        crop_ratio = (1.0, 1.0)
-    ds = PretrainDataset(
-        derived,
-        d,
-        image_size,
-        patch_size,
-        train=train,
-        validate=False,
-        crop_ratio=crop_ratio,
-        max_side=d.max_image_side,
-        min_side=d.min_image_side,
-    )
-    ds.report = report
+    ds = build_dataset(cfg.data, split, image_size, patch_size, train, expand=expand, random_crop=random_crop)
+    assert isinstance(ds, PretrainDataset)  # expanded records are always in memory
     return ds
 
 

@@ -57,17 +57,13 @@ __all__ = ["NonFiniteLossError", "RunLog", "TrainResult", "build_datasets", "lr_
 # ------------------------------------------------------------------------------ data
 def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
     """In-memory, pre-scanned datasets for JSON / COCO / VG sources; a stream for webdataset shards."""
-    from copa.data.dataset import make_dataset
+    from copa.data.build import build_dataset
 
     out = {}
     v, d = cfg.model.vision, cfg.data
     for split in splits:
         path = getattr(d, split)
-        out[split] = make_dataset(  # a stream takes the limits and ignores the pre-scan options
-            path, d, v.image_size, v.patch_size, train=split == "train", decode=d.decode_check,
-            crop_ratio=d.crop_ratio, max_side=d.max_image_side, min_side=d.min_image_side,
-            max_caption_chars=d.max_caption_chars,
-        )
+        out[split] = build_dataset(d, split, v.image_size, v.patch_size)
         report = getattr(out[split], "report", None)
         log.info("%s: %s from %s; bad input: %s", split,
                  f"{len(out[split])} records" if report is not None else "streaming shards", path,
