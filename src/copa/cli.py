@@ -60,8 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``copa`` command; ``argv`` without the program name (default: ``sys.argv[1:]``).
+
+    Returns the exit status (0 ok, 2 the user's to fix, other codes per command) and never calls
+    ``sys.exit`` itself, so the library (``copa demo``) runs its stages through it; only argparse
+    exits (status 2) on arguments it cannot parse. ``args.argv`` holds the argument list as given.
+    """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()

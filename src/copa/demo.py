@@ -4,6 +4,12 @@ Stages (each logs what it does; results accumulate in ``OUT/results.json``):
 synthetic data -> pre-training with PTA -> PTA quality and selector ablation -> downstream tasks ->
 benchmark -> ``OUT/report.md`` + ``OUT/report.html`` with tables and pictures.
 ``--quick`` runs the same pipeline with smaller data and budgets (CI runs it).
+
+Every stage that has a ``copa`` command builds its argument list once, runs it through
+``copa.cli.main`` in this process, records exactly that list (``results["commands"]``, the report's
+"Reproduce" section) and reads its numbers from the files the command wrote (``summary.json``,
+``metrics.json``, ``pta.json``, ``bench.json``). What has no command yet (the kept-patches picture)
+runs as a library call and is listed as such (``results["library_calls"]``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from copa.config import Config, load_config
+from copa.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def set_flags(sets: list[str]) -> list[str]:
-    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"] (for the reproduce commands)."""
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]."""
     return [a for s in sets for a in ("--set", s)]
+
+
+def command_line(argv: list[str]) -> str:
+    """The shell line of a ``copa`` argument list (``shlex.split(line)[1:] == argv``)."""
+    return shlex.join(["copa", *argv])
 
 
 class Demo:
@@ -88,7 +100,9 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.overrides = list(args.overrides)
         self.config_path = args.config or "configs/pretrain_tiny.yaml"
-        self.results: dict[str, Any] = {"quick": self.quick, "commands": [], "timings_s": {}}
+        self.verbose = bool(getattr(args, "verbose", False))
+        self.results: dict[str, Any] = {"quick": self.quick, "commands": [], "library_calls": [], "timings_s": {}}
+        self.ran: set[tuple[str, ...]] = set()
         self.data = self.out / "data"
         self.t0 = time.perf_counter()
 
@@ -107,12 +121,44 @@ class Demo:
 
         return _Stage()
 
-    def command(self, argv: list[str]) -> None:
-        """Record the exact CLI command that reproduces a number."""
-        self.results["commands"].append("copa " + " ".join(shlex.quote(a) for a in argv))
+    def copa(self, *args: Any) -> list[str]:
+        """Run one ``copa`` command through ``copa.cli.main`` and record exactly its argument list.
+
+        An argument list this run has already run is not run (nor recorded) again: its files are there.
+        A command that fails stops the demo (its own error is in the log above)."""
+        from copa import cli
+
+        argv = (["-v"] if self.verbose else []) + [str(a) for a in args]
+        if tuple(argv) in self.ran:
+            return argv
+        self.ran.add(tuple(argv))
+        self.results["commands"].append(command_line(argv))
+        self.save()
+        log.info("demo runs: %s", command_line(argv))
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:  # argparse: arguments it cannot parse
+            rc = e.code if isinstance(e.code, int) else 2
+        if rc:
+            raise UserError(f"demo stage command failed with exit status {rc}: {command_line(argv)}")
+        return argv
+
+    def library_call(self, what: str) -> None:
+        """Record a stage that runs as a library call (no ``copa`` command does it yet)."""
+        self.results["library_calls"].append(what)
+
+    def common(self, *extra: str) -> list[str]:
+        """``--config`` and the ``--set``s every stage command takes: the demo's data and plan, the
+        user's overrides, then the stage's own."""
+        return ["--config", self.config_path, *set_flags([*self.base_sets(), *self.overrides, *extra])]
 
     def config(self, *extra: str) -> Config:
+        """The config the stage commands get from ``common(*extra)``."""
         return load_config(self.config_path, [*self.base_sets(), *self.overrides, *extra])
+
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        return json.loads(path.read_text())
 
     def base_sets(self) -> list[str]:
         p = self.plan
@@ -126,53 +172,44 @@ class Demo:
 
     # -------------------------------------------------------------- stages
     def synth(self) -> None:
-        from copa.data.synth import write_synth
-
         with self.stage("synthetic data"):
             p = self.plan
-            if (self.data / "train.json").exists() and (self.data / "summary.json").exists():
+            argv = ["data", "synth", *self.common(), "--out", self.data, "--n-train", p.n_train,
+                    "--n-val", p.n_val, "--n-test", p.n_test, "--seed", 0]
+            reused = (self.data / "train.json").exists() and (self.data / "summary.json").exists()
+            if reused:  # made by an earlier run into the same OUT: the command that made it stays on record
                 log.info("reusing %s", self.data)
+                self.results["commands"].append(command_line([str(a) for a in argv]))
             else:
-                write_synth(self.data, seed=0, n_train=p.n_train, n_val=p.n_val, n_test=p.n_test)
-            self.command(["data", "synth", "--out", str(self.data), "--n-train", str(p.n_train),
-                          "--n-val", str(p.n_val), "--n-test", str(p.n_test), "--seed", "0"])
-            self.results["data"] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
+                self.copa(*argv)
+            self.results["data"] = {"train": p.n_train, "val": p.n_val, "test": p.n_test, **({"reused": True} if reused else {})}
 
     def pretrain(self) -> Path:
         """The shared trunk: the full objective without PTA, a fixed number of seeded steps."""
-        from copa.train.trainer import pretrain
-
         p = self.plan
         steps = p.pretrain_steps
         sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_step_s * steps:.0f}",
                 f"train.val_every={steps}", f"train.ckpt_every={steps}",
                 f"train.warmup={max(2, steps // 10)}", "train.loss_weights.pta=0.0"]
-        cfg = self.config(*sets)
         out = self.out / "pretrain"
         with self.stage("pretrain"):
-            res = pretrain(cfg, out)
-            self.command(["pretrain", "--config", self.config_path, "--out", str(out),
-                          *set_flags([*self.base_sets(), *self.overrides, *sets])])
-            summary = json.loads((out / "summary.json").read_text())
+            self.copa("pretrain", *self.common(*sets), "--out", out)
+            summary = self.read_json(out / "summary.json")
             if summary["stopped_early"]:
-                self.flag_budget("pretrain", res.steps, steps)
-            self.results["pretrain"] = {"steps": res.steps, "final_val": res.final, "wall_s": summary["wall_s"],
+                self.flag_budget("pretrain", summary["steps"], steps)
+            self.results["pretrain"] = {"steps": summary["steps"], "final_val": summary["final_val"],
+                                        "wall_s": summary["wall_s"],
                                         "stopped_early": summary["stopped_early"], "precision": summary["precision"]}
         return out / "model"
 
     def pta_stage(self, name: str, init: Path, train_json: Path) -> Path:
         """One pre-training row: the trunk's selector trained with PTA on the boxes of ``train_json``."""
-        from copa.train.selector_stage import run_stage
-
         p = self.plan
-        data_set = f"data.train={train_json}"
         out = self.out / name
         with self.stage(name):
-            summary = run_stage(init, self.config(data_set), out, p.selector_steps, p.selector_batch)
-            self.command(["pta-stage", "--config", self.config_path, "--init", str(init), "--out", str(out),
-                          "--steps", str(p.selector_steps), "--batch", str(p.selector_batch),
-                          *set_flags([*self.base_sets(), *self.overrides, data_set])])
-            self.results[name] = summary
+            self.copa("pta-stage", *self.common(f"data.train={train_json}"), "--init", init, "--out", out,
+                      "--steps", p.selector_steps, "--batch", p.selector_batch)
+            self.results[name] = self.read_json(out / "summary.json")
         return out / "model"
 
     def flag_budget(self, stage: str, done: int, planned: int) -> None:
@@ -195,34 +232,33 @@ class Demo:
     def selector_ablation(self, models: dict[str, Path]) -> None:
         """Object-patch recall, AP and text specificity on the test split per selector, at the same
         keep ratio: parameter-free selectors swapped into COPA's weights, and the pre-training rows."""
-        from copa.evaluation import ABLATION_SELECTORS, pta_eval, with_selector
-        from copa.model.copa import load
+        from copa.evaluation import ABLATION_SELECTORS
+
+        def pta_eval(row: str, ckpt: Path, ratio: float, selector: str | None = None) -> dict[str, float]:
+            out = self.out / "pta_eval" / f"{row}_keep{ratio:g}"
+            self.copa("pta-eval", *self.common(), "--ckpt", ckpt, "--split", "test", "--keep-ratio", ratio,
+                      "--max-images", self.plan.eval_images, *(["--selector", selector] if selector else []),
+                      "--out", out)
+            return self.read_json(out / "pta.json")["metrics"]
 
         with self.stage("selector ablation (PTA quality)"):
-            cfg = self.config()
-            model = load(models["copa"])
-            keep = cfg.model.select.keep_ratios[0]
-            n = self.plan.eval_images
+            keep = self.config().model.select.keep_ratios[0]
             rows = {}
-            for sel in ABLATION_SELECTORS:
-                rows[sel] = pta_eval(with_selector(model, sel), cfg, "test", keep, n)
+            for sel in ABLATION_SELECTORS:  # parameter-free selectors swapped into COPA's weights
+                rows[sel] = pta_eval(f"selector_{sel}", models["copa"], keep, sel)
             if "no_pta" in models:
-                rows["tpd without PTA"] = pta_eval(load(models["no_pta"]), cfg, "test", keep, n)
-            rows[COPA_ROW] = pta_eval(model, cfg, "test", keep, n)
+                rows["tpd without PTA"] = pta_eval("no_pta", models["no_pta"], keep)
+            rows[COPA_ROW] = pta_eval("copa", models["copa"], keep)
             if "all_boxes" in models:
-                rows[ALL_BOXES_ROW] = pta_eval(load(models["all_boxes"]), cfg, "test", keep, n)
+                rows[ALL_BOXES_ROW] = pta_eval("all_boxes", models["all_boxes"], keep)
             self.results["ablation_pta"] = {"keep_ratio": keep, "rows": rows}
-            self.results["pta_vs_keep"] = {r: pta_eval(model, cfg, "test", r, n) for r in self.plan.keep_sweep}
+            self.results["pta_vs_keep"] = {r: pta_eval("copa", models["copa"], r) for r in self.plan.keep_sweep}
 
     def tasks(self, models: dict[str, Path]) -> None:
         """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, and with the
         other selectors swapped in (same weights; for the other pre-training rows, their trained
         selectors): the ablation table."""
-        from copa.evaluation import TASK_ABLATION_SELECTORS, with_selector, with_selectors_of
-        from copa.model.copa import load
-        from copa.tasks.base import TaskOptions
-        from copa.tasks.finetune import finetune, run_evaluation
-        from copa.tasks.registry import make_task
+        from copa.evaluation import TASK_ABLATION_SELECTORS
 
         p = self.plan
         self.results.setdefault("tasks", {})
@@ -232,33 +268,28 @@ class Demo:
             ablation.setdefault(row, {})[f"{name}_metric"] = metrics.get(key)
             ablation[row][f"{name}_sps"] = metrics.get("samples_per_s")
 
-        donors = {row: load(models[row]) for row in ("no_pta", "all_boxes") if row in models}
         for name, (key, label) in TASK_METRICS.items():
             steps = p.finetune_steps[name]
             sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
                     f"train.warmup={max(1, steps // 10)}", f"train.lr={p.finetune_lr:g}", f"train.lr_vit={p.finetune_lr:g}"]
-            cfg = self.config(*sets)
-            keep = cfg.model.select.keep_ratios[0]
+            keep = self.config(*sets).model.select.keep_ratios[0]
+            out = self.out / "tasks" / name
+
             with self.stage(f"task: {name}"):
-                task = make_task(name, TaskOptions(meteor=not self.quick))
-                out = self.out / "tasks" / name
-                ft = finetune(task, cfg, out, init=models["copa"], eval_split=None)
-                if ft.steps < steps:
-                    self.flag_budget(f"task: {name}", ft.steps, steps)
-                self.command(["finetune", name, "--config", self.config_path, "--init", str(models["copa"]),
-                              "--out", str(out), *set_flags([*self.base_sets(), *self.overrides, *sets])])
-                model = load(out / "model")
+                # METEOR starts a java process: the quick demo skips it (stored with the model, so the
+                # evaluations skip it too)
+                self.copa("finetune", name, *(["--no-meteor"] if self.quick else []), *self.common(*sets),
+                          "--init", models["copa"], "--eval-split", "none", "--out", out)
+                done = self.read_json(out / "summary.json")["steps"]
+                if done < steps:
+                    self.flag_budget(f"task: {name}", done, steps)
                 rows = {}
                 for setting, ratio in ((f"pruned (keep {keep})", keep), ("unpruned (keep 1.0)", 1.0)):
                     tag = "pruned" if ratio < 1.0 else "unpruned"
                     # VQA's pruned evaluation also answers each question with another image: what the model
                     # gets without looking (a model that ignores the image scores the same)
-                    blind = ["eval.blind_control=true"] if name == "vqa" and ratio < 1.0 else []
-                    res = run_evaluation(task, model, self.config(*sets, *blind), "test", out / f"test_{tag}", ratio)
-                    self.command(["evaluate", name, "--config", self.config_path, "--ckpt", str(out / "model"),
-                                  "--split", "test", "--keep-ratio", str(ratio), "--out", str(out / f"test_{tag}"),
-                                  *set_flags([*self.base_sets(), *self.overrides, *blind])])
-                    m = res.metrics
+                    blind = ("eval.blind_control=true",) if name == "vqa" and ratio < 1.0 else ()
+                    m = self.evaluate(name, out, sets, tag, ratio, extra_sets=blind)
                     rows[setting] = {"metric_name": label, "metric": m.get(key), "baseline": m.get(f"baseline_{key}"),
                                      "samples_per_s": m.get("samples_per_s"), "keep_ratio": ratio}
                     if "blind_accuracy" in m:
@@ -269,39 +300,48 @@ class Demo:
                     curve = {keep: rows[f"pruned (keep {keep})"]["metric"], 1.0: rows["unpruned (keep 1.0)"]["metric"]}
                     for r in self.plan.keep_sweep:
                         if r not in curve:
-                            curve[r] = run_evaluation(task, model, cfg, "test", None, r).metrics.get(key)
+                            curve[r] = self.evaluate(name, out, sets, f"keep{r:g}", r).get(key)
                     self.results.setdefault("task_vs_keep", {})[name] = dict(sorted(curve.items()))
                 if name in ("vqa", "grounding"):  # the two tasks that read the selection most directly
-                    for sel in TASK_ABLATION_SELECTORS:
-                        res = run_evaluation(task, with_selector(model, sel), cfg, "test", None, keep)
-                        record(sel, name, res.metrics, key)
+                    for sel in TASK_ABLATION_SELECTORS:  # parameter-free selectors, same fine-tuned weights
+                        m = self.evaluate(name, out, sets, f"selector_{sel}", keep, "--selector", sel)
+                        record(sel, name, m, key)
                     # the other pre-training rows differ from COPA's only in the selector: theirs, same weights
                     for row, label_row in (("no_pta", "tpd without PTA"), ("all_boxes", ALL_BOXES_ROW)):
-                        if row in donors:
-                            res = run_evaluation(task, with_selectors_of(model, donors[row]), cfg, "test", None, keep)
-                            record(label_row, name, res.metrics, key)
+                        if row in models:
+                            m = self.evaluate(name, out, sets, f"selectors_{row}", keep, "--selectors-from", models[row])
+                            record(label_row, name, m, key)
                 torch.set_grad_enabled(True)
+
+    def evaluate(self, task: str, run: Path, sets: list[str], tag: str, ratio: float, *flags: Any,
+                 extra_sets: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``copa evaluate`` of the model fine-tuned into ``run`` on the test split -> its metrics.json."""
+        dest = run / f"test_{tag}"
+        self.copa("evaluate", task, *self.common(*sets, *extra_sets), "--ckpt", run / "model", "--split", "test",
+                  "--keep-ratio", ratio, *flags, "--out", dest)
+        return self.read_json(dest / "metrics.json")
 
     def bench(self) -> None:
         """copa bench on the tiny preset: speed vs keep ratio, pruned and unpruned in one run."""
-        from copa.bench import bench_inference, build_bench_model, hardware_info, parse_keeps
         from copa.viz import xy_plot
 
         with self.stage("benchmark"):
-            cfg = self.config()
-            layer = cfg.model.select.layers[0]
+            layer = self.config().model.select.layers[0]
             specs = [f"{layer}:{r:g}" for r in self.plan.keep_sweep if r < 1.0]
-            model = build_bench_model(cfg, None, torch.device("cpu"))
             runs = 2 if self.quick else 5
-            recs = bench_inference(model, parse_keeps(specs, cfg.model.vision.layers), batch=8, runs=runs, warmup=1)
-            self.command(["bench", "--config", self.config_path, "--batch", "8", "--runs", str(runs),
-                          *[a for k in specs for a in ("--keep", k)], "--out", str(self.out / "bench")])
-            hw = hardware_info(torch.device("cpu"))
+            out = self.out / "bench"
+            # fp32 on the CPU, one warm-up run, no matmul-peak probe: the demo's speed table, not a full bench
+            self.copa("bench", *self.common(), "--device", "cpu", "--precision", "fp32", "--batch", 8,
+                      "--runs", runs, "--warmup", 1, "--peak-size", 0, *[a for k in specs for a in ("--keep", k)],
+                      "--out", out)
+            bench = self.read_json(out / "bench.json")
+            recs, hw = bench["results"], bench["hardware"]
             rows = [{"setting": r["keep"], **{k: r.get(k) for k in ("flops_ratio", "speedup_vit", "speedup_e2e",
                                                                       "efficiency", "pairs_per_s", "images_per_s")}}
                     for r in recs]
             self.results["bench"] = {"hardware": f"{hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, "
-                                                 f"batch 8, median of {runs} runs", "rows": rows}
+                                                 f"batch {bench['batch']}, median of {bench['runs']} runs",
+                                   "rows": rows}
             keep_of = {f"{layer}:{r:g}": r for r in self.plan.keep_sweep}
             pts = sorted((keep_of.get(r["setting"], 1.0), r) for r in rows)
             pics = self.results.setdefault("pictures", {})
@@ -339,6 +379,11 @@ class Demo:
             cfg = self.config()
             model = load(model_dir)
             rows = kept_for_texts(model, cfg, "test", self.plan.picture_images)
+            sets = [*self.base_sets(), *self.overrides]
+            self.library_call(f"kept_patches.png (no copa command draws it; `copa predict kept` lists one image's kept "
+                              f"patches per text): copa.viz.kept_patches_figure(copa.evaluation.kept_for_texts("
+                              f"copa.load({str(model_dir)!r}), cfg, 'test', {self.plan.picture_images})) with "
+                              f"cfg = copa.config.load_config({self.config_path!r}, {sets!r})")
             if rows:
                 pics["kept_patches"] = kept_patches_figure(self.out / "kept_patches.png", rows, model.vision.grid,
                                                            cfg.model.vision.image_size).name

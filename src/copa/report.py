@@ -228,8 +228,14 @@ def blocks(res: dict[str, Any]) -> list[Block]:
     timings = res.get("timings_s", {})
     if timings:
         out += [("h2", "Stage timings"), ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()]))]
-    out += [("h2", "Reproduce"), ("p", "The exact commands behind every number (the demo runs the same code in-process):"),
+    out += [("h2", "Reproduce"),
+            ("p", ("The exact commands behind every number: the demo ran each of them, with these arguments, "
+                   "through copa.cli.main and read its numbers from the files it wrote. The plots are drawn from "
+                   "those files.")),
             ("code", "\n".join(res.get("commands", [])))]
+    if res.get("library_calls"):
+        out += [("p", "Run as library calls (no copa command does these yet):"),
+                ("code", "\n".join(res["library_calls"]))]
     return out
 
 

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
              hw["cpu_cores_usable"], hw["torch_threads"], hw["torch"],
              f", GPU {hw['gpu']}" if "gpu" in hw else "")
     result: dict[str, Any] = {
-        "command": " ".join(["copa", *sys.argv[1:]]),
+        "command": shlex.join(["copa", *getattr(args, "argv", sys.argv[1:])]),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "hardware": hw,
         "config": args.config,

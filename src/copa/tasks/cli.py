@@ -75,6 +75,7 @@ def _options(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> A
 
 def register(sub: argparse._SubParsersAction) -> None:
     from copa.cli import add_common
+    from copa.model.selection import SELECTORS
 
     p = sub.add_parser("finetune", help="fine-tune a COPA model on a downstream task, then evaluate it")
     _task_flags(p)
@@ -98,6 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="keep ratio at evaluation (1.0 = unpruned); default cfg.eval.keep_ratio, else the model's",
     )
+    e.add_argument("--selector", default=None, choices=SELECTORS,
+                   help="evaluate with a parameter-free selector swapped in (same weights): an ablation")
+    e.add_argument("--selectors-from", default=None, metavar="CKPT",
+                   help="evaluate with the trained selectors of another model of the same selection config "
+                   "(e.g. another pre-training row of the same trunk), same weights otherwise")
     e.set_defaults(func=run_evaluate)
 
 
@@ -141,12 +147,33 @@ def run_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     if meta.get("task") not in (None, args.task):
         log.warning("%s was fine-tuned for %s, evaluating it on %s", args.ckpt, meta["task"], args.task)
     saved = meta.get("options") if meta.get("task") == args.task else None
+    if args.selector and args.selectors_from:
+        raise ConfigError("--selector and --selectors-from exclude each other")
+    task = make_task(args.task, _options(args, saved))
     try:
-        res = evaluate_checkpoint(
-            make_task(args.task, _options(args, saved)), args.ckpt, cfg, args.split, args.out, args.keep_ratio
-        )
+        if args.selector or args.selectors_from:
+            res = _evaluate_swapped(task, args, cfg)
+        else:
+            res = evaluate_checkpoint(task, args.ckpt, cfg, args.split, args.out, args.keep_ratio)
         if D.is_main():
             _print(res.metrics)
     finally:
         D.cleanup()
     return 0
+
+
+def _evaluate_swapped(task: Any, args: argparse.Namespace, cfg: Config) -> Any:
+    """``evaluate`` of the checkpoint with another selection (``--selector`` / ``--selectors-from``)."""
+    from copa.evaluation import with_selector, with_selectors_of
+    from copa.model.copa import load
+    from copa.tasks.finetune import run_evaluation
+    from copa.train import distributed as D
+
+    device = D.init_from_env()
+    model = load(args.ckpt)
+    try:
+        view = with_selectors_of(model, load(args.selectors_from)) if args.selectors_from else with_selector(
+            model, args.selector)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return run_evaluation(task, view.to(device).eval(), cfg, args.split, args.out, args.keep_ratio)

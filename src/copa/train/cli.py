@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     from copa.cli import add_common
+    from copa.model.selection import SELECTORS
 
     p = sub.add_parser("pretrain", help="pre-train with ITC, ITM, MLM, PrefixLM and PTA")
     add_common(p, out_default="runs/pretrain")
@@ -32,11 +33,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=None, help="default: train.lr_selector, else train.lr")
     q.set_defaults(func=run_pta_stage)
 
+    r = sub.add_parser("pta-eval", help="selection quality of a model's first selector on a split: object-patch "
+                       "recall and AP, text specificity; writes OUT/pta.json")
+    add_common(r, out_default="runs/pta_eval")
+    r.add_argument("--ckpt", required=True, help="COPA model directory")
+    r.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (cfg.data.<split>)")
+    r.add_argument("--keep-ratio", type=float, default=None, help="keep ratio (default: the model's first)")
+    r.add_argument("--max-images", type=int, default=None, help="the first N images of the split (default: all)")
+    r.add_argument("--selector", default=None, choices=SELECTORS,
+                   help="swap in a parameter-free selector (none, random, tome, cls_attn, text_attn) on the "
+                   "same weights")
+    r.set_defaults(func=run_pta_eval)
+
 
 def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.selector_stage import run_stage
 
     print(json.dumps(run_stage(args.init, cfg, args.out, args.steps, args.batch, args.lr), indent=2))
+    return 0
+
+
+def run_pta_eval(args: argparse.Namespace, cfg: Config) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from copa.config import ConfigError
+    from copa.evaluation import pta_eval, with_selector
+    from copa.model.copa import load
+
+    if args.keep_ratio is not None and not 0.0 < args.keep_ratio <= 1.0:
+        raise ConfigError(f"--keep-ratio {args.keep_ratio} is outside (0, 1]")
+    model = load(args.ckpt)
+    cfg = dataclasses.replace(cfg, model=model.cfg)  # the model's own image size and tokenizer
+    keep = model.cfg.select.keep_ratios[0] if args.keep_ratio is None else args.keep_ratio
+    view = with_selector(model, args.selector) if args.selector else model
+    metrics = pta_eval(view, cfg, args.split, keep, args.max_images)
+    result = {"ckpt": str(args.ckpt), "split": args.split, "selector": args.selector or model.cfg.select.selector,
+              "keep_ratio": keep, "max_images": args.max_images, "metrics": metrics}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pta.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 

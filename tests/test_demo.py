@@ -1,0 +1,165 @@
+"""``copa demo`` runs exactly what it records: every stage command goes through ``copa.cli.main``
+with the argument list the report lists, every recorded line parses with the real parser, and the
+new stage options (``pta-eval``, ``evaluate --selector/--selectors-from``) give the numbers of the
+library calls they replace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from copa import cli
+from copa.config import load_config
+from copa.demo import FULL, QUICK, Demo
+from tests.conftest import MICRO, TRAIN_MICRO
+
+
+def _fake_outputs(args: argparse.Namespace) -> None:
+    """The files each stage command writes that the demo reads, with placeholder numbers."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = args.command
+    if cmd == "pretrain":
+        cfg = load_config(args.config, args.overrides)
+        summary = {"steps": cfg.train.steps, "stopped_early": False, "wall_s": 1.0, "precision": "float32",
+                   "final_val": {"itc_r1": 0.5}}
+        (out / "summary.json").write_text(json.dumps(summary))
+    elif cmd == "pta-stage":
+        summary = {"steps": args.steps, "boxed_images": 12, "first_loss": 1.0, "last_loss": 0.1, "wall_s": 1.0,
+                   "val_before": {"recall_phrase": 0.3}, "val_after": {"recall_phrase": 0.6}}
+        (out / "summary.json").write_text(json.dumps(summary))
+    elif cmd == "pta-eval":
+        (out / "pta.json").write_text(json.dumps({"metrics": {"recall_phrase": 0.5, "recall_agnostic": 0.4}}))
+    elif cmd == "finetune":
+        cfg = load_config(args.config, args.overrides)
+        (out / "summary.json").write_text(json.dumps({"steps": cfg.train.steps}))
+    elif cmd == "evaluate":
+        metrics = {"r_mean": 1.0, "accuracy": 2.0, "cider": 3.0, "acc@0.5": 4.0, "samples_per_s": 5.0,
+                   "blind_accuracy": 1.5}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    elif cmd == "bench":
+        keeps = ["none", *args.keep]
+        rec = {"flops_ratio": 1.0, "speedup_vit": 1.0, "speedup_e2e": 1.0, "efficiency": 1.0, "pairs_per_s": 8.0,
+               "images_per_s": 16.0}
+        bench = {"results": [{"keep": k, **rec} for k in keeps], "batch": args.batch, "runs": args.runs,
+                 "hardware": {"cpu": "test cpu", "torch_threads": 2, "torch": "x"}}
+        (out / "bench.json").write_text(json.dumps(bench))
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
+    """Every stage runs through cli.main; the recorded commands are those argument lists, in order, each
+    parses with the real parser to the command the demo meant, and its config loads (strict --set)."""
+    ran: list[list[str]] = []
+    parser = cli.build_parser()
+
+    def fake_main(argv: list[str]) -> int:
+        ran.append(list(argv))
+        args = parser.parse_args(argv)
+        load_config(args.config, args.overrides)  # every --set names a real field
+        _fake_outputs(args)
+        return 0
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(Demo, "pictures", lambda self, model_dir: None)  # reads a real model: library call
+    args = argparse.Namespace(quick=quick, out=str(tmp_path / "demo"), overrides=[], config=None, verbose=False)
+    assert Demo(args, load_config(None, [])).run() == 0
+
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert res["commands"] == [shlex.join(["copa", *a]) for a in ran]
+    assert len({tuple(a) for a in ran}) == len(ran)  # nothing ran twice
+    for line in res["commands"]:
+        words = shlex.split(line)
+        assert words[0] == "copa"
+        assert parser.parse_args(words[1:]).func is not None
+    assert (tmp_path / "demo" / "report.md").exists()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert all(line in report for line in res["commands"])
+
+    plan = QUICK if quick else FULL
+    by_cmd: dict[str, list[argparse.Namespace]] = {}
+    for a in ran:
+        ns = parser.parse_args(a)
+        by_cmd.setdefault(ns.command, []).append(ns)
+    assert len(by_cmd["pretrain"]) == 1 and len(by_cmd["finetune"]) == 4
+    cfg = load_config(by_cmd["pretrain"][0].config, by_cmd["pretrain"][0].overrides)
+    assert cfg.train.steps == plan.pretrain_steps and cfg.eval.itm_topk == plan.itm_topk
+    assert cfg.train.time_budget_s == pytest.approx(plan.safety_factor * plan.planned_step_s * plan.pretrain_steps)
+    for ns in by_cmd["finetune"]:
+        ft = load_config(ns.config, ns.overrides)
+        assert ft.train.steps == plan.finetune_steps[ns.task]
+        assert ns.meteor is (False if quick else None) and ns.eval_split == "none"
+    # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
+    for ns in by_cmd["evaluate"]:
+        ev = load_config(ns.config, ns.overrides)
+        assert ev.eval.itm_topk == plan.itm_topk and ev.data.test.endswith("data/test.json")
+    blind = [ns for ns in by_cmd["evaluate"] if "eval.blind_control=true" in ns.overrides]
+    assert [(ns.task, ns.keep_ratio < 1.0) for ns in blind] == [("vqa", True)]
+    swaps = {(ns.task, ns.selector or "", bool(ns.selectors_from)) for ns in by_cmd["evaluate"]}
+    assert ("vqa", "tome", False) in swaps and ("grounding", "random", False) in swaps
+    assert (("grounding", "", True) in swaps) is (not quick)  # the other pre-training rows' selectors
+    (bench,) = by_cmd["bench"]
+    assert (bench.precision, bench.warmup, bench.device, bench.batch) == ("fp32", 1, "cpu", 8)
+    assert len(by_cmd["pta-stage"]) == (1 if quick else 2)
+    assert sorted(res["pta_vs_keep"], key=float) == [str(k) for k in plan.keep_sweep]
+
+
+def test_failed_stage_command_stops_the_demo(tmp_path, monkeypatch):
+    from copa.errors import UserError
+
+    monkeypatch.setattr(cli, "main", lambda argv: 2)
+    args = argparse.Namespace(quick=True, out=str(tmp_path), overrides=[], config=None, verbose=False)
+    with pytest.raises(UserError, match="copa data synth"):
+        Demo(args, load_config(None, [])).run()
+
+
+def _sets(synth_dir: Path, *extra: str) -> list[str]:
+    sets = [*MICRO, *TRAIN_MICRO, "eval.batch_size=8", f"data.train={synth_dir}/train.json",
+            f"data.val={synth_dir}/val.json", f"data.test={synth_dir}/test.json", *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_pta_eval_command_equals_the_library_call(micro_ckpt, synth_dir, tmp_path):
+    from copa.evaluation import pta_eval, with_selector
+    from copa.model.copa import load
+
+    sets = _sets(synth_dir)
+    for selector in (None, "tome"):
+        out = tmp_path / str(selector)
+        argv = ["pta-eval", *sets, "--ckpt", str(micro_ckpt), "--split", "test", "--keep-ratio", "0.5",
+                "--max-images", "6", *(["--selector", selector] if selector else []), "--out", str(out)]
+        assert cli.main(argv) == 0
+        got = json.loads((out / "pta.json").read_text())
+        model = load(micro_ckpt)
+        cfg = load_config(None, [s for s in sets if s != "--set"])
+        want = pta_eval(with_selector(model, selector) if selector else model, cfg, "test", 0.5, 6)
+        assert got["metrics"] == pytest.approx(want)
+        assert got["selector"] == (selector or "tpd") and got["keep_ratio"] == 0.5
+
+
+def test_evaluate_with_swapped_selectors_equals_the_library_call(micro_ckpt, synth_dir, tmp_path):
+    from copa.evaluation import with_selector, with_selectors_of
+    from copa.model.copa import load
+    from copa.tasks.finetune import run_evaluation
+    from copa.tasks.registry import make_task
+
+    sets = _sets(synth_dir)
+    cfg = load_config(None, [s for s in sets if s != "--set"])
+    for flags in (["--selector", "random"], ["--selectors-from", str(micro_ckpt)]):
+        out = tmp_path / flags[0].strip("-")
+        argv = ["evaluate", "grounding", *sets, "--ckpt", str(micro_ckpt), "--keep-ratio", "0.5", *flags,
+                "--out", str(out)]
+        assert cli.main(argv) == 0
+        got = json.loads((out / "metrics.json").read_text())
+        model = load(micro_ckpt)
+        view = with_selector(model, "random") if flags[0] == "--selector" else with_selectors_of(model, load(micro_ckpt))
+        want = run_evaluation(make_task("grounding"), view, cfg, "test", None, 0.5).metrics
+        for k in ("acc@0.5", "miou", "keep_ratio"):
+            assert got[k] == pytest.approx(want[k])
+    both = ["evaluate", "grounding", *sets, "--ckpt", str(micro_ckpt), "--selector", "tome",
+            "--selectors-from", str(micro_ckpt), "--out", str(tmp_path / "x")]
+    assert cli.main(both) == 2
