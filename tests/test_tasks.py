@@ -316,3 +316,22 @@ def test_vqa_blind_control_answers_with_another_image(micro_init, synth_dir):
     model.fusion.img_proj = Blindfold()
     m = run_evaluation(task, model, cfg, "val", None).metrics
     assert m["blind_accuracy"] == pytest.approx(m["accuracy_on_blind_questions"])
+
+
+def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(micro_init, synth_dir, tmp_path):
+    """``train.freeze_vit``: the ViT backbone leaves fine-tuning bit-identical, the fusion does not,
+    and the selectors stay trainable (PTA still reaches them)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen"
+    sets = _sets(synth_dir, "train.steps=2", "train.freeze_vit=true")
+    assert main(["finetune", "vqa", "--config", "configs/tiny.yaml", *sets, "--init", str(micro_init),
+                 "--eval-split", "none", "--out", str(out)]) == 0
+    before, after = load_file(str(micro_init / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    vit = [k for k in before if k.startswith("vision.") and not k.startswith("vision.selectors")]
+    assert vit and all(torch.equal(before[k], after[k]) for k in vit)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fusion."))
+    model = COPAModel(micro_config().model)
+    model.freeze(vit=True)
+    assert all(p.requires_grad for p in model.vision.selectors.parameters())
+    assert not any(p.requires_grad for n, p in model.vision.named_parameters() if not n.startswith("selectors."))

@@ -162,6 +162,10 @@ class TrainConfig:
     lr_selector: float | None = None
     # freeze the text encoder's embeddings and its first N layers (-1: all of it; 0: train it all)
     freeze_text_layers: int = 0
+    # freeze the ViT backbone (patch embedding, blocks, norms; the selectors still train). Fine-tuning
+    # a ViT pre-trained only briefly at the fusion's LR collapses its image tokens to one vector and
+    # the tasks answer blind (BENCHMARKS.md, "What made the fusion read the image")
+    freeze_vit: bool = False
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1

@@ -33,9 +33,9 @@ def _get(d: dict[Any, Any], k: float) -> Any:
 
 def _pretrain_sentence(res: dict[str, Any]) -> str:
     pre = res["pretrain"]
-    text = (f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) with ITC, ITM, MLM and "
-            "PrefixLM and no PTA, shared by every pre-training row; then each row's PTA stage trains the selector "
-            "alone (everything else frozen)")
+    text = (f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) of ITC against the "
+            "frozen pretrained text encoder (a miniature of the CLIP ViT the paper starts from), shared by every "
+            "pre-training row; then each row's PTA stage trains the selector alone (everything else frozen)")
     stage = res.get("pta_copa")
     if stage:
         text += (f": COPA's for {stage['steps']} steps on the {stage['boxed_images']} training images that carry "
@@ -207,6 +207,23 @@ def _target_blocks(res: dict[str, Any]) -> list[Block]:
     return out
 
 
+def _other_style_blocks(res: dict[str, Any]) -> list[Block]:
+    o = res.get("other_style")
+    if not o:
+        return []
+    rows = [[name, _fmt(m.get("specificity@0.25")), _fmt(m.get("specificity@0.5")), _fmt(m.get("recall_phrase")),
+             _fmt(m.get("recall_random"))] for name, m in o["pta"].items()]
+    v = o["vqa"]
+    return [("h2", "On a scene style the training generator never makes"),
+            ("p", (f"{o['images']} test scenes from `copa data synth --style alt`: gradient, striped or checkered "
+                   "backgrounds, other shades of the same colour names, tilted outlined shapes, other object and "
+                   f"image sizes, 1-5 objects. Keep ratio {o['keep_ratio']}.")),
+            ("table", (["selector", "specificity @0.25", "specificity @0.5", "object-patch recall", "random recall"],
+                       rows)),
+            ("p", (f"VQA (COPA's fine-tuned model, pruned): {_fmt(v.get('accuracy'))}%, with another image "
+                   f"{_fmt(v.get('blind_accuracy'))}%, majority answer {_fmt(v.get('baseline_accuracy'))}%."))]
+
+
 def _bench_blocks(res: dict[str, Any]) -> list[Block]:
     b = res.get("bench")
     if not b:
@@ -224,7 +241,7 @@ def blocks(res: dict[str, Any]) -> list[Block]:
                         ("p", (f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
                               f"Data: {res.get('data', {})} synthetic scenes (train/val/test)."))]
     out += _budget_blocks(res) + _target_blocks(res) + _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res)
-    out += _bench_blocks(res)
+    out += _other_style_blocks(res) + _bench_blocks(res)
     timings = res.get("timings_s", {})
     if timings:
         out += [("h2", "Stage timings"), ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()]))]

@@ -127,6 +127,13 @@ class VisionTransformer(nn.Module):
         self.select_cfg = select
         self.set_keep_ratios(list(select.keep_ratios))
 
+    def freeze_backbone(self) -> None:
+        """Stop training everything but the selectors; autograd then records no backward through
+        the ViT blocks (the selectors' own gradients, from PTA, need none)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("selectors."):
+                p.requires_grad_(False)
+
     # ------------------------------------------------------------------ forward
     def _run(self, x: Tensor, start: int, stop: int) -> Tensor:
         for blk in self.blocks[start:stop]:

@@ -145,8 +145,7 @@ def finetune(
     model = prepare_model(cfg, init)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.train.freeze_text_layers:
-        model.text.freeze(cfg.train.freeze_text_layers)
+    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit)
     model.to(device).train()
     cfg = with_model(cfg, model.cfg)  # the loader tokenizes and normalises as the model expects
     dtype = resolve_precision(cfg.train.precision, device)

@@ -240,8 +240,7 @@ def pretrain(
     if init:
         _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
-    if cfg.train.freeze_text_layers:
-        model.text.freeze(cfg.train.freeze_text_layers)
+    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device).train()
