@@ -23,7 +23,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
 
 bench: $(STAMP)
 	$(PY) -m copa bench --config configs/base.yaml --out runs/bench

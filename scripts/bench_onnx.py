@@ -59,8 +59,10 @@ def pipelines(model: COPAModel, batch: int, text_len: int):
 def onnx_pipelines(d: Path, images, ids, mask, threads: int):
     import numpy as np
 
-    sess = {p: onnx_session(d / f"{p}.onnx", threads) for p in
-            ("image_prefix", "vision_agnostic", "text_encoder", "vision_suffix", "fusion", "heads")}
+    sess = {
+        p: onnx_session(d / f"{p}.onnx", threads)
+        for p in ("image_prefix", "vision_agnostic", "text_encoder", "vision_suffix", "fusion", "heads")
+    }
     x, i, m = images.numpy(), ids.numpy(), mask.numpy()
 
     def image():
@@ -72,7 +74,9 @@ def onnx_pipelines(d: Path, images, ids, mask, threads: int):
         txt, query, _ = sess["text_encoder"].run(None, {"ids": i, "mask": m})
         tokens, kept = sess["vision_suffix"].run(None, {"prefix": prefix, "query": query})
         fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": m})
-        return sess["heads"].run(None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]), "kept": kept})
+        return sess["heads"].run(
+            None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]), "kept": kept}
+        )
 
     return image, pair
 
@@ -102,8 +106,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", default="runs/bench_onnx")
-    ap.add_argument("--exports", default=None, metavar="DIR",
-                    help="keep the exports in DIR/keep_<r> and reuse them on the next run (timing only)")
+    ap.add_argument(
+        "--exports",
+        default=None,
+        metavar="DIR",
+        help="keep the exports in DIR/keep_<r> and reuse them on the next run (timing only)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -117,39 +125,72 @@ def main() -> int:
             d = Path(args.exports) / f"keep_{keep}" if args.exports else Path(tmp)
             t0 = time.perf_counter()
             if (d / "manifest.json").is_file():  # exported by an earlier run: time only
-                worst = max(max(p["onnx_max_abs_diff"].values())
-                            for p in json.loads((d / "manifest.json").read_text())["parts"].values())
+                worst = max(
+                    max(p["onnx_max_abs_diff"].values())
+                    for p in json.loads((d / "manifest.json").read_text())["parts"].values()
+                )
             else:
                 worst = export_model(model, d, keep).worst
             export_s = time.perf_counter() - t0
             onnx_image, onnx_pair = onnx_pipelines(d, images, ids, mask, args.threads)
-            t = interleaved({"eager_image": eager_image, "onnx_image": onnx_image, "eager_pair": eager_pair,
-                             "onnx_pair": onnx_pair}, args.runs, args.warmup)
-        row = {"keep_ratio": keep, "export_s": round(export_s, 1), "worst_onnx_abs_diff": worst,
-               **{f"{k}_per_s": round(args.batch / v, 1) for k, v in t.items()}}
+            t = interleaved(
+                {
+                    "eager_image": eager_image,
+                    "onnx_image": onnx_image,
+                    "eager_pair": eager_pair,
+                    "onnx_pair": onnx_pair,
+                },
+                args.runs,
+                args.warmup,
+            )
+        row = {
+            "keep_ratio": keep,
+            "export_s": round(export_s, 1),
+            "worst_onnx_abs_diff": worst,
+            **{f"{k}_per_s": round(args.batch / v, 1) for k, v in t.items()},
+        }
         rows.append(row)
         log.info("%s", row)
     load_avg = os.getloadavg()
-    result = {"rows": rows, "batch": args.batch, "text_len": args.text_len, "threads": args.threads,
-              "runs": args.runs, "warmup": args.warmup, "config": args.ckpt or args.config,
-              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "load_average_after": [round(x, 2) for x in load_avg], "torch": torch.__version__,
-              "onnxruntime": __import__("onnxruntime").__version__}
+    result = {
+        "rows": rows,
+        "batch": args.batch,
+        "text_len": args.text_len,
+        "threads": args.threads,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "config": args.ckpt or args.config,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_after": [round(x, 2) for x in load_avg],
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_onnx.json").write_text(json.dumps(result, indent=2))
     base = rows[0]
-    lines = ["| keep ratio | ViT images/s eager | ONNX RT | ratio | pairs/s eager | ONNX RT | ratio | max abs diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| keep ratio | ViT images/s eager | ONNX RT | ratio | pairs/s eager | ONNX RT | ratio | "
+        "max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['keep_ratio']} | {r['eager_image_per_s']} | {r['onnx_image_per_s']} | "
             f"{r['onnx_image_per_s'] / r['eager_image_per_s']:.2f}x | {r['eager_pair_per_s']} | "
-            f"{r['onnx_pair_per_s']} | {r['onnx_pair_per_s'] / r['eager_pair_per_s']:.2f}x | {r['worst_onnx_abs_diff']:.1e} |")
+            f"{r['onnx_pair_per_s']} | {r['onnx_pair_per_s'] / r['eager_pair_per_s']:.2f}x | "
+            f"{r['worst_onnx_abs_diff']:.1e} |"
+        )
     lines.append("")
-    lines.append(f"pruning speed-up (vs keep {base['keep_ratio']}): " + ", ".join(
-        f"keep {r['keep_ratio']}: eager {r['eager_pair_per_s'] / base['eager_pair_per_s']:.2f}x, "
-        f"ONNX {r['onnx_pair_per_s'] / base['onnx_pair_per_s']:.2f}x (pairs)" for r in rows[1:]))
+    lines.append(
+        f"pruning speed-up (vs keep {base['keep_ratio']}): "
+        + ", ".join(
+            f"keep {r['keep_ratio']}: eager {r['eager_pair_per_s'] / base['eager_pair_per_s']:.2f}x, "
+            f"ONNX {r['onnx_pair_per_s'] / base['onnx_pair_per_s']:.2f}x (pairs)"
+            for r in rows[1:]
+        )
+    )
     (out / "bench_onnx.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))

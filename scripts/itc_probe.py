@@ -51,22 +51,36 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 10 == 0 or step == cfg.train.steps:
-            log.info("step %d itc %.3f (chance %.3f) %.0f s", step, float(out.losses["itc"].detach()),
-                     float(torch.log(torch.tensor(float(cfg.train.batch_size)))), time.perf_counter() - t0)
+            log.info(
+                "step %d itc %.3f (chance %.3f) %.0f s",
+                step,
+                float(out.losses["itc"].detach()),
+                float(torch.log(torch.tensor(float(cfg.train.batch_size)))),
+                time.perf_counter() - t0,
+            )
     model.eval()
     val = make_loader(data["val"], cfg, train=False)
     imgs, txts = [], []
     with torch.no_grad(), autocast(device, dtype):
-        for _, b in zip(range(len(data["val"]) // cfg.train.batch_size), val):  # the loader is endless
+        for _, b in zip(
+            range(len(data["val"]) // cfg.train.batch_size), val, strict=False
+        ):  # the loader is endless
             imgs.append(model.image_embedding(b.images).float())
             txts.append(model.text_embedding(b.caption_ids, b.caption_mask).float())
     img, txt = torch.cat(imgs), torch.cat(txts)
     rank = (img @ txt.t()).argsort(1, descending=True)
     hit = rank == torch.arange(len(img))[:, None]
-    log.info("val images %d: i2t R@1 %.3f R@5 %.3f (random %.3f / %.3f); embedding spread (sum of per-dim std) "
-             "image %.2f text %.2f", len(img), float(hit[:, :1].any(1).float().mean()),
-             float(hit[:, :5].any(1).float().mean()), 1 / len(img), 5 / len(img),
-             float(img.std(0).sum()), float(txt.std(0).sum()))
+    log.info(
+        "val images %d: i2t R@1 %.3f R@5 %.3f (random %.3f / %.3f); embedding spread (sum of per-dim std) "
+        "image %.2f text %.2f",
+        len(img),
+        float(hit[:, :1].any(1).float().mean()),
+        float(hit[:, :5].any(1).float().mean()),
+        1 / len(img),
+        5 / len(img),
+        float(img.std(0).sum()),
+        float(txt.std(0).sum()),
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,13 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=20)
     args = ap.parse_args()
     pairs = [s.split(":") for s in args.keep.split(",")]
-    cfg = load_config(args.config, [f"model.select.layers=[{','.join(p[0] for p in pairs)}]",
-                                    f"model.select.keep_ratios=[{','.join(p[1] for p in pairs)}]"])
+    cfg = load_config(
+        args.config,
+        [
+            f"model.select.layers=[{','.join(p[0] for p in pairs)}]",
+            f"model.select.keep_ratios=[{','.join(p[1] for p in pairs)}]",
+        ],
+    )
     model = build_bench_model(cfg, args.image_size, torch.device("cpu")).eval()
     original = vit.select_and_fuse
 

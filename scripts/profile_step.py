@@ -49,8 +49,12 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    sets = [f"data.train={args.data}/train.json", f"data.val={args.data}/val.json",
-            f"train.batch_size={args.batch}", *args.overrides]
+    sets = [
+        f"data.train={args.data}/train.json",
+        f"data.val={args.data}/val.json",
+        f"train.batch_size={args.batch}",
+        *args.overrides,
+    ]
     cfg = load_config(args.config, sets)
     torch.manual_seed(0)
     model = COPAModel(cfg.model).train()

@@ -45,9 +45,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="one more step per setting under torch.profiler")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--min-util", type=float, default=0.8,
-                    help="re-time a step (up to 3 times) whose CPU utilisation (CPU time / wall / threads) "
-                    "was below this: another process took a core (shared machines)")
+    ap.add_argument(
+        "--min-util",
+        type=float,
+        default=0.8,
+        help="re-time a step (up to 3 times) whose CPU utilisation (CPU time / wall / threads) "
+        "was below this: another process took a core (shared machines)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,9 +127,11 @@ def main() -> None:
                 times[s][p].append(sec)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adamw = "fused" if args.fused_adamw else "default"
-    print(f"{cfg.name} @ {args.image_size} px, batch {args.batch}, {args.precision}, {threads} threads, "
-          f"{n_params / 1e6:.1f} M trained parameters, AdamW {adamw}, median of {args.runs} interleaved "
-          f"steps, {len(retimed)} steps re-timed for CPU utilisation < {args.min_util}")
+    print(
+        f"{cfg.name} @ {args.image_size} px, batch {args.batch}, {args.precision}, {threads} threads, "
+        f"{n_params / 1e6:.1f} M trained parameters, AdamW {adamw}, median of {args.runs} interleaved "
+        f"steps, {len(retimed)} steps re-timed for CPU utilisation < {args.min_util}"
+    )
     base, pruned = settings[0], settings[-1]
     med = {s: {p: statistics.median(times[s][p]) for p in PHASES} for s in settings}
     print(f"| phase | {base.name} ms | {pruned.name} ms | speedup | FLOP ratio | share of unpruned step |")
@@ -138,12 +144,16 @@ def main() -> None:
     f0 = flops[base]["forward"] + flops[base]["backward"]
     f1 = flops[pruned]["forward"] + flops[pruned]["backward"]
     sp = total0 / total1
-    print(f"| step | {total0 * 1e3:.0f} | {total1 * 1e3:.0f} | {sp:.2f}x | {f0 / f1:.2f}x "
-          f"| efficiency {sp / (f0 / f1):.2f} |")
+    print(
+        f"| step | {total0 * 1e3:.0f} | {total1 * 1e3:.0f} | {sp:.2f}x | {f0 / f1:.2f}x "
+        f"| efficiency {sp / (f0 / f1):.2f} |"
+    )
     fb0 = med[base]["forward"] + med[base]["backward"]
     fb1 = med[pruned]["forward"] + med[pruned]["backward"]
-    print(f"forward + backward alone: {fb0 / fb1:.2f}x for {f0 / f1:.2f}x FLOPs "
-          f"(efficiency {(fb0 / fb1) / (f0 / f1):.2f})")
+    print(
+        f"forward + backward alone: {fb0 / fb1:.2f}x for {f0 / f1:.2f}x FLOPs "
+        f"(efficiency {(fb0 / fb1) / (f0 / f1):.2f})"
+    )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

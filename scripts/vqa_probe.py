@@ -5,7 +5,8 @@ ViT's output is one shared vector (the collapse that makes a fusion answer blind
 This is how "What made the fusion read the image" in BENCHMARKS.md was measured:
 
     python scripts/vqa_probe.py --out /tmp/vq --steps 200 --set 'model.select.keep_ratios=[1.0]'
-    python scripts/vqa_probe.py --out /tmp/vq --init runs/demo/pretrain/model --steps 200 --set train.freeze_vit=true
+    python scripts/vqa_probe.py --out /tmp/vq --init runs/demo/pretrain/model --steps 200 \
+        --set train.freeze_vit=true
 """
 
 from __future__ import annotations
@@ -57,9 +58,20 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = args.data
-    cfg = load_config(args.config, [f"data.train={d}/train.json", f"data.val={d}/val.json", f"data.test={d}/test.json",
-                                    f"train.steps={args.steps}", "train.warmup=10", "train.lr=3e-4", "train.lr_vit=3e-4",
-                                    "eval.blind_control=true", *args.overrides])
+    cfg = load_config(
+        args.config,
+        [
+            f"data.train={d}/train.json",
+            f"data.val={d}/val.json",
+            f"data.test={d}/test.json",
+            f"train.steps={args.steps}",
+            "train.warmup=10",
+            "train.lr=3e-4",
+            "train.lr_vit=3e-4",
+            "eval.blind_control=true",
+            *args.overrides,
+        ],
+    )
     torch.manual_seed(0)
     task = make_task("vqa", TaskOptions(meteor=False))
     out = Path(args.out)
@@ -78,8 +90,13 @@ def main() -> None:
     m = res.metrics
     val = task.build_dataset(cfg, "val", False, cfg.model.vision.image_size, cfg.model.vision.patch_size)
     images = next(iter(make_loader(val, cfg, train=False))).images
-    log.info("val: accuracy %.1f, with another image %.1f, majority %.1f; ViT shared/varying %.1f",
-             m["accuracy"], m.get("blind_accuracy", float("nan")), m["baseline_accuracy"], shared_share(model, images))
+    log.info(
+        "val: accuracy %.1f, with another image %.1f, majority %.1f; ViT shared/varying %.1f",
+        m["accuracy"],
+        m.get("blind_accuracy", float("nan")),
+        m["baseline_accuracy"],
+        shared_share(model, images),
+    )
     for t, (n, s, nb, sb) in sorted(by_type.items()):
         log.info("  %-18s n=%4d accuracy %.3f with another image %.3f", t, n, s / n, sb / max(nb, 1))
 

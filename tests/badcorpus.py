@@ -68,18 +68,22 @@ REPAIRED_IMAGES: dict[str, tuple[bytes, str]] = {}
 def _images() -> None:
     if BAD_IMAGES:
         return
-    BAD_IMAGES.update({
-        "corrupt": (b"this is not an image at all" * 10, "corrupt_file"),
-        "truncated": (_truncated_jpeg(), "truncated_image"),
-        "missing": (None, "missing_file"),
-        "tiny": (_png_bytes((4, 4)), "tiny_image"),
-        "thin": (_png_bytes((600, 9), colour=(10, 20, 30)), "thin_image"),  # 512 x 7.7 after downscaling
-    })
-    REPAIRED_IMAGES.update({
-        "gray16": (gray16_bytes(), "non_rgb_converted"),
-        "alpha": (_png_bytes(mode="RGBA", seed=7), "non_rgb_converted"),
-        "huge": (_png_bytes((600, 400), colour=(90, 120, 150)), "huge_image"),
-    })
+    BAD_IMAGES.update(
+        {
+            "corrupt": (b"this is not an image at all" * 10, "corrupt_file"),
+            "truncated": (_truncated_jpeg(), "truncated_image"),
+            "missing": (None, "missing_file"),
+            "tiny": (_png_bytes((4, 4)), "tiny_image"),
+            "thin": (_png_bytes((600, 9), colour=(10, 20, 30)), "thin_image"),  # 512 x 7.7 after downscaling
+        }
+    )
+    REPAIRED_IMAGES.update(
+        {
+            "gray16": (gray16_bytes(), "non_rgb_converted"),
+            "alpha": (_png_bytes(mode="RGBA", seed=7), "non_rgb_converted"),
+            "huge": (_png_bytes((600, 400), colour=(90, 120, 150)), "huge_image"),
+        }
+    )
 
 
 def _write_images(folder: Path, ext: str = "png") -> dict[str, str]:
@@ -110,10 +114,14 @@ def write_json(root: Path) -> Corpus:
     exp: dict[str, int] = {}
 
     def good(i: int, **over: Any) -> dict[str, Any]:
-        d = {"image": img[f"good{i}"], "image_id": f"good{i}", "captions": [f"good image {i}"],
-             "objects": [{"box": BOX, "phrase": "thing"}],
-             "questions": [{"q": "what is it?", "answers": ["thing"]}],
-             "refs": [{"phrase": "the thing", "box": BOX}]}
+        d = {
+            "image": img[f"good{i}"],
+            "image_id": f"good{i}",
+            "captions": [f"good image {i}"],
+            "objects": [{"box": BOX, "phrase": "thing"}],
+            "questions": [{"q": "what is it?", "answers": ["thing"]}],
+            "refs": [{"phrase": "the thing", "box": BOX}],
+        }
         d.update(over)
         return d
 
@@ -146,7 +154,8 @@ def write_json(root: Path) -> Corpus:
     texts = {
         "empty_caption": ({"captions": ["", "still one"]}, ["empty_caption"]),
         "space_only": (
-            {"captions": ["  \t "], "objects": [], "questions": [], "refs": []}, ["empty_caption", "no_text"]
+            {"captions": ["  \t "], "objects": [], "questions": [], "refs": []},
+            ["empty_caption", "no_text"],
         ),
         "long": ({"captions": ["word " * 400]}, ["long_caption"]),
         "unicode": ({"captions": ["ein Bär läuft über die Straße"]}, ["non_ascii"]),
@@ -265,14 +274,27 @@ def write_vg(root: Path) -> Corpus:
         if name not in BAD_IMAGES:
             keep.add(iid)
     good = ids["good0"]
-    bad_regions = [{"y": 1, "width": 2, "height": 2, "phrase": "no x"}, region(w="abc"),
-                   region(phrase=None), "not a region"]
+    bad_regions = [
+        {"y": 1, "width": 2, "height": 2, "phrase": "no x"},
+        region(w="abc"),
+        region(phrase=None),
+        "not a region",
+    ]
     entries.append({"id": good, "regions": [region(), *bad_regions]})
     _add(exp, *["malformed_field"] * 4)
     entries.append({"id": ids["good1"], "regions": "oops"})  # no regions left: no text
     _add(exp, "malformed_field", "no_text")
-    entries.append({"id": ids["good2"], "regions": [region(20, 20, 40, 40), region(5, 5, 0, 9, "flat"),
-                                                    region(-4, 0, 8, 8, "edge"), region(phrase=" ")]})
+    entries.append(
+        {
+            "id": ids["good2"],
+            "regions": [
+                region(20, 20, 40, 40),
+                region(5, 5, 0, 9, "flat"),
+                region(-4, 0, 8, 8, "edge"),
+                region(phrase=" "),
+            ],
+        }
+    )
     _add(exp, "box_outside", "zero_area_box", "negative_coords", "empty_phrase")
     entries += ["not an entry", {"regions": []}]
     _add(exp, "malformed_record", "malformed_record")
@@ -330,8 +352,10 @@ def write_wds(root: Path) -> Corpus:
     bad += [("m001.png", _png_bytes(seed=2))]  # no .json at all
     bad += [("m002.json", b"[1, 2]"), ("m002.png", _png_bytes(seed=3))]  # .json not an object
     _add(exp, "malformed_record", "malformed_record", "malformed_record")
-    bad += [("f000.json", meta("field", objects=[{"box": [1, 2, 3], "phrase": "x"}])),
-            ("f000.png", _png_bytes(seed=4))]
+    bad += [
+        ("f000.json", meta("field", objects=[{"box": [1, 2, 3], "phrase": "x"}])),
+        ("f000.png", _png_bytes(seed=4)),
+    ]
     keep.add("field")
     _add(exp, "malformed_field")
     bad += [("t000.json", meta("blank", captions=["   "], objects=[])), ("t000.png", _png_bytes(seed=5))]
@@ -340,8 +364,12 @@ def write_wds(root: Path) -> Corpus:
     _tar(root / "shard-000001.tar", bad)
 
     # cut at the header of the second sample: the first comes through, the rest is lost unseen
-    cut = [("c000.json", meta("before_cut")), ("c000.png", _png_bytes(seed=6)),
-           ("c001.json", meta("after_cut")), ("c001.png", _png_bytes(seed=7))]
+    cut = [
+        ("c000.json", meta("before_cut")),
+        ("c000.png", _png_bytes(seed=6)),
+        ("c001.json", meta("after_cut")),
+        ("c001.png", _png_bytes(seed=7)),
+    ]
     offsets = _tar(root / "shard-000002.tar", cut)
     data = (root / "shard-000002.tar").read_bytes()
     (root / "shard-000002.tar").write_bytes(data[: offsets[2]])

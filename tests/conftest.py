@@ -12,20 +12,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 MICRO = [
-    "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=64",
-    "model.vision.layers=4", "model.vision.heads=4",
-    "model.select.layers=[2]", "model.select.keep_ratios=[0.5]", "model.select.tpd_hidden=32",
-    "model.text.pretrained=", "model.text.layers=2", "model.text.width=64", "model.text.heads=4",
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.width=64",
+    "model.vision.layers=4",
+    "model.vision.heads=4",
+    "model.select.layers=[2]",
+    "model.select.keep_ratios=[0.5]",
+    "model.select.tpd_hidden=32",
+    "model.text.pretrained=",
+    "model.text.layers=2",
+    "model.text.width=64",
+    "model.text.heads=4",
     "model.text.intermediate=128",
-    "model.fusion.layers=2", "model.fusion.stride=2", "model.fusion.heads=4",
-    "model.decoder.layers=2", "model.decoder.heads=4", "model.embed_dim=32",
+    "model.fusion.layers=2",
+    "model.fusion.stride=2",
+    "model.fusion.heads=4",
+    "model.decoder.layers=2",
+    "model.decoder.heads=4",
+    "model.embed_dim=32",
 ]
 
 
 def micro_config(*overrides: str):
     from copa.config import load_config
 
-    return load_config("configs/tiny.yaml" if os.path.exists("configs/tiny.yaml") else None, MICRO + list(overrides))
+    return load_config(
+        "configs/tiny.yaml" if os.path.exists("configs/tiny.yaml") else None, MICRO + list(overrides)
+    )
 
 
 @pytest.fixture
@@ -42,8 +56,14 @@ def micro_model():
 
 
 TRAIN_MICRO = [
-    "train.batch_size=4", "train.warmup=2", "train.log_every=1", "train.val_every=1000",
-    "train.ckpt_every=1000", "train.precision=fp32", "train.lr=1e-3", "train.lr_vit=1e-3",
+    "train.batch_size=4",
+    "train.warmup=2",
+    "train.log_every=1",
+    "train.val_every=1000",
+    "train.ckpt_every=1000",
+    "train.precision=fp32",
+    "train.lr=1e-3",
+    "train.lr_vit=1e-3",
     "data.box_share=0.5",
 ]
 
@@ -61,8 +81,11 @@ def synth_dir(tmp_path_factory):
 def train_config(data_dir, *overrides: str):
     """Micro model + micro training on ``data_dir``'s synthetic scenes."""
     return micro_config(
-        *TRAIN_MICRO, f"data.train={data_dir}/train.json", f"data.val={data_dir}/val.json",
-        f"data.test={data_dir}/test.json", *overrides,
+        *TRAIN_MICRO,
+        f"data.train={data_dir}/train.json",
+        f"data.val={data_dir}/val.json",
+        f"data.test={data_dir}/test.json",
+        *overrides,
     )
 
 

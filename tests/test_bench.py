@@ -17,21 +17,57 @@ from copa.bench.train import bench_train
 from tests.conftest import MICRO, micro_config
 
 INFER_KEYS = {
-    "precision", "keep", "layers", "ratios", "visual_tokens", "batch", "flops", "flops_vit", "flops_ratio",
-    "flops_ratio_vit", "images_per_s", "pairs_per_s", "speedup_vit", "speedup_e2e", "efficiency",
-    "efficiency_vit", "achieved_flops_per_s", "achieved_flops_per_s_vit", "peak_share", "peak_share_vit",
-    "peak_memory_mb", "peak_rss_mb", "time_e2e", "time_vit", "retried_calls",
+    "precision",
+    "keep",
+    "layers",
+    "ratios",
+    "visual_tokens",
+    "batch",
+    "flops",
+    "flops_vit",
+    "flops_ratio",
+    "flops_ratio_vit",
+    "images_per_s",
+    "pairs_per_s",
+    "speedup_vit",
+    "speedup_e2e",
+    "efficiency",
+    "efficiency_vit",
+    "achieved_flops_per_s",
+    "achieved_flops_per_s_vit",
+    "peak_share",
+    "peak_share_vit",
+    "peak_memory_mb",
+    "peak_rss_mb",
+    "time_e2e",
+    "time_vit",
+    "retried_calls",
 }
 TRAIN_KEYS = {
-    "precision", "keep", "batch", "flops", "flops_ratio", "samples_per_s", "speedup", "efficiency",
-    "achieved_flops_per_s", "peak_memory_mb", "peak_rss_mb", "time_step",
+    "precision",
+    "keep",
+    "batch",
+    "flops",
+    "flops_ratio",
+    "samples_per_s",
+    "speedup",
+    "efficiency",
+    "achieved_flops_per_s",
+    "peak_memory_mb",
+    "peak_rss_mb",
+    "time_step",
 }
 
 
 @pytest.mark.parametrize(
     ("spec", "layers", "ratios"),
-    [("none", (), ()), ("6:0.5", (6,), (0.5,)), ("4:0.7,8:0.5", (4, 8), (0.7, 0.5)),
-     (" 3 : 0.4 , 9:1 ", (3, 9), (0.4, 1.0)), ("NONE", (), ())],
+    [
+        ("none", (), ()),
+        ("6:0.5", (6,), (0.5,)),
+        ("4:0.7,8:0.5", (4, 8), (0.7, 0.5)),
+        (" 3 : 0.4 , 9:1 ", (3, 9), (0.4, 1.0)),
+        ("NONE", (), ()),
+    ],
 )
 def test_parse_keep(spec, layers, ratios):
     s = parse_keep(spec, num_layers=12)
@@ -41,10 +77,21 @@ def test_parse_keep(spec, layers, ratios):
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("", "empty"), ("6", "not LAYER:RATIO"), ("6:0.5:1", "not LAYER:RATIO"), ("a:0.5", "not an integer"),
-     ("6:half", "not a number"), ("6:0", r"in \(0, 1\]"), ("6:1.5", r"in \(0, 1\]"), ("6:nan", r"in \(0, 1\]"),
-     ("0:0.5", "must be in 1..11"), ("12:0.5", "must be in 1..11"), ("8:0.5,4:0.5", "strictly increase"),
-     ("4:0.5,4:0.5", "strictly increase"), ("4:0.5,", "not LAYER:RATIO")],
+    [
+        ("", "empty"),
+        ("6", "not LAYER:RATIO"),
+        ("6:0.5:1", "not LAYER:RATIO"),
+        ("a:0.5", "not an integer"),
+        ("6:half", "not a number"),
+        ("6:0", r"in \(0, 1\]"),
+        ("6:1.5", r"in \(0, 1\]"),
+        ("6:nan", r"in \(0, 1\]"),
+        ("0:0.5", "must be in 1..11"),
+        ("12:0.5", "must be in 1..11"),
+        ("8:0.5,4:0.5", "strictly increase"),
+        ("4:0.5,4:0.5", "strictly increase"),
+        ("4:0.5,", "not LAYER:RATIO"),
+    ],
 )
 def test_parse_keep_rejects_bad_input(spec, message):
     with pytest.raises(BenchError, match=message):
@@ -86,8 +133,17 @@ def test_bench_inference_micro(micro):
     cfg, model = micro
     own = model.vision.selectors
     settings = parse_keeps(["2:0.5", "1:0.7,3:0.5"], cfg.model.vision.layers)
-    recs = bench_inference(model, settings, batch=2, text_len=6, runs=1, warmup=1,
-                           precisions=[torch.float32, torch.bfloat16], decode=True, peaks={"fp32": 1e9})
+    recs = bench_inference(
+        model,
+        settings,
+        batch=2,
+        text_len=6,
+        runs=1,
+        warmup=1,
+        precisions=[torch.float32, torch.bfloat16],
+        decode=True,
+        peaks={"fp32": 1e9},
+    )
     assert [(r["precision"], r["keep"]) for r in recs] == [
         (p, k) for p in ("fp32", "bf16") for k in ("none", "2:0.5", "1:0.7,3:0.5")
     ]
@@ -116,8 +172,9 @@ def test_bench_inference_needs_unpruned_first(micro):
 def test_bench_train_micro(micro):
     cfg, model = micro
     settings = parse_keeps(["2:0.5"], cfg.model.vision.layers)
-    recs = bench_train(model, cfg, settings, batch=2, text_len=6, runs=1, warmup=0, dtype=torch.float32,
-                       memory=False)
+    recs = bench_train(
+        model, cfg, settings, batch=2, text_len=6, runs=1, warmup=0, dtype=torch.float32, memory=False
+    )
     assert [r["keep"] for r in recs] == ["none", "2:0.5"]
     for r in recs:
         assert TRAIN_KEYS <= set(r) and r["samples_per_s"] > 0 and r["peak_memory_mb"] is None
@@ -138,9 +195,30 @@ def test_cli_writes_json(tmp_path, capsys, monkeypatch):
     _fast_bf16(monkeypatch, True)  # a CPU with native bf16: both peaks are probed
 
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1", "--warmup", "1",
-               "--keep", "2:0.5", "--precision", "fp32", "--peak-size", "64", "--text-len", "6",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--config",
+            "configs/tiny.yaml",
+            *sets,
+            "--batch",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "1",
+            "--keep",
+            "2:0.5",
+            "--precision",
+            "fp32",
+            "--peak-size",
+            "64",
+            "--text-len",
+            "6",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {"hardware", "matmul_peak", "results", "memory_method", "date", "command"} <= set(data)
@@ -154,7 +232,10 @@ def test_cli_rejects_bad_keep(tmp_path):
     from copa.cli import main
 
     sets = [a for o in MICRO for a in ("--set", o)]
-    assert main(["bench", "--config", "configs/tiny.yaml", *sets, "--keep", "9:0.5", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["bench", "--config", "configs/tiny.yaml", *sets, "--keep", "9:0.5", "--out", str(tmp_path)])
+        == 2
+    )
 
 
 def test_native_precisions_follow_the_capability_check(monkeypatch):
@@ -181,9 +262,29 @@ def test_cli_without_native_bf16_probes_fp32_only(tmp_path, capsys, monkeypatch)
 
     _fast_bf16(monkeypatch, False)
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
-               "--warmup", "0", "--keep", "2:0.5", "--peak-size", "64", "--text-len", "6", "--no-memory",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--config",
+            "configs/tiny.yaml",
+            *sets,
+            "--batch",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--keep",
+            "2:0.5",
+            "--peak-size",
+            "64",
+            "--text-len",
+            "6",
+            "--no-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert set(data["matmul_peak"]) == {"fp32"} and data["warnings"] == []
@@ -196,9 +297,31 @@ def test_cli_warns_loudly_when_bf16_is_forced_without_native_bf16(tmp_path, caps
 
     _fast_bf16(monkeypatch, False)
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
-               "--warmup", "0", "--keep", "2:0.5", "--precision", "bf16", "--peak-size", "64",
-               "--text-len", "6", "--no-memory", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--config",
+            "configs/tiny.yaml",
+            *sets,
+            "--batch",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--keep",
+            "2:0.5",
+            "--precision",
+            "bf16",
+            "--peak-size",
+            "64",
+            "--text-len",
+            "6",
+            "--no-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["warnings"]) == 1 and "without native bf16" in data["warnings"][0]
@@ -209,10 +332,14 @@ def test_cli_warns_loudly_when_bf16_is_forced_without_native_bf16(tmp_path, caps
     assert set(data["matmul_peak"]) == {"bf16", "fp32"} and data["matmul_peak"]["bf16"]["emulated"]
 
 
-@pytest.mark.parametrize(("spec", "name", "selector"), [
-    ("tome@2:0.5", "tome@2:0.5", "tome"), (" Random @ 1:0.7,3:0.5", "random@1:0.7,3:0.5", "random"),
-    ("2:0.5", "2:0.5", None),
-])
+@pytest.mark.parametrize(
+    ("spec", "name", "selector"),
+    [
+        ("tome@2:0.5", "tome@2:0.5", "tome"),
+        (" Random @ 1:0.7,3:0.5", "random@1:0.7,3:0.5", "random"),
+        ("2:0.5", "2:0.5", None),
+    ],
+)
 def test_parse_keep_with_a_selector(spec, name, selector):
     s = parse_keep(spec, num_layers=4)
     assert (s.name, s.selector) == (name, selector)
@@ -231,7 +358,11 @@ def test_bench_compares_selectors_in_one_run(micro):
     settings = parse_keeps(["2:0.5", "tome@2:0.5", "random@2:0.5"], cfg.model.vision.layers)
     recs = bench_inference(model, settings, batch=2, text_len=6, runs=1, warmup=0, memory=False)
     assert [(r["keep"], r["selector"]) for r in recs] == [
-        ("none", "none"), ("2:0.5", "tpd"), ("tome@2:0.5", "tome"), ("random@2:0.5", "random")]
+        ("none", "none"),
+        ("2:0.5", "tpd"),
+        ("tome@2:0.5", "tome"),
+        ("random@2:0.5", "random"),
+    ]
     assert len({r["visual_tokens"] for r in recs[1:]}) == 1
     assert recs[1]["visual_tokens"] < recs[0]["visual_tokens"]
     assert model.vision.select_cfg.selector == "tpd"  # handed back with its own selection

@@ -376,15 +376,38 @@ def test_copa_convert_cli_builds_a_loadable_model(tmp_path):
     from copa.cli import main
     from copa.model.copa import load
 
-    hf_cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=32, patch_size=8)
+    hf_cfg = transformers.CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(0)
     ref = transformers.CLIPVisionModel(hf_cfg).eval()
     ref.save_pretrained(tmp_path / "clip")
-    sets = ["model.text.pretrained=", "model.text.layers=2", "model.text.width=64", "model.text.heads=4",
-            "model.text.intermediate=128", "model.fusion.heads=4", "model.decoder.heads=4",
-            "model.vision.image_size=32", "model.select.layers=[1]", "model.select.keep_ratios=[1.0]"]
-    argv = ["convert", "--config", "configs/tiny.yaml", "--vision", str(tmp_path / "clip"), "--out", str(tmp_path / "m")]
+    sets = [
+        "model.text.pretrained=",
+        "model.text.layers=2",
+        "model.text.width=64",
+        "model.text.heads=4",
+        "model.text.intermediate=128",
+        "model.fusion.heads=4",
+        "model.decoder.heads=4",
+        "model.vision.image_size=32",
+        "model.select.layers=[1]",
+        "model.select.keep_ratios=[1.0]",
+    ]
+    argv = [
+        "convert",
+        "--config",
+        "configs/tiny.yaml",
+        "--vision",
+        str(tmp_path / "clip"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0

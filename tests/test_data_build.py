@@ -77,8 +77,13 @@ def test_expand_derives_task_records(synth_dir):
 def test_pretrain_summary_counts_reader_skips(with_bad_entries, synth_dir, tmp_path):
     from copa.train.trainer import pretrain
 
-    cfg = micro_config(*TRAIN_MICRO, "model.text.layers=1", f"data.train={with_bad_entries}",
-                       f"data.val={synth_dir}/val.json", "train.steps=1")
+    cfg = micro_config(
+        *TRAIN_MICRO,
+        "model.text.layers=1",
+        f"data.train={with_bad_entries}",
+        f"data.val={synth_dir}/val.json",
+        "train.steps=1",
+    )
     pretrain(cfg, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "summary.json").read_text())["data_report"]
     assert {k: report["train"]["counts"].get(k) for k in READER_SKIPS} == READER_SKIPS
@@ -89,8 +94,13 @@ def test_finetune_summary_counts_reader_skips(with_bad_entries, synth_dir, tmp_p
     from copa.tasks.finetune import finetune
     from copa.tasks.registry import make_task
 
-    cfg = micro_config(*TRAIN_MICRO, "model.text.layers=1", f"data.train={with_bad_entries}",
-                       f"data.val={synth_dir}/val.json", "train.steps=1")
+    cfg = micro_config(
+        *TRAIN_MICRO,
+        "model.text.layers=1",
+        f"data.train={with_bad_entries}",
+        f"data.val={synth_dir}/val.json",
+        "train.steps=1",
+    )
     finetune(make_task("vqa"), cfg, tmp_path / "ft", eval_split=None)
     report = json.loads((tmp_path / "ft" / "summary.json").read_text())["data_report"]
     assert {k: report["counts"].get(k) for k in READER_SKIPS} == READER_SKIPS

@@ -59,9 +59,16 @@ def test_run_summary_counts_the_corpus_once(reader, corpora, tmp_path):
 
     c = corpora[reader]
     src = str(c.source)
-    cfg = micro_config(*TRAIN_MICRO, "model.text.layers=1", f"data.train={src}", f"data.val={src}",
-                       f"data.max_image_side={MAX_SIDE}", f"data.min_image_side={MIN_SIDE}",
-                       "data.decode_check=true", "train.steps=4")
+    cfg = micro_config(
+        *TRAIN_MICRO,
+        "model.text.layers=1",
+        f"data.train={src}",
+        f"data.val={src}",
+        f"data.max_image_side={MAX_SIDE}",
+        f"data.min_image_side={MIN_SIDE}",
+        "data.decode_check=true",
+        "train.steps=4",
+    )
     pretrain(cfg, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "summary.json").read_text())["data_report"]
     for split in ("train", "val"):

@@ -67,7 +67,11 @@ def test_plain_albef_list(tmp_path):
     # the entry without an image is no record; d.jpg only loses its malformed box; both counted
     assert [r.image for r in got] == [f"/data/coco/{n}.jpg" for n in "abcd"]
     assert got[3].objects == [] and got.report.events() == {
-        "malformed_record": 1, "malformed_field": 1, "records_in": 5, "records_out": 4}
+        "malformed_record": 1,
+        "malformed_field": 1,
+        "records_in": 5,
+        "records_out": 4,
+    }
     assert got[0].captions == ["a man riding a horse"] and got[0].image_id == 0
     assert got[1].captions == ["two dogs", "dogs playing"] and got[1].image_id == "b"
     assert got[2].questions == [QA("what color?", ["red", "red"])] and got[2].captions == []

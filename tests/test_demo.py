@@ -25,12 +25,24 @@ def _fake_outputs(args: argparse.Namespace) -> None:
     cmd = args.command
     if cmd == "pretrain":
         cfg = load_config(args.config, args.overrides)
-        summary = {"steps": cfg.train.steps, "stopped_early": False, "wall_s": 1.0, "precision": "float32",
-                   "final_val": {"itc_r1": 0.5}}
+        summary = {
+            "steps": cfg.train.steps,
+            "stopped_early": False,
+            "wall_s": 1.0,
+            "precision": "float32",
+            "final_val": {"itc_r1": 0.5},
+        }
         (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "pta-stage":
-        summary = {"steps": args.steps, "boxed_images": 12, "first_loss": 1.0, "last_loss": 0.1, "wall_s": 1.0,
-                   "val_before": {"recall_phrase": 0.3}, "val_after": {"recall_phrase": 0.6}}
+        summary = {
+            "steps": args.steps,
+            "boxed_images": 12,
+            "first_loss": 1.0,
+            "last_loss": 0.1,
+            "wall_s": 1.0,
+            "val_before": {"recall_phrase": 0.3},
+            "val_after": {"recall_phrase": 0.6},
+        }
         (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "pta-eval":
         (out / "pta.json").write_text(json.dumps({"metrics": {"recall_phrase": 0.5, "recall_agnostic": 0.4}}))
@@ -38,15 +50,31 @@ def _fake_outputs(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)
         (out / "summary.json").write_text(json.dumps({"steps": cfg.train.steps}))
     elif cmd == "evaluate":
-        metrics = {"r_mean": 1.0, "accuracy": 2.0, "cider": 3.0, "acc@0.5": 4.0, "samples_per_s": 5.0,
-                   "blind_accuracy": 1.5}
+        metrics = {
+            "r_mean": 1.0,
+            "accuracy": 2.0,
+            "cider": 3.0,
+            "acc@0.5": 4.0,
+            "samples_per_s": 5.0,
+            "blind_accuracy": 1.5,
+        }
         (out / "metrics.json").write_text(json.dumps(metrics))
     elif cmd == "bench":
         keeps = ["none", *args.keep]
-        rec = {"flops_ratio": 1.0, "speedup_vit": 1.0, "speedup_e2e": 1.0, "efficiency": 1.0, "pairs_per_s": 8.0,
-               "images_per_s": 16.0}
-        bench = {"results": [{"keep": k, **rec} for k in keeps], "batch": args.batch, "runs": args.runs,
-                 "hardware": {"cpu": "test cpu", "torch_threads": 2, "torch": "x"}}
+        rec = {
+            "flops_ratio": 1.0,
+            "speedup_vit": 1.0,
+            "speedup_e2e": 1.0,
+            "efficiency": 1.0,
+            "pairs_per_s": 8.0,
+            "images_per_s": 16.0,
+        }
+        bench = {
+            "results": [{"keep": k, **rec} for k in keeps],
+            "batch": args.batch,
+            "runs": args.runs,
+            "hardware": {"cpu": "test cpu", "torch_threads": 2, "torch": "x"},
+        }
         (out / "bench.json").write_text(json.dumps(bench))
 
 
@@ -66,7 +94,9 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "main", fake_main)
     monkeypatch.setattr(Demo, "pictures", lambda self, model_dir: None)  # reads a real model: library call
-    args = argparse.Namespace(quick=quick, out=str(tmp_path / "demo"), overrides=[], config=None, verbose=False)
+    args = argparse.Namespace(
+        quick=quick, out=str(tmp_path / "demo"), overrides=[], config=None, verbose=False
+    )
     assert Demo(args, load_config(None, [])).run() == 0
 
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -88,7 +118,9 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert len(by_cmd["pretrain"]) == 1 and len(by_cmd["finetune"]) == 4
     cfg = load_config(by_cmd["pretrain"][0].config, by_cmd["pretrain"][0].overrides)
     assert cfg.train.steps == plan.pretrain_steps and cfg.eval.itm_topk == plan.itm_topk
-    assert cfg.train.time_budget_s == pytest.approx(plan.safety_factor * plan.planned_step_s * plan.pretrain_steps)
+    assert cfg.train.time_budget_s == pytest.approx(
+        plan.safety_factor * plan.planned_step_s * plan.pretrain_steps
+    )
     for ns in by_cmd["finetune"]:
         ft = load_config(ns.config, ns.overrides)
         assert ft.train.steps == plan.finetune_steps[ns.task]
@@ -118,8 +150,15 @@ def test_failed_stage_command_stops_the_demo(tmp_path, monkeypatch):
 
 
 def _sets(synth_dir: Path, *extra: str) -> list[str]:
-    sets = [*MICRO, *TRAIN_MICRO, "eval.batch_size=8", f"data.train={synth_dir}/train.json",
-            f"data.val={synth_dir}/val.json", f"data.test={synth_dir}/test.json", *extra]
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        "eval.batch_size=8",
+        f"data.train={synth_dir}/train.json",
+        f"data.val={synth_dir}/val.json",
+        f"data.test={synth_dir}/test.json",
+        *extra,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -130,8 +169,21 @@ def test_pta_eval_command_equals_the_library_call(micro_ckpt, synth_dir, tmp_pat
     sets = _sets(synth_dir)
     for selector in (None, "tome"):
         out = tmp_path / str(selector)
-        argv = ["pta-eval", *sets, "--ckpt", str(micro_ckpt), "--split", "test", "--keep-ratio", "0.5",
-                "--max-images", "6", *(["--selector", selector] if selector else []), "--out", str(out)]
+        argv = [
+            "pta-eval",
+            *sets,
+            "--ckpt",
+            str(micro_ckpt),
+            "--split",
+            "test",
+            "--keep-ratio",
+            "0.5",
+            "--max-images",
+            "6",
+            *(["--selector", selector] if selector else []),
+            "--out",
+            str(out),
+        ]
         assert cli.main(argv) == 0
         got = json.loads((out / "pta.json").read_text())
         model = load(micro_ckpt)
@@ -151,15 +203,40 @@ def test_evaluate_with_swapped_selectors_equals_the_library_call(micro_ckpt, syn
     cfg = load_config(None, [s for s in sets if s != "--set"])
     for flags in (["--selector", "random"], ["--selectors-from", str(micro_ckpt)]):
         out = tmp_path / flags[0].strip("-")
-        argv = ["evaluate", "grounding", *sets, "--ckpt", str(micro_ckpt), "--keep-ratio", "0.5", *flags,
-                "--out", str(out)]
+        argv = [
+            "evaluate",
+            "grounding",
+            *sets,
+            "--ckpt",
+            str(micro_ckpt),
+            "--keep-ratio",
+            "0.5",
+            *flags,
+            "--out",
+            str(out),
+        ]
         assert cli.main(argv) == 0
         got = json.loads((out / "metrics.json").read_text())
         model = load(micro_ckpt)
-        view = with_selector(model, "random") if flags[0] == "--selector" else with_selectors_of(model, load(micro_ckpt))
+        view = (
+            with_selector(model, "random")
+            if flags[0] == "--selector"
+            else with_selectors_of(model, load(micro_ckpt))
+        )
         want = run_evaluation(make_task("grounding"), view, cfg, "test", None, 0.5).metrics
         for k in ("acc@0.5", "miou", "keep_ratio"):
             assert got[k] == pytest.approx(want[k])
-    both = ["evaluate", "grounding", *sets, "--ckpt", str(micro_ckpt), "--selector", "tome",
-            "--selectors-from", str(micro_ckpt), "--out", str(tmp_path / "x")]
+    both = [
+        "evaluate",
+        "grounding",
+        *sets,
+        "--ckpt",
+        str(micro_ckpt),
+        "--selector",
+        "tome",
+        "--selectors-from",
+        str(micro_ckpt),
+        "--out",
+        str(tmp_path / "x"),
+    ]
     assert cli.main(both) == 2

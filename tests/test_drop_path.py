@@ -14,8 +14,11 @@ VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 
 
 def _vit(drop_path: float) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(VisionConfig(**VISION, drop_path=drop_path), SelectConfig(selector="none",
-                             layers=[2], keep_ratios=[1.0]), text_dim=16)
+    return VisionTransformer(
+        VisionConfig(**VISION, drop_path=drop_path),
+        SelectConfig(selector="none", layers=[2], keep_ratios=[1.0]),
+        text_dim=16,
+    )
 
 
 def test_drop_path_rates_rise_linearly_over_depth():

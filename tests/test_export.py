@@ -82,8 +82,9 @@ def test_onnx_pipeline_grounds_like_the_model(exported, model):
     txt, query, _ = sess["text_encoder"].run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
     tokens, kept = sess["vision_suffix"].run(None, {"prefix": prefix, "query": query})
     fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": mask.numpy()})
-    itm, box, _ = sess["heads"].run(None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]),
-                                           "kept": kept})
+    itm, box, _ = sess["heads"].run(
+        None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]), "kept": kept}
+    )
     with torch.no_grad():
         fused = model(images, ids, mask)
         want_box, want_itm = model.ground(fused).box, model.itm(fused.cls)
@@ -92,15 +93,28 @@ def test_onnx_pipeline_grounds_like_the_model(exported, model):
 
 
 def _tok(model):
-    enc = model.tokenizer(["the red circle", "a blue square on the left", "a star", "two objects"],
-                          padding=True, return_tensors="pt")
+    enc = model.tokenizer(
+        ["the red circle", "a blue square on the left", "a star", "two objects"],
+        padding=True,
+        return_tensors="pt",
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 
 @pytest.mark.slow
 def test_unpruned_export_keeps_every_patch(micro_ckpt, tmp_path):
-    argv = ["export", "--ckpt", str(micro_ckpt), "--out", str(tmp_path), "--keep-ratio", "1.0",
-            "--parts", "vision_agnostic", "--no-onnx"]
+    argv = [
+        "export",
+        "--ckpt",
+        str(micro_ckpt),
+        "--out",
+        str(tmp_path),
+        "--keep-ratio",
+        "1.0",
+        "--parts",
+        "vision_agnostic",
+        "--no-onnx",
+    ]
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["visual_tokens"] == 17 and not manifest["pruning"]

@@ -17,15 +17,41 @@ from tests.conftest import MICRO, TRAIN_MICRO, micro_config
 
 
 def _finetune(out: Path, init: Path, synth_dir: Path, *extra: str) -> dict:
-    sets = [*MICRO, *TRAIN_MICRO, "train.steps=2", "eval.batch_size=8", "eval.itm_topk=4",
-            f"data.train={synth_dir}/train.json", f"data.val={synth_dir}/val.json", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "copa",
-           "finetune", "retrieval", "--config", "configs/tiny.yaml", "--init", str(init), "--out", str(out)]
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        "train.steps=2",
+        "eval.batch_size=8",
+        "eval.itm_topk=4",
+        f"data.train={synth_dir}/train.json",
+        f"data.val={synth_dir}/val.json",
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "copa",
+        "finetune",
+        "retrieval",
+        "--config",
+        "configs/tiny.yaml",
+        "--init",
+        str(init),
+        "--out",
+        str(out),
+    ]
     for s in sets:
         cmd += ["--set", s]
     # this checkout's sources, not whatever copa the interpreter has installed
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(["src", os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(["src", os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())

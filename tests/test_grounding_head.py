@@ -38,7 +38,9 @@ def test_loss_trains_the_patch_nearest_the_true_centre():
     out = head(tokens, torch.randn(1, 8), index, grid)
     target = torch.tensor([[0.6, 0.7, 0.2, 0.2]])
     parts = patch_box_loss(out, target, torch.tensor([True]))
-    assert math.isclose(float(parts["patch_ce"].detach()), float(-out.scores.detach().log_softmax(1)[0, 1]), rel_tol=1e-5)
+    assert math.isclose(
+        float(parts["patch_ce"].detach()), float(-out.scores.detach().log_softmax(1)[0, 1]), rel_tol=1e-5
+    )
     parts["loss"].backward()
     # only the responsible patch's box is regressed; the others get gradient through the scores only
     g = tokens.grad.abs().sum(-1)[0]

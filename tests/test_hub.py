@@ -52,7 +52,9 @@ def test_hub_id_from_local_cache(micro_ckpt, tmp_path, no_network):
     snap = hub_cache(tmp_path / "hub", "copa-org/copa-micro", micro_ckpt)
     assert resolve_checkpoint("copa-org/copa-micro", cache_dir=tmp_path / "hub") == snap
     assert resolve_checkpoint("copa-org/copa-micro", revision="main", cache_dir=tmp_path / "hub") == snap
-    model = copa.COPAModel.from_pretrained(resolve_checkpoint("copa-org/copa-micro", cache_dir=tmp_path / "hub"))
+    model = copa.COPAModel.from_pretrained(
+        resolve_checkpoint("copa-org/copa-micro", cache_dir=tmp_path / "hub")
+    )
     assert model.image_transform.image_size == 32
 
 
@@ -76,10 +78,32 @@ def test_cli_predicts_with_a_hub_id(micro_ckpt, tmp_path):
     """`copa predict --ckpt org/name` in a fresh process: HF_HUB_CACHE names the cache, offline."""
     hub_cache(tmp_path / "hub", "copa-org/copa-micro", micro_ckpt)
     img = scene_png(tmp_path / "mine.png")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT / "src")}
-    r = subprocess.run([sys.executable, "-m", "copa", "predict", "vqa", "--ckpt", "copa-org/copa-micro",
-                        "--image", str(img), "--question", "what color is the circle?"],
-                       check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "copa",
+            "predict",
+            "vqa",
+            "--ckpt",
+            "copa-org/copa-micro",
+            "--image",
+            str(img),
+            "--question",
+            "what color is the circle?",
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"answer"' in r.stdout

@@ -20,8 +20,11 @@ def _texts(model: COPAModel, texts: list[str]):
 
 
 def _vit(selector: str, keep: float, layers=(2,)) -> VisionTransformer:
-    cfg = micro_config(f"model.select.selector={selector}", f"model.select.keep_ratios={[keep] * len(layers)}",
-                       f"model.select.layers={list(layers)}").model
+    cfg = micro_config(
+        f"model.select.selector={selector}",
+        f"model.select.keep_ratios={[keep] * len(layers)}",
+        f"model.select.layers={list(layers)}",
+    ).model
     torch.manual_seed(0)
     return VisionTransformer(cfg.vision, cfg.select, text_dim=cfg.text.width).eval()
 
@@ -133,7 +136,10 @@ def test_save_load_round_trip(micro_model, tmp_path):
     with torch.no_grad():
         a, b = m(images, ids, mask), m2(images, ids, mask)
     assert torch.equal(a.text, b.text) and torch.equal(a.image, b.image)
-    assert m2.cfg == m.cfg.__class__(**{**m.cfg.__dict__, "text": m2.cfg.text}) and m2.tokenizer.vocab_size == 30522
+    assert (
+        m2.cfg == m.cfg.__class__(**{**m.cfg.__dict__, "text": m2.cfg.text})
+        and m2.tokenizer.vocab_size == 30522
+    )
     # tied heads survive the round trip
     assert m2.lm_head._embedding[0] is m2.text.word_embeddings
 
@@ -171,6 +177,7 @@ def test_greedy_and_beam_search_run(micro_model):
         def step(tokens, cache, start):
             h = m.decode(tokens, None, ctx, cmask, cache=cache, start=start)
             return m.lm_head(h[:, -1])
+
         return step
 
     bos = torch.full((2, 1), tok.cls_token_id)
@@ -178,12 +185,25 @@ def test_greedy_and_beam_search_run(micro_model):
     assert g.tokens.shape[0] == 2 and g.tokens.shape[1] <= 6
     beam = 3
     bctx, bmask = ctx.repeat_interleave(beam, 0), cmask.repeat_interleave(beam, 0)
-    r = beam_search(make_step(bctx, bmask), m.decoder.new_cache(), bos.repeat_interleave(beam, 0), 6,
-                    tok.sep_token_id, beam=beam)
+    r = beam_search(
+        make_step(bctx, bmask),
+        m.decoder.new_cache(),
+        bos.repeat_interleave(beam, 0),
+        6,
+        tok.sep_token_id,
+        beam=beam,
+    )
     assert r.tokens.shape[0] == 2
     # beam search finds a sequence at least as likely as greedy (length penalty 0 = raw log-prob)
-    r0 = beam_search(make_step(bctx, bmask), m.decoder.new_cache(), bos.repeat_interleave(beam, 0), 6,
-                     tok.sep_token_id, beam=beam, length_penalty=0.0)
+    r0 = beam_search(
+        make_step(bctx, bmask),
+        m.decoder.new_cache(),
+        bos.repeat_interleave(beam, 0),
+        6,
+        tok.sep_token_id,
+        beam=beam,
+        length_penalty=0.0,
+    )
     assert (r0.scores >= g.scores - 1e-4).all()
 
 

@@ -12,7 +12,10 @@ from copa.train.loop import load_optimizer_state
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(6, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    return [
+        torch.nn.Parameter(torch.randn(6, 5, generator=g)),
+        torch.nn.Parameter(torch.randn(5, generator=g)),
+    ]
 
 
 def _step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], seed: int) -> None:

@@ -22,7 +22,11 @@ from tests.conftest import MICRO, micro_config, scene_png
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("imgs")
-    return [scene_png(d / "a.png", (48, 40), 0), scene_png(d / "b.png", (40, 56), 1), scene_png(d / "c.png", (32, 32), 2)]
+    return [
+        scene_png(d / "a.png", (48, 40), 0),
+        scene_png(d / "b.png", (40, 56), 1),
+        scene_png(d / "c.png", (32, 32), 2),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +39,17 @@ def test_config_normalisation_has_one_source():
     cfg = load_config("configs/tiny.yaml", MICRO)
     assert tuple(cfg.data.mean) == tuple(cfg.model.preprocess.mean) == CLIP_MEAN
     half = "[0.5, 0.5, 0.5]"
-    cfg = load_config("configs/tiny.yaml", [*MICRO, f"model.preprocess.mean={half}", f"model.preprocess.std={half}"])
+    cfg = load_config(
+        "configs/tiny.yaml", [*MICRO, f"model.preprocess.mean={half}", f"model.preprocess.std={half}"]
+    )
     assert tuple(cfg.data.mean) == (0.5, 0.5, 0.5) and tuple(cfg.data.std) == (0.5, 0.5, 0.5)
     # the older data.* keys still work and become the model's, so the saved model records them
     cfg = load_config("configs/tiny.yaml", [*MICRO, f"data.mean={half}"])
     assert tuple(cfg.model.preprocess.mean) == (0.5, 0.5, 0.5)
     with pytest.raises(ConfigError, match="set model.preprocess.mean only"):
-        load_config("configs/tiny.yaml", [*MICRO, f"data.mean={half}", "model.preprocess.mean=[0.4, 0.4, 0.4]"])
+        load_config(
+            "configs/tiny.yaml", [*MICRO, f"data.mean={half}", "model.preprocess.mean=[0.4, 0.4, 0.4]"]
+        )
     # a checkpoint's preprocessing replaces the run's for its data
     other = micro_config("model.preprocess.mean=[0.1, 0.2, 0.3]").model
     assert tuple(with_model(cfg, other).data.mean) == (0.1, 0.2, 0.3)
@@ -57,8 +65,15 @@ def test_checkpoint_carries_preprocessing(tmp_path, images):
     assert transform == model.image_transform
     assert (transform.image_size, transform.mean, transform.std) == (32, (0.5,) * 3, (0.25,) * 3)
     x = transform(Image.open(images[0]).convert("RGB"))
-    raw = torch.tensor(list(Image.open(images[0]).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-                            .getdata()), dtype=torch.float32).t().reshape(3, 32, 32) / 255
+    raw = (
+        torch.tensor(
+            list(Image.open(images[0]).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC).getdata()),
+            dtype=torch.float32,
+        )
+        .t()
+        .reshape(3, 32, 32)
+        / 255
+    )
     assert x.shape == (3, 32, 32) and torch.allclose(x, (raw - 0.5) / 0.25, atol=1e-5)
     ids, mask = tokenizer(["a red circle", "a blue square left of it"])
     assert ids.shape == mask.shape and ids.shape[0] == 2 and int(ids[0, 0]) == tokenizer.hf.cls_token_id
@@ -86,18 +101,35 @@ def test_convert_records_the_checkpoints_normalisation(tmp_path, kind):
 
     from copa.cli import main
 
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "image_size": 32, "patch_size": 8}
+    small = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     torch.manual_seed(0)
     if kind == "clip":
         transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**small)).save_pretrained(tmp_path / "src")
     else:
-        transformers.ViTModel(transformers.ViTConfig(**small), add_pooling_layer=False).save_pretrained(tmp_path / "src")
+        transformers.ViTModel(transformers.ViTConfig(**small), add_pooling_layer=False).save_pretrained(
+            tmp_path / "src"
+        )
     if kind == "vit_with_processor":
         (tmp_path / "src" / "preprocessor_config.json").write_text(
-            json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+            json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})
+        )
     sets = [s for s in MICRO if not s.startswith("model.vision.")] + ["model.select.layers=[1]"]
-    argv = ["convert", "--config", "configs/tiny.yaml", "--vision", str(tmp_path / "src"), "--out", str(tmp_path / "m")]
+    argv = [
+        "convert",
+        "--config",
+        "configs/tiny.yaml",
+        "--vision",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
     assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     want = {"vit": (0.5, 0.5, 0.5), "vit_with_processor": (0.485, 0.456, 0.406), "clip": CLIP_MEAN}[kind]
     assert copa.load(tmp_path / "m").image_transform.mean == pytest.approx(want)

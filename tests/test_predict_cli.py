@@ -28,8 +28,20 @@ def folder(tmp_path_factory):
 
 def test_vqa_on_a_png_i_made(micro_ckpt, folder, tmp_path):
     out = tmp_path / "a.jsonl"
-    argv = ["predict", "vqa", "--ckpt", str(micro_ckpt), "--image", str(folder / "one.png"),
-            "--question", "what color is the circle?", "--out", str(out), "--device", "cpu"]
+    argv = [
+        "predict",
+        "vqa",
+        "--ckpt",
+        str(micro_ckpt),
+        "--image",
+        str(folder / "one.png"),
+        "--question",
+        "what color is the circle?",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     (line,) = _lines(out)
     assert line["image"].endswith("one.png") and line["question"] == "what color is the circle?"
@@ -38,14 +50,29 @@ def test_vqa_on_a_png_i_made(micro_ckpt, folder, tmp_path):
 
 def test_folder_skips_and_counts_the_unreadable(micro_ckpt, folder, tmp_path, capsys):
     out = tmp_path / "g.jsonl"
-    argv = ["predict", "grounding", "--ckpt", str(micro_ckpt), "--image", str(folder),
-            "--text", "the red circle", "--text", "the blue square", "--out", str(out)]
+    argv = [
+        "predict",
+        "grounding",
+        "--ckpt",
+        str(micro_ckpt),
+        "--image",
+        str(folder),
+        "--text",
+        "the red circle",
+        "--text",
+        "the blue square",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     lines = _lines(out)
     assert [(line["image"].rsplit("/", 1)[1], line["text"]) for line in lines] == [
-        ("one.png", "the red circle"), ("one.png", "the blue square"),
-        ("two.png", "the red circle"), ("two.png", "the blue square")]
+        ("one.png", "the red circle"),
+        ("one.png", "the blue square"),
+        ("two.png", "the red circle"),
+        ("two.png", "the blue square"),
+    ]
     for line in lines:
         w, h = line["image_size"]
         x0, y0, x1, y1 = line["box_xyxy"]
@@ -56,11 +83,26 @@ def test_folder_skips_and_counts_the_unreadable(micro_ckpt, folder, tmp_path, ca
 
 def test_json_list_with_own_questions(micro_ckpt, folder, tmp_path):
     lst = tmp_path / "list.json"
-    lst.write_text(json.dumps([{"image": str(folder / "one.png"), "question": "how many objects?"},
-                               str(folder / "two.png")]))
+    lst.write_text(
+        json.dumps(
+            [{"image": str(folder / "one.png"), "question": "how many objects?"}, str(folder / "two.png")]
+        )
+    )
     out = tmp_path / "q.jsonl"
-    argv = ["predict", "vqa", "--ckpt", str(micro_ckpt), "--image", str(lst), "--question", "is there a star?",
-            "--answer-list", str(_answers(tmp_path)), "--out", str(out)]
+    argv = [
+        "predict",
+        "vqa",
+        "--ckpt",
+        str(micro_ckpt),
+        "--image",
+        str(lst),
+        "--question",
+        "is there a star?",
+        "--answer-list",
+        str(_answers(tmp_path)),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     lines = _lines(out)
     assert [line["question"] for line in lines] == ["how many objects?", "is there a star?"]
@@ -75,19 +117,27 @@ def _answers(tmp_path):
 @pytest.mark.parametrize("task", ["caption", "kept", "retrieval"])
 def test_other_tasks_write_json_lines(task, micro_ckpt, folder, tmp_path):
     out = tmp_path / f"{task}.jsonl"
-    extra = {"caption": ["--decode", "greedy"], "kept": ["--text", "the red circle", "--keep-ratio", "0.25"],
-             "retrieval": ["--text", "a red circle", "--text", "a blue square", "--k", "2"]}[task]
+    extra = {
+        "caption": ["--decode", "greedy"],
+        "kept": ["--text", "the red circle", "--keep-ratio", "0.25"],
+        "retrieval": ["--text", "a red circle", "--text", "a blue square", "--k", "2"],
+    }[task]
     argv = ["predict", task, "--ckpt", str(micro_ckpt), "--image", str(folder), "--out", str(out), *extra]
     assert main(argv) == 0
     lines = _lines(out)
     if task == "caption":
         assert len(lines) == 2 and all(isinstance(line["caption"], str) for line in lines)
     elif task == "kept":
-        assert len(lines) == 2 and all(len(line["kept"]) == math.ceil(0.25 * line["grid"] ** 2) for line in lines)
+        assert len(lines) == 2 and all(
+            len(line["kept"]) == math.ceil(0.25 * line["grid"] ** 2) for line in lines
+        )
     else:
         assert [line["text"] for line in lines] == ["a red circle", "a blue square"]
-        assert all(len(line["top"]) == 2 and {t["image"].rsplit("/", 1)[1] for t in line["top"]} == {"one.png", "two.png"}
-                   for line in lines)
+        assert all(
+            len(line["top"]) == 2
+            and {t["image"].rsplit("/", 1)[1] for t in line["top"]} == {"one.png", "two.png"}
+            for line in lines
+        )
 
 
 def test_stdout_is_json_lines(micro_ckpt, folder, capsys):
@@ -104,8 +154,23 @@ def test_the_bad_input_corpus_through_predict(micro_ckpt, tmp_path, capsys):
 
     _write_images(tmp_path / "corpus")
     out = tmp_path / "c.jsonl"
-    assert main(["predict", "kept", "--ckpt", str(micro_ckpt), "--image", str(tmp_path / "corpus"),
-                 "--text", "a red circle", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "kept",
+                "--ckpt",
+                str(micro_ckpt),
+                "--image",
+                str(tmp_path / "corpus"),
+                "--text",
+                "a red circle",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     names = {line["image"].rsplit("/", 1)[1].split(".")[0] for line in _lines(out)}
     # "thin" (600 x 9) is a sliver only under the corpus's data.max_image_side=512; predict keeps the

@@ -48,9 +48,16 @@ def test_each_loss_decreases_when_overfitting_one_batch(synth_dir):
 
 
 def test_itm_negative_pairs_rerun_selection_with_their_own_text(synth_dir):
-    cfg = train_config(synth_dir, "model.text.pretrained=minilm", "model.text.width=384",
-                       "model.text.heads=12", "model.text.intermediate=1536", "model.text.layers=6",
-                       "model.fusion.heads=12", "model.decoder.heads=12")
+    cfg = train_config(
+        synth_dir,
+        "model.text.pretrained=minilm",
+        "model.text.width=384",
+        "model.text.heads=12",
+        "model.text.intermediate=1536",
+        "model.text.layers=6",
+        "model.fusion.heads=12",
+        "model.decoder.heads=12",
+    )
     torch.manual_seed(0)
     model = COPAModel(cfg.model).eval()
     with torch.no_grad():  # a text-sensitive TPD, as PTA training makes it
@@ -122,10 +129,14 @@ def test_branch_continues_exactly_and_ablations_share_the_trunk(synth_dir, tmp_p
     a, b = _params(tmp_path / "full"), _params(tmp_path / "same")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert len((tmp_path / "same" / "train_log.csv").read_text().splitlines()) == len(
-        (tmp_path / "full" / "train_log.csv").read_text().splitlines())
+        (tmp_path / "full" / "train_log.csv").read_text().splitlines()
+    )
     # a branch with PTA off moves the TPD differently; the trunk is left as it was
-    pretrain(train_config(synth_dir, *over, "train.loss_weights.pta=0.0"), tmp_path / "nopta",
-             branch_from=tmp_path / "trunk")
+    pretrain(
+        train_config(synth_dir, *over, "train.loss_weights.pta=0.0"),
+        tmp_path / "nopta",
+        branch_from=tmp_path / "trunk",
+    )
     c = _params(tmp_path / "nopta")
     tpd = [k for k in a if k.startswith("vision.selectors")]
     assert tpd and max((a[k] - c[k]).abs().max().item() for k in tpd) > 0
@@ -165,24 +176,53 @@ def test_torchrun_two_processes_keep_identical_parameters(synth_dir, tmp_path):
 def test_torchrun_ranks_with_skewed_clocks_stop_together(synth_dir, tmp_path):
     # rank 1 sees a tenth of the elapsed time: deciding the budget per rank would send rank 0 into
     # validation's all-gather while rank 1 trains on (a hang until the process-group timeout)
-    summary = _torchrun(tmp_path / "skew", synth_dir, "train.steps=500", "train.time_budget_s=4",
-                        "train.val_every=500", entry=("tests/skewed_clock.py",))
+    summary = _torchrun(
+        tmp_path / "skew",
+        synth_dir,
+        "train.steps=500",
+        "train.time_budget_s=4",
+        "train.val_every=500",
+        entry=("tests/skewed_clock.py",),
+    )
     assert summary["stopped_early"] and 0 < summary["steps"] < 500
     a, b = summary["param_checksums"]
     assert a == b
 
 
-def _torchrun(out: Path, synth_dir, *extra: str, args: tuple[str, ...] = (),
-              entry: tuple[str, ...] = ("-m", "copa")) -> dict:
+def _torchrun(
+    out: Path, synth_dir, *extra: str, args: tuple[str, ...] = (), entry: tuple[str, ...] = ("-m", "copa")
+) -> dict:
     from tests.conftest import MICRO, TRAIN_MICRO
 
-    sets = [*MICRO, *TRAIN_MICRO, "model.text.layers=1", f"data.train={synth_dir}/train.json",
-            f"data.val={synth_dir}/val.json", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry,
-           "pretrain", "--config", "configs/tiny.yaml", "--out", str(out), *args]
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        "model.text.layers=1",
+        f"data.train={synth_dir}/train.json",
+        f"data.val={synth_dir}/val.json",
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *entry,
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        "--out",
+        str(out),
+        *args,
+    ]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(["src", os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(["src", os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -203,8 +243,12 @@ def test_pretrain_streams_webdataset_shards(synth_dir, tmp_path):
 
     shards = write_shards(read_records(synth_dir / "train.json"), tmp_path / "shards", shard_size=8)
     assert len(shards) == 3
-    cfg = train_config(synth_dir, "train.steps=2", "model.text.layers=1",
-                       f"data.train={tmp_path}/shards/shard-{{000000..000002}}.tar")
+    cfg = train_config(
+        synth_dir,
+        "train.steps=2",
+        "model.text.layers=1",
+        f"data.train={tmp_path}/shards/shard-{{000000..000002}}.tar",
+    )
     res = pretrain(cfg, tmp_path / "run")
     assert res.steps == 2 and (tmp_path / "run" / "model" / "model.safetensors").exists()
 
@@ -239,9 +283,18 @@ def test_diverging_run_exits_3_and_latest_stays_finite(synth_dir, tmp_path, caps
     stale = [out / "checkpoints" / ".tmp_step_0000009_4242", out / "checkpoints" / ".latest.4242"]
     stale[0].mkdir(parents=True)  # what a run killed while saving leaves behind
     stale[1].write_text("step_0000009")
-    sets = [*MICRO, *TRAIN_MICRO, "model.text.layers=1", f"data.train={synth_dir}/train.json",
-            f"data.val={synth_dir}/val.json", "train.steps=8", "train.ckpt_every=1",
-            "train.lr=1e6", "train.lr_vit=1e6", "train.lr_text=1e6"]
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        "model.text.layers=1",
+        f"data.train={synth_dir}/train.json",
+        f"data.val={synth_dir}/val.json",
+        "train.steps=8",
+        "train.ckpt_every=1",
+        "train.lr=1e6",
+        "train.lr_vit=1e6",
+        "train.lr_text=1e6",
+    ]
     argv = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
     rc = main(argv + [a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err
@@ -278,13 +331,22 @@ def test_one_image_batches_skip_itm_and_count_it(synth_dir, tmp_path):
     recs = json.loads((synth_dir / "val.json").read_text())
 
     def albef(images: list[dict], per_image: int) -> list[dict]:
-        return [{"image": r["image"], "caption": (r["captions"] * per_image)[k]}
-                for r in images for k in range(per_image)]
+        return [
+            {"image": r["image"], "caption": (r["captions"] * per_image)[k]}
+            for r in images
+            for k in range(per_image)
+        ]
 
     (tmp_path / "train.json").write_text(json.dumps(albef(recs[:1], 8)))
     (tmp_path / "val.json").write_text(json.dumps(albef(recs[1:3], 4)))  # in order: a val batch is one image
-    cfg = train_config(synth_dir, "train.steps=2", "model.text.layers=1", f"data.train={tmp_path}/train.json",
-                       f"data.val={tmp_path}/val.json", f"data.image_root={synth_dir}")
+    cfg = train_config(
+        synth_dir,
+        "train.steps=2",
+        "model.text.layers=1",
+        f"data.train={tmp_path}/train.json",
+        f"data.val={tmp_path}/val.json",
+        f"data.image_root={synth_dir}",
+    )
     res = pretrain(cfg, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res.steps == 2 and summary["events"] == {"itm_skipped": 2}

@@ -61,8 +61,12 @@ def test_attention_selectors_run_under_fsdp(synth_dir, tmp_path, selector):
     from copa.train.loop import shard_fsdp
     from copa.train.trainer import validate
 
-    cfg = train_config(synth_dir, "model.text.layers=1", f"model.select.selector={selector}",
-                       "model.select.keep_ratios=[0.25]")
+    cfg = train_config(
+        synth_dir,
+        "model.text.layers=1",
+        f"model.select.selector={selector}",
+        "model.select.keep_ratios=[0.25]",
+    )
     batch = _batch(cfg, 4)
     torch.manual_seed(0)
     model = COPAModel(cfg.model).train()
@@ -91,7 +95,12 @@ def test_attention_selectors_run_under_fsdp(synth_dir, tmp_path, selector):
 @pytest.mark.slow
 @pytest.mark.parametrize("selector", ["cls_attn", "text_attn"])
 def test_fsdp_two_processes_with_attention_selectors(synth_dir, tmp_path, selector):
-    summary = _torchrun(tmp_path / selector, synth_dir, "train.distributed=fsdp", "train.steps=2",
-                        f"model.select.selector={selector}")
+    summary = _torchrun(
+        tmp_path / selector,
+        synth_dir,
+        "train.distributed=fsdp",
+        "train.steps=2",
+        f"model.select.selector={selector}",
+    )
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert (tmp_path / selector / "model" / "model.safetensors").exists()

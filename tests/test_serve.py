@@ -35,13 +35,19 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
     for k, v in fields.items():
         out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
     for k, (name, data) in files.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
-                  f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]] | None = None) -> tuple[int, dict]:
+def post(
+    url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]] | None = None
+) -> tuple[int, dict]:
     body, ctype = multipart(fields, files or {})
     req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
     try:
@@ -73,16 +79,36 @@ def server(micro_ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     demo = d / "demo"
     torch.manual_seed(1)
-    COPAModel(micro_config("model.select.tpd_form=bilinear").model).save_pretrained(demo / "pretrain" / "model")
+    COPAModel(micro_config("model.select.tpd_form=bilinear").model).save_pretrained(
+        demo / "pretrain" / "model"
+    )
     shutil.copytree(micro_ckpt, demo / "tasks" / "grounding" / "model")
     (demo / "data" / "images" / "test").mkdir(parents=True)
     scene_png(demo / "data" / "images" / "test" / "000000.png", (64, 64), 0)
     port = free_port()
     log = (d / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "copa", "serve", "--ckpt", str(demo), "--port", str(port),
-                             "--device", "cpu", "--max-upload-mb", "0.05", "--max-megapixels", "0.25"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "copa",
+            "serve",
+            "--ckpt",
+            str(demo),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-upload-mb",
+            "0.05",
+            "--max-megapixels",
+            "0.25",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_until_up(url + "/healthz", timeout=300):
@@ -117,9 +143,16 @@ def test_page_info_and_example(server):
 
 def test_predict_an_upload_and_an_example(server):
     url, _, _ = server
-    status, res = post(url + "/api/predict", {"question": "what color is the circle?", "phrase": "the red circle",
-                                              "phrase2": "the blue square", "keep_ratio": "0.25"},
-                       {"image": ("mine.png", _png((60, 44)))})
+    status, res = post(
+        url + "/api/predict",
+        {
+            "question": "what color is the circle?",
+            "phrase": "the red circle",
+            "phrase2": "the blue square",
+            "keep_ratio": "0.25",
+        },
+        {"image": ("mine.png", _png((60, 44)))},
+    )
     assert status == 200, res
     assert (res["width"], res["height"], res["keep_ratio"]) == (60, 44, 0.25)
     assert [v["text"] for v in res["views"]][:2] == ["the red circle", "the blue square"]
@@ -132,8 +165,21 @@ def test_predict_an_upload_and_an_example(server):
     assert status == 200 and res["source"] == "000000.png" and "answer" not in res
 
 
-@pytest.mark.parametrize("case", ["not an image", "truncated", "too large", "too many pixels", "no image",
-                                  "unknown example", "bad keep ratio", "keep ratio 0", "long text", "garbage body"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not an image",
+        "truncated",
+        "too large",
+        "too many pixels",
+        "no image",
+        "unknown example",
+        "bad keep ratio",
+        "keep ratio 0",
+        "long text",
+        "garbage body",
+    ],
+)
 def test_bad_uploads_are_4xx_and_the_server_lives_on(server, case):
     url, proc, _ = server
     png = _png((40, 40))
@@ -159,8 +205,12 @@ def test_bad_uploads_are_4xx_and_the_server_lives_on(server, case):
     elif case == "long text":
         fields = {"phrase": "x" * 1000}
     if case == "garbage body":
-        req = urllib.request.Request(url + "/api/predict", data=b"\x00\x01garbage",
-                                     headers={"Content-Type": "multipart/form-data; boundary=zzz"}, method="POST")
+        req = urllib.request.Request(
+            url + "/api/predict",
+            data=b"\x00\x01garbage",
+            headers={"Content-Type": "multipart/form-data; boundary=zzz"},
+            method="POST",
+        )
         try:
             urllib.request.urlopen(req, timeout=60)
             status = 200
@@ -191,11 +241,26 @@ def test_browser_shows_kept_patches_for_two_phrases(server, tmp_path):
     status, res = post(url + "/api/predict", {"example": "000000.png", **phrases})
     assert status == 200 and set(res["views"][0]["kept"]) != set(res["views"][1]["kept"])
     shot = tmp_path / "page.png"
-    page = f"{url}/?example=000000.png&phrase=the%20red%20circle&phrase2=the%20blue%20square&question=what&run=1"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1100",
-                    "--virtual-time-budget=60000", f"--screenshot={shot}", page],
-                   check=True, timeout=300, capture_output=True)
+    page = (
+        f"{url}/?example=000000.png&phrase=the%20red%20circle&phrase2=the%20blue%20square&question=what&run=1"
+    )
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,1100",
+            "--virtual-time-budget=60000",
+            f"--screenshot={shot}",
+            page,
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[:2] == (1100, 1200)
     # the results area (right of the form) holds the overlays: far from a blank page

@@ -233,9 +233,7 @@ def test_shared_prefix_itm_equals_full_pairs():
     with torch.no_grad():
         shared = itm_scores_shared_prefix(model, images, ids, mask, pi, pt, batch_size=4)
         logits = model.itm(model(images[pi], ids[pt], mask[pt]).cls)
-        kept = model.encode_image(
-            model.image_prefix(images[pi]), model.encode_query(ids[pt], mask[pt])
-        ).kept
+        kept = model.encode_image(model.image_prefix(images[pi]), model.encode_query(ids[pt], mask[pt])).kept
     full = logits[:, 1] - logits[:, 0]
     assert shared.shape == (10,)
     assert torch.allclose(shared, full, atol=1e-5), (shared - full).abs().max()
@@ -325,13 +323,34 @@ def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(micro_init, 
 
     out = tmp_path / "frozen"
     sets = _sets(synth_dir, "train.steps=2", "train.freeze_vit=true")
-    assert main(["finetune", "vqa", "--config", "configs/tiny.yaml", *sets, "--init", str(micro_init),
-                 "--eval-split", "none", "--out", str(out)]) == 0
-    before, after = load_file(str(micro_init / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert (
+        main(
+            [
+                "finetune",
+                "vqa",
+                "--config",
+                "configs/tiny.yaml",
+                *sets,
+                "--init",
+                str(micro_init),
+                "--eval-split",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    before, after = (
+        load_file(str(micro_init / "model.safetensors")),
+        load_file(str(out / "model" / "model.safetensors")),
+    )
     vit = [k for k in before if k.startswith("vision.") and not k.startswith("vision.selectors")]
     assert vit and all(torch.equal(before[k], after[k]) for k in vit)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fusion."))
     model = COPAModel(micro_config().model)
     model.freeze(vit=True)
     assert all(p.requires_grad for p in model.vision.selectors.parameters())
-    assert not any(p.requires_grad for n, p in model.vision.named_parameters() if not n.startswith("selectors."))
+    assert not any(
+        p.requires_grad for n, p in model.vision.named_parameters() if not n.startswith("selectors.")
+    )

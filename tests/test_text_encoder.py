@@ -15,8 +15,12 @@ MINILM = TextConfig(pretrained="minilm", layers=2, width=384, heads=12, intermed
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"heads": 6}, "num_attention_heads"), ({"intermediate": 1024}, "intermediate_size"),
-     ({"layers": 7}, "num_hidden_layers"), ({"width": 256}, "hidden_size")],
+    [
+        ({"heads": 6}, "num_attention_heads"),
+        ({"intermediate": 1024}, "intermediate_size"),
+        ({"layers": 7}, "num_hidden_layers"),
+        ({"width": 256}, "hidden_size"),
+    ],
 )
 def test_mismatched_text_config_raises(change, field):
     # heads=6 used to load MiniLM's 12 heads live and rebuild 6 after save/load (outputs off by 0.86)

@@ -12,8 +12,12 @@ from tests.conftest import MICRO, micro_config
 
 
 def _vit(selector: str, keep: float, layers=(2,), *extra: str) -> VisionTransformer:
-    cfg = micro_config(f"model.select.selector={selector}", f"model.select.layers={list(layers)}",
-                       f"model.select.keep_ratios={[keep] * len(layers)}", *extra).model
+    cfg = micro_config(
+        f"model.select.selector={selector}",
+        f"model.select.layers={list(layers)}",
+        f"model.select.keep_ratios={[keep] * len(layers)}",
+        *extra,
+    ).model
     torch.manual_seed(0)
     return VisionTransformer(cfg.vision, cfg.select, text_dim=cfg.text.width).eval()
 
@@ -191,10 +195,38 @@ def test_bench_runs_tome(tmp_path):
     from copa.cli import main
 
     sets = [a for o in (*MICRO, "model.select.selector=tome") for a in ("--set", o)]
-    rc = main(["bench", "--config", "configs/tiny.yaml", *sets, "--batch", "2", "--runs", "1",
-               "--warmup", "0", "--keep", "2:0.5", "--precision", "fp32", "--peak-size", "0",
-               "--text-len", "6", "--no-memory", "--train", "--train-batch", "2", "--train-runs", "1",
-               "--train-warmup", "0", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--config",
+            "configs/tiny.yaml",
+            *sets,
+            "--batch",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--keep",
+            "2:0.5",
+            "--precision",
+            "fp32",
+            "--peak-size",
+            "0",
+            "--text-len",
+            "6",
+            "--no-memory",
+            "--train",
+            "--train-batch",
+            "2",
+            "--train-runs",
+            "1",
+            "--train-warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["selector"] == "tome"

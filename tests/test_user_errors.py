@@ -69,8 +69,14 @@ def _predict(task: str, *extra: str) -> list[str]:
 
 
 def _pretrain(*sets: str) -> list[str]:
-    return ["pretrain", "--config", "configs/tiny.yaml", "--out", "{d}/run",
-            *[a for s in [*MICRO, *sets] for a in ("--set", s)]]
+    return [
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        "--out",
+        "{d}/run",
+        *[a for s in [*MICRO, *sets] for a in ("--set", s)],
+    ]
 
 
 CASES = {
@@ -85,7 +91,8 @@ CASES = {
     "unknown precision": (_info("train.precision=fp8"), "train.precision"),
     "unknown format": (_info("data.format=xml"), "data.format"),
     "unknown format flag": (
-        ["data", "check", "--src", "{d}/list.json", "--format", "xml"], "unknown data format"
+        ["data", "check", "--src", "{d}/list.json", "--format", "xml"],
+        "unknown data format",
     ),
     "batch size 0": (_info("train.batch_size=0"), "train.batch_size"),
     "eval batch size 0": (_info("eval.batch_size=0"), "eval.batch_size"),
@@ -120,14 +127,22 @@ CASES = {
     "predict a missing image": (_predict("caption", "--image", "{d}/nope"), "no such file or folder"),
     "predict only unreadable images": (_predict("caption", "--image", "{d}/bad.png"), "no readable image"),
     "predict an empty folder": (_predict("caption", "--image", "{d}/empty_dir"), "holds no images"),
-    "predict a JSON object": (_predict("caption", "--image", "{d}/images.json"), "expected a non-empty JSON list"),
+    "predict a JSON object": (
+        _predict("caption", "--image", "{d}/images.json"),
+        "expected a non-empty JSON list",
+    ),
     "predict on a missing GPU": (_predict("caption", "--device", "cuda:3"), "--device cuda:3"),
-    "export an unknown part": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--parts", "decoder"],
-                               "--parts: unknown part(s) ['decoder']"),
-    "export --keep-ratio 2": (["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--keep-ratio", "2"],
-                              "--keep-ratio 2.0 is outside"),
+    "export an unknown part": (
+        ["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--parts", "decoder"],
+        "--parts: unknown part(s) ['decoder']",
+    ),
+    "export --keep-ratio 2": (
+        ["export", "--ckpt", "{d}/model", "--out", "{d}/x", "--keep-ratio", "2"],
+        "--keep-ratio 2.0 is outside",
+    ),
     "finetune --init missing": (
-        ["finetune", "vqa", "--init", "{d}/nope", "--out", "{d}/ft"], "not a COPA checkpoint"
+        ["finetune", "vqa", "--init", "{d}/nope", "--out", "{d}/ft"],
+        "not a COPA checkpoint",
     ),
 }
 

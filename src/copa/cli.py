@@ -35,7 +35,11 @@ COMMAND_MODULES = [
 def add_common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="A.B=C",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B=C",
         help="override a config value, e.g. --set train.steps=50 (repeatable)",
     )
     p.add_argument("--out", default=out_default, help="output directory")
@@ -77,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
         return int(args.func(args, cfg) or 0)
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as e:
+    except (
+        UserError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ) as e:
         # the user's to fix: one line that says what, not a traceback (-v adds it)
         log.error("%s", _one_line(e), exc_info=args.verbose)
         return 2

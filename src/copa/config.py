@@ -416,7 +416,9 @@ def check_model_config(m: ModelConfig) -> None:
     _positive("model.embed_dim", m.embed_dim)
     pre = m.preprocess
     if len(pre.mean) != 3 or len(pre.std) != 3 or not all(x > 0 for x in pre.std):
-        raise ConfigError(f"model.preprocess: mean and std need 3 values each, std > 0; got {pre.mean}, {pre.std}")
+        raise ConfigError(
+            f"model.preprocess: mean and std need 3 values each, std > 0; got {pre.mean}, {pre.std}"
+        )
 
 
 def check_config(cfg: Config) -> None:
@@ -448,11 +450,15 @@ def check_config(cfg: Config) -> None:
     if not 0.0 < t.mlm_prob < 1.0:
         raise ConfigError(f"train.mlm_prob must be in (0, 1), got {t.mlm_prob}")
     if t.boxed_per_batch and not 0 < t.boxed_per_batch < t.batch_size:
-        raise ConfigError(f"train.boxed_per_batch must be 0 or in (0, train.batch_size={t.batch_size}), "
-                          f"got {t.boxed_per_batch}")
+        raise ConfigError(
+            f"train.boxed_per_batch must be 0 or in (0, train.batch_size={t.batch_size}), "
+            f"got {t.boxed_per_batch}"
+        )
     if d.min_image_side < 1 or d.max_image_side < d.min_image_side:
-        raise ConfigError(f"need 1 <= data.min_image_side <= data.max_image_side, got {d.min_image_side}, "
-                          f"{d.max_image_side}")
+        raise ConfigError(
+            f"need 1 <= data.min_image_side <= data.max_image_side, got {d.min_image_side}, "
+            f"{d.max_image_side}"
+        )
     _positive("data.max_caption_chars", d.max_caption_chars)
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
@@ -467,8 +473,10 @@ def _sync_normalisation(cfg: Config) -> None:
         if given == model:
             continue
         if model != default:
-            raise ConfigError(f"data.{name} {list(given)} differs from model.preprocess.{name} {list(model)}; "
-                              f"set model.preprocess.{name} only")
+            raise ConfigError(
+                f"data.{name} {list(given)} differs from model.preprocess.{name} {list(model)}; "
+                f"set model.preprocess.{name} only"
+            )
         setattr(pre, name, given)
 
 

@@ -53,29 +53,52 @@ class DemoPlan:
     eval_images: int = 60
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    finetune_steps: dict[str, int] = field(default_factory=lambda: {
-        "retrieval": 20, "vqa": 200, "caption": 30, "grounding": 60})
+    finetune_steps: dict[str, int] = field(
+        default_factory=lambda: {"retrieval": 20, "vqa": 200, "caption": 30, "grounding": 60}
+    )
     finetune_lr: float = 3e-4
     itm_topk: int = 4
     safety_factor: float = 4.0  # budget = planned seconds on a 2-core AVX2 machine x this
     planned_step_s: float = 1.0  # one pre-training (ITC) step there (fp32), for the safety net only
-    planned_finetune_step_s: float = 2.0  # one fine-tuning step there, likewise (retrieval's ITM: the dearest)
+    planned_finetune_step_s: float = (
+        2.0  # one fine-tuning step there, likewise (retrieval's ITM: the dearest)
+    )
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(n_train=240, n_val=32, n_test=32, batch_size=16, pretrain_steps=8, selector_steps=20, selector_batch=4,
-                 ablation_rows=False, eval_images=32, picture_images=2, keep_sweep=[0.25, 0.5, 1.0],
-                 finetune_steps={"retrieval": 4, "vqa": 4, "caption": 4, "grounding": 4})
+QUICK = DemoPlan(
+    n_train=240,
+    n_val=32,
+    n_test=32,
+    batch_size=16,
+    pretrain_steps=8,
+    selector_steps=20,
+    selector_batch=4,
+    ablation_rows=False,
+    eval_images=32,
+    picture_images=2,
+    keep_sweep=[0.25, 0.5, 1.0],
+    finetune_steps={"retrieval": 4, "vqa": 4, "caption": 4, "grounding": 4},
+)
 
 # the trunk's objective: ITC alone (the others train in the fine-tunes; PTA in its own stage)
-TRUNK_LOSSES = ["train.loss_weights.itc=1.0", "train.loss_weights.itm=0.0", "train.loss_weights.mlm=0.0",
-                "train.loss_weights.prefix_lm=0.0", "train.loss_weights.pta=0.0"]
+TRUNK_LOSSES = [
+    "train.loss_weights.itc=1.0",
+    "train.loss_weights.itm=0.0",
+    "train.loss_weights.mlm=0.0",
+    "train.loss_weights.prefix_lm=0.0",
+    "train.loss_weights.pta=0.0",
+]
 COPA_ROW = "tpd + PTA, boxes on ~5% (COPA)"
 ALL_BOXES_ROW = "tpd + PTA, boxes on every image"
 
 # task -> (headline metric key in metrics.json, its label)
-TASK_METRICS = {"retrieval": ("r_mean", "mean recall (%)"), "vqa": ("accuracy", "accuracy (%)"),
-                "caption": ("cider", "CIDEr"), "grounding": ("acc@0.5", "accuracy@IoU0.5 (%)")}
+TASK_METRICS = {
+    "retrieval": ("r_mean", "mean recall (%)"),
+    "vqa": ("accuracy", "accuracy (%)"),
+    "caption": ("cider", "CIDEr"),
+    "grounding": ("acc@0.5", "accuracy@IoU0.5 (%)"),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +129,12 @@ class Demo:
         self.overrides = list(args.overrides)
         self.config_path = args.config or "configs/pretrain_tiny.yaml"
         self.verbose = bool(getattr(args, "verbose", False))
-        self.results: dict[str, Any] = {"quick": self.quick, "commands": [], "library_calls": [], "timings_s": {}}
+        self.results: dict[str, Any] = {
+            "quick": self.quick,
+            "commands": [],
+            "library_calls": [],
+            "timings_s": {},
+        }
         self.ran: set[tuple[str, ...]] = set()
         self.data = self.out / "data"
         self.t0 = time.perf_counter()
@@ -167,10 +195,15 @@ class Demo:
 
     def base_sets(self) -> list[str]:
         p = self.plan
-        return [f"data.train={self.data}/train.json", f"data.val={self.data}/val.json",
-                f"data.test={self.data}/test.json", f"train.batch_size={p.batch_size}", f"eval.itm_topk={p.itm_topk}",
-                # PTA runs in its own stage here (pta_stage), never mixed into pre-training batches
-                "train.boxed_per_batch=0"]
+        return [
+            f"data.train={self.data}/train.json",
+            f"data.val={self.data}/val.json",
+            f"data.test={self.data}/test.json",
+            f"train.batch_size={p.batch_size}",
+            f"eval.itm_topk={p.itm_topk}",
+            # PTA runs in its own stage here (pta_stage), never mixed into pre-training batches
+            "train.boxed_per_batch=0",
+        ]
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
@@ -179,32 +212,59 @@ class Demo:
     def synth(self) -> None:
         with self.stage("synthetic data"):
             p = self.plan
-            argv = ["data", "synth", *self.common(), "--out", self.data, "--n-train", p.n_train,
-                    "--n-val", p.n_val, "--n-test", p.n_test, "--seed", 0]
+            argv = [
+                "data",
+                "synth",
+                *self.common(),
+                "--out",
+                self.data,
+                "--n-train",
+                p.n_train,
+                "--n-val",
+                p.n_val,
+                "--n-test",
+                p.n_test,
+                "--seed",
+                0,
+            ]
             reused = (self.data / "train.json").exists() and (self.data / "summary.json").exists()
             if reused:  # made by an earlier run into the same OUT: the command that made it stays on record
                 log.info("reusing %s", self.data)
                 self.results["commands"].append(command_line([str(a) for a in argv]))
             else:
                 self.copa(*argv)
-            self.results["data"] = {"train": p.n_train, "val": p.n_val, "test": p.n_test, **({"reused": True} if reused else {})}
+            self.results["data"] = {
+                "train": p.n_train,
+                "val": p.n_val,
+                "test": p.n_test,
+                **({"reused": True} if reused else {}),
+            }
 
     def pretrain(self) -> Path:
         """The shared trunk: the full objective without PTA, a fixed number of seeded steps."""
         p = self.plan
         steps = p.pretrain_steps
-        sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_step_s * steps:.0f}",
-                f"train.val_every={steps}", f"train.ckpt_every={steps}",
-                f"train.warmup={max(2, steps // 10)}", *TRUNK_LOSSES]
+        sets = [
+            f"train.steps={steps}",
+            f"train.time_budget_s={p.safety_factor * p.planned_step_s * steps:.0f}",
+            f"train.val_every={steps}",
+            f"train.ckpt_every={steps}",
+            f"train.warmup={max(2, steps // 10)}",
+            *TRUNK_LOSSES,
+        ]
         out = self.out / "pretrain"
         with self.stage("pretrain"):
             self.copa("pretrain", *self.common(*sets), "--out", out)
             summary = self.read_json(out / "summary.json")
             if summary["stopped_early"]:
                 self.flag_budget("pretrain", summary["steps"], steps)
-            self.results["pretrain"] = {"steps": summary["steps"], "final_val": summary["final_val"],
-                                        "wall_s": summary["wall_s"],
-                                        "stopped_early": summary["stopped_early"], "precision": summary["precision"]}
+            self.results["pretrain"] = {
+                "steps": summary["steps"],
+                "final_val": summary["final_val"],
+                "wall_s": summary["wall_s"],
+                "stopped_early": summary["stopped_early"],
+                "precision": summary["precision"],
+            }
         return out / "model"
 
     def pta_stage(self, name: str, init: Path, train_json: Path) -> Path:
@@ -212,15 +272,30 @@ class Demo:
         p = self.plan
         out = self.out / name
         with self.stage(name):
-            self.copa("pta-stage", *self.common(f"data.train={train_json}"), "--init", init, "--out", out,
-                      "--steps", p.selector_steps, "--batch", p.selector_batch)
+            self.copa(
+                "pta-stage",
+                *self.common(f"data.train={train_json}"),
+                "--init",
+                init,
+                "--out",
+                out,
+                "--steps",
+                p.selector_steps,
+                "--batch",
+                p.selector_batch,
+            )
             self.results[name] = self.read_json(out / "summary.json")
         return out / "model"
 
     def flag_budget(self, stage: str, done: int, planned: int) -> None:
         """A stage cut by its safety-net time budget: loud in the log and in the report."""
-        log.error("SAFETY NET: stage %s stopped by its time budget after %d of %d steps; its numbers are not "
-                  "comparable with other machines'", stage, done, planned)
+        log.error(
+            "SAFETY NET: stage %s stopped by its time budget after %d of %d steps; its numbers are not "
+            "comparable with other machines'",
+            stage,
+            done,
+            planned,
+        )
         self.results.setdefault("budget_hits", []).append({"stage": stage, "steps": done, "planned": planned})
 
     def pretrain_all(self) -> dict[str, Path]:
@@ -241,9 +316,21 @@ class Demo:
 
         def pta_eval(row: str, ckpt: Path, ratio: float, selector: str | None = None) -> dict[str, float]:
             out = self.out / "pta_eval" / f"{row}_keep{ratio:g}"
-            self.copa("pta-eval", *self.common(), "--ckpt", ckpt, "--split", "test", "--keep-ratio", ratio,
-                      "--max-images", self.plan.eval_images, *(["--selector", selector] if selector else []),
-                      "--out", out)
+            self.copa(
+                "pta-eval",
+                *self.common(),
+                "--ckpt",
+                ckpt,
+                "--split",
+                "test",
+                "--keep-ratio",
+                ratio,
+                "--max-images",
+                self.plan.eval_images,
+                *(["--selector", selector] if selector else []),
+                "--out",
+                out,
+            )
             return self.read_json(out / "pta.json")["metrics"]
 
         with self.stage("selector ablation (PTA quality)"):
@@ -257,7 +344,9 @@ class Demo:
             if "all_boxes" in models:
                 rows[ALL_BOXES_ROW] = pta_eval("all_boxes", models["all_boxes"], keep)
             self.results["ablation_pta"] = {"keep_ratio": keep, "rows": rows}
-            self.results["pta_vs_keep"] = {r: pta_eval("copa", models["copa"], r) for r in self.plan.keep_sweep}
+            self.results["pta_vs_keep"] = {
+                r: pta_eval("copa", models["copa"], r) for r in self.plan.keep_sweep
+            }
 
     def tasks(self, models: dict[str, Path]) -> None:
         """Fine-tune each task once from COPA's pre-training, evaluate pruned and unpruned, and with the
@@ -275,19 +364,33 @@ class Demo:
 
         for name, (key, label) in TASK_METRICS.items():
             steps = p.finetune_steps[name]
-            sets = [f"train.steps={steps}", f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
-                    f"train.warmup={max(1, steps // 10)}", f"train.lr={p.finetune_lr:g}",
-                    # the pre-trained ViT stays as it is: fine-tuned at this LR its tokens collapse to one
-                    # vector within 200 steps and the model answers blind (BENCHMARKS.md)
-                    "train.freeze_vit=true"]
+            sets = [
+                f"train.steps={steps}",
+                f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
+                f"train.warmup={max(1, steps // 10)}",
+                f"train.lr={p.finetune_lr:g}",
+                # the pre-trained ViT stays as it is: fine-tuned at this LR its tokens collapse to one
+                # vector within 200 steps and the model answers blind (BENCHMARKS.md)
+                "train.freeze_vit=true",
+            ]
             keep = self.config(*sets).model.select.keep_ratios[0]
             out = self.out / "tasks" / name
 
             with self.stage(f"task: {name}"):
                 # METEOR starts a java process: the quick demo skips it (stored with the model, so the
                 # evaluations skip it too)
-                self.copa("finetune", name, *(["--no-meteor"] if self.quick else []), *self.common(*sets),
-                          "--init", models["copa"], "--eval-split", "none", "--out", out)
+                self.copa(
+                    "finetune",
+                    name,
+                    *(["--no-meteor"] if self.quick else []),
+                    *self.common(*sets),
+                    "--init",
+                    models["copa"],
+                    "--eval-split",
+                    "none",
+                    "--out",
+                    out,
+                )
                 done = self.read_json(out / "summary.json")["steps"]
                 if done < steps:
                     self.flag_budget(f"task: {name}", done, steps)
@@ -298,14 +401,22 @@ class Demo:
                     # gets without looking (a model that ignores the image scores the same)
                     blind = ("eval.blind_control=true",) if name == "vqa" and ratio < 1.0 else ()
                     m = self.evaluate(name, out, sets, tag, ratio, extra_sets=blind)
-                    rows[setting] = {"metric_name": label, "metric": m.get(key), "baseline": m.get(f"baseline_{key}"),
-                                     "samples_per_s": m.get("samples_per_s"), "keep_ratio": ratio}
+                    rows[setting] = {
+                        "metric_name": label,
+                        "metric": m.get(key),
+                        "baseline": m.get(f"baseline_{key}"),
+                        "samples_per_s": m.get("samples_per_s"),
+                        "keep_ratio": ratio,
+                    }
                     if "blind_accuracy" in m:
                         rows[setting]["blind"] = m["blind_accuracy"]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 self.results["tasks"][name] = rows
                 if name in ("vqa", "grounding"):  # task accuracy vs keep ratio, same fine-tuned weights
-                    curve = {keep: rows[f"pruned (keep {keep})"]["metric"], 1.0: rows["unpruned (keep 1.0)"]["metric"]}
+                    curve = {
+                        keep: rows[f"pruned (keep {keep})"]["metric"],
+                        1.0: rows["unpruned (keep 1.0)"]["metric"],
+                    }
                     for r in self.plan.keep_sweep:
                         if r not in curve:
                             curve[r] = self.evaluate(name, out, sets, f"keep{r:g}", r).get(key)
@@ -314,19 +425,41 @@ class Demo:
                     for sel in TASK_ABLATION_SELECTORS:  # parameter-free selectors, same fine-tuned weights
                         m = self.evaluate(name, out, sets, f"selector_{sel}", keep, "--selector", sel)
                         record(sel, name, m, key)
-                    # the other pre-training rows differ from COPA's only in the selector: theirs, same weights
+                    # the other pre-training rows differ from COPA's in the selector only: same weights
                     for row, label_row in (("no_pta", "tpd without PTA"), ("all_boxes", ALL_BOXES_ROW)):
                         if row in models:
-                            m = self.evaluate(name, out, sets, f"selectors_{row}", keep, "--selectors-from", models[row])
+                            m = self.evaluate(
+                                name, out, sets, f"selectors_{row}", keep, "--selectors-from", models[row]
+                            )
                             record(label_row, name, m, key)
                 torch.set_grad_enabled(True)
 
-    def evaluate(self, task: str, run: Path, sets: list[str], tag: str, ratio: float, *flags: Any,
-                 extra_sets: tuple[str, ...] = ()) -> dict[str, Any]:
+    def evaluate(
+        self,
+        task: str,
+        run: Path,
+        sets: list[str],
+        tag: str,
+        ratio: float,
+        *flags: Any,
+        extra_sets: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
         """``copa evaluate`` of the model fine-tuned into ``run`` on the test split -> its metrics.json."""
         dest = run / f"test_{tag}"
-        self.copa("evaluate", task, *self.common(*sets, *extra_sets), "--ckpt", run / "model", "--split", "test",
-                  "--keep-ratio", ratio, *flags, "--out", dest)
+        self.copa(
+            "evaluate",
+            task,
+            *self.common(*sets, *extra_sets),
+            "--ckpt",
+            run / "model",
+            "--split",
+            "test",
+            "--keep-ratio",
+            ratio,
+            *flags,
+            "--out",
+            dest,
+        )
         return self.read_json(dest / "metrics.json")
 
     def other_style(self, models: dict[str, Path]) -> None:
@@ -336,22 +469,48 @@ class Demo:
         p = self.plan
         alt = self.out / "data_alt"
         with self.stage("other scene style"):
-            self.copa("data", "synth", "--style", "alt", *self.common(), "--out", alt, "--n-test", p.n_test,
-                      "--seed", 0)
+            self.copa(
+                "data",
+                "synth",
+                "--style",
+                "alt",
+                *self.common(),
+                "--out",
+                alt,
+                "--n-test",
+                p.n_test,
+                "--seed",
+                0,
+            )
             sets = (f"data.test={alt}/test.json",)
             keep = self.config().model.select.keep_ratios[0]
             rows = {}
             for row, selector in ((COPA_ROW, None), ("random", "random")):
                 out = self.out / "pta_eval" / f"alt_{selector or 'copa'}"
-                self.copa("pta-eval", *self.common(*sets), "--ckpt", models["copa"], "--split", "test",
-                          "--keep-ratio", keep, "--max-images", p.eval_images,
-                          *(["--selector", selector] if selector else []), "--out", out)
+                self.copa(
+                    "pta-eval",
+                    *self.common(*sets),
+                    "--ckpt",
+                    models["copa"],
+                    "--split",
+                    "test",
+                    "--keep-ratio",
+                    keep,
+                    "--max-images",
+                    p.eval_images,
+                    *(["--selector", selector] if selector else []),
+                    "--out",
+                    out,
+                )
                 rows[row] = self.read_json(out / "pta.json")["metrics"]
             vqa = self.out / "tasks" / "vqa"
             m = self.evaluate("vqa", vqa, [*sets, "eval.blind_control=true"], "alt_style", keep)
             self.results["other_style"] = {
-                "keep_ratio": keep, "images": p.n_test, "pta": rows,
-                "vqa": {k: m.get(k) for k in ("accuracy", "blind_accuracy", "baseline_accuracy")}}
+                "keep_ratio": keep,
+                "images": p.n_test,
+                "pta": rows,
+                "vqa": {k: m.get(k) for k in ("accuracy", "blind_accuracy", "baseline_accuracy")},
+            }
 
     def bench(self) -> None:
         """copa bench on the tiny preset: speed vs keep ratio, pruned and unpruned in one run."""
@@ -363,39 +522,85 @@ class Demo:
             runs = 2 if self.quick else 5
             out = self.out / "bench"
             # fp32 on the CPU, one warm-up run, no matmul-peak probe: the demo's speed table, not a full bench
-            self.copa("bench", *self.common(), "--device", "cpu", "--precision", "fp32", "--batch", 8,
-                      "--runs", runs, "--warmup", 1, "--peak-size", 0, *[a for k in specs for a in ("--keep", k)],
-                      "--out", out)
+            self.copa(
+                "bench",
+                *self.common(),
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--batch",
+                8,
+                "--runs",
+                runs,
+                "--warmup",
+                1,
+                "--peak-size",
+                0,
+                *[a for k in specs for a in ("--keep", k)],
+                "--out",
+                out,
+            )
             bench = self.read_json(out / "bench.json")
             recs, hw = bench["results"], bench["hardware"]
-            rows = [{"setting": r["keep"], **{k: r.get(k) for k in ("flops_ratio", "speedup_vit", "speedup_e2e",
-                                                                      "efficiency", "pairs_per_s", "images_per_s")}}
-                    for r in recs]
-            self.results["bench"] = {"hardware": f"{hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, "
-                                                 f"batch {bench['batch']}, median of {bench['runs']} runs",
-                                   "rows": rows}
+            rows = [
+                {
+                    "setting": r["keep"],
+                    **{
+                        k: r.get(k)
+                        for k in (
+                            "flops_ratio",
+                            "speedup_vit",
+                            "speedup_e2e",
+                            "efficiency",
+                            "pairs_per_s",
+                            "images_per_s",
+                        )
+                    },
+                }
+                for r in recs
+            ]
+            self.results["bench"] = {
+                "hardware": f"{hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, "
+                f"batch {bench['batch']}, median of {bench['runs']} runs",
+                "rows": rows,
+            }
             keep_of = {f"{layer}:{r:g}": r for r in self.plan.keep_sweep}
             pts = sorted((keep_of.get(r["setting"], 1.0), r) for r in rows)
             pics = self.results.setdefault("pictures", {})
             pics["speed_vs_keep"] = xy_plot(
                 self.out / "speed_vs_keep.png",
-                {"end-to-end pairs/s": ([k for k, _ in pts], [r["pairs_per_s"] for _, r in pts]),
-                 "ViT images/s": ([k for k, _ in pts], [r["images_per_s"] for _, r in pts])},
-                "keep ratio", "throughput", "Speed vs keep ratio (tiny, this machine)").name
+                {
+                    "end-to-end pairs/s": ([k for k, _ in pts], [r["pairs_per_s"] for _, r in pts]),
+                    "ViT images/s": ([k for k, _ in pts], [r["images_per_s"] for _, r in pts]),
+                },
+                "keep ratio",
+                "throughput",
+                "Speed vs keep ratio (tiny, this machine)",
+            ).name
             sweep = self.results.get("pta_vs_keep", {})
             if sweep:
                 ks = sorted(sweep)
-                series = {"object-patch recall (phrase)": (ks, [sweep[k].get("recall_phrase") for k in ks]),
-                          "object-patch recall (text-agnostic)": (ks, [sweep[k].get("recall_agnostic") for k in ks]),
-                          "random selection (recall)": (ks, [sweep[k].get("recall_random", k) for k in ks])}
+                series = {
+                    "object-patch recall (phrase)": (ks, [sweep[k].get("recall_phrase") for k in ks]),
+                    "object-patch recall (text-agnostic)": (
+                        ks,
+                        [sweep[k].get("recall_agnostic") for k in ks],
+                    ),
+                    "random selection (recall)": (ks, [sweep[k].get("recall_random", k) for k in ks]),
+                }
                 for task, label in (("vqa", "VQA accuracy"), ("grounding", "grounding acc@0.5")):
                     curve = self.results.get("task_vs_keep", {}).get(task)
                     if curve:  # percentages -> fractions, to share the axis with recall
                         kk = sorted(curve)
                         series[label] = (kk, [None if curve[k] is None else curve[k] / 100 for k in kk])
                 pics["accuracy_vs_keep"] = xy_plot(
-                    self.out / "accuracy_vs_keep.png", series, "keep ratio", "recall / accuracy (fraction)",
-                    "Accuracy vs keep ratio (test split)").name
+                    self.out / "accuracy_vs_keep.png",
+                    series,
+                    "keep ratio",
+                    "recall / accuracy (fraction)",
+                    "Accuracy vs keep ratio (test split)",
+                ).name
 
     def pictures(self, model_dir: Path) -> None:
         from copa.evaluation import kept_for_texts
@@ -406,19 +611,23 @@ class Demo:
             pics = {}
             train_csv = self.out / "pretrain" / "train_log.csv"
             if train_csv.exists():
-                pics["loss_curves"] = loss_curves(self.out / "loss_curves.png", train_csv,
-                                                  self.out / "pretrain" / "val_log.csv").name
+                pics["loss_curves"] = loss_curves(
+                    self.out / "loss_curves.png", train_csv, self.out / "pretrain" / "val_log.csv"
+                ).name
             cfg = self.config()
             model = load(model_dir)
             rows = kept_for_texts(model, cfg, "test", self.plan.picture_images)
             sets = [*self.base_sets(), *self.overrides]
-            self.library_call(f"kept_patches.png (no copa command draws it; `copa predict kept` lists one image's kept "
-                              f"patches per text): copa.viz.kept_patches_figure(copa.evaluation.kept_for_texts("
-                              f"copa.load({str(model_dir)!r}), cfg, 'test', {self.plan.picture_images})) with "
-                              f"cfg = copa.config.load_config({self.config_path!r}, {sets!r})")
+            self.library_call(
+                f"kept_patches.png (no copa command draws it; `copa predict kept` lists one image's kept "
+                f"patches per text): copa.viz.kept_patches_figure(copa.evaluation.kept_for_texts("
+                f"copa.load({str(model_dir)!r}), cfg, 'test', {self.plan.picture_images})) with "
+                f"cfg = copa.config.load_config({self.config_path!r}, {sets!r})"
+            )
             if rows:
-                pics["kept_patches"] = kept_patches_figure(self.out / "kept_patches.png", rows, model.vision.grid,
-                                                           cfg.model.vision.image_size).name
+                pics["kept_patches"] = kept_patches_figure(
+                    self.out / "kept_patches.png", rows, model.vision.grid, cfg.model.vision.image_size
+                ).name
             self.results.setdefault("pictures", {}).update(pics)
 
     def report(self) -> None:
@@ -438,7 +647,10 @@ class Demo:
         self.bench()
         self.pictures(models["copa"])
         self.report()
-        log.info("see the trained models in a browser: copa serve --ckpt %s  (then open http://127.0.0.1:7860/)", self.out)
+        log.info(
+            "see the trained models in a browser: copa serve --ckpt %s  (then open http://127.0.0.1:7860/)",
+            self.out,
+        )
         return 0
 
 

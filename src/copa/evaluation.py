@@ -31,8 +31,13 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
     Used for ablations at the same keep ratio (``ABLATION_SELECTORS``)."""
     if selector == "tpd":
         return model
-    sel = make_selector(selector, model.cfg.vision.width, model.cfg.text.width, model.cfg.select.tpd_hidden,
-                        model.cfg.select.tpd_form)
+    sel = make_selector(
+        selector,
+        model.cfg.vision.width,
+        model.cfg.text.width,
+        model.cfg.select.tpd_hidden,
+        model.cfg.select.tpd_form,
+    )
     fresh = [] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers]
     return _selecting_with(model, nn.ModuleList(fresh))
 
@@ -65,14 +70,21 @@ def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_si
     from copa.data.collate import Collator
 
     v = cfg.model.vision
-    ds = build_dataset(cfg.data, split, v.image_size, v.patch_size, train=False, max_records=max_images,
-                       stream=False)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                       collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len))
+    ds = build_dataset(
+        cfg.data, split, v.image_size, v.patch_size, train=False, max_records=max_images, stream=False
+    )
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
+    )
 
 
 @torch.no_grad()
-def pta_eval(model: COPAModel, cfg: Config, split: str, keep_ratio: float, max_images: int | None = None) -> dict[str, float]:
+def pta_eval(
+    model: COPAModel, cfg: Config, split: str, keep_ratio: float, max_images: int | None = None
+) -> dict[str, float]:
     """Object-patch recall and AP of the first-stage selector on ``split`` at ``keep_ratio``.
 
     With no selector (the unpruned model) every patch is kept: recall 1.0 at keep ratio 1.0.
@@ -90,7 +102,9 @@ def pta_eval(model: COPAModel, cfg: Config, split: str, keep_ratio: float, max_i
 
 
 @torch.no_grad()
-def kept_for_texts(model: COPAModel, cfg: Config, split: str, n_images: int) -> list[tuple[str, list[tuple[str, list[int]]]]]:
+def kept_for_texts(
+    model: COPAModel, cfg: Config, split: str, n_images: int
+) -> list[tuple[str, list[tuple[str, list[int]]]]]:
     """For the first ``n_images`` images with two or more objects: the kept patches for two object
     phrases and for the text-agnostic query. -> [(image path, [(text, kept indices), ...]), ...]"""
     from copa.data.image_io import ImageError, load_image

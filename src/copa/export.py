@@ -8,17 +8,17 @@ the manifest); export once per keep ratio you serve.
 Parts (B: batch, dynamic; L: text length, dynamic; N patches, T = 1+K+1 visual tokens, or 1+N
 unpruned; Dv / Dt vision / text width, E the ITC size):
 
-==================  ==========================================  ===============================================
-part                inputs                                      outputs
-==================  ==========================================  ===============================================
-``image_prefix``    images (B, 3, H, W) float32                 prefix (B, 1+N, Dv): the text-independent blocks
-``text_encoder``    ids, mask (B, L) int64                      text (B, L, Dt), query (B, Dt), text_emb (B, E)
-``vision_suffix``   prefix (B, 1+N, Dv), query (B, Dt)          tokens (B, T, Dv), kept (B, K) int64
-``vision_agnostic`` prefix (B, 1+N, Dv)                         tokens (B, T, Dv), kept (B, K), image_emb (B, E)
-``fusion``          tokens (B, T, Dv), text (B, L, Dt), mask    fused_image (B, T, Dt), fused_text (B, L, Dt)
-``heads``           fused_image, fused_cls (B, Dt), kept        itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
-                                                                box_scores (B, K)
-==================  ==========================================  ===============================================
+==================  ========================================  ===============================================
+part                inputs                                    outputs
+==================  ========================================  ===============================================
+``image_prefix``    images (B, 3, H, W) float32               prefix (B, 1+N, Dv): the text-independent blocks
+``text_encoder``    ids, mask (B, L) int64                    text (B, L, Dt), query (B, Dt), text_emb (B, E)
+``vision_suffix``   prefix (B, 1+N, Dv), query (B, Dt)        tokens (B, T, Dv), kept (B, K) int64
+``vision_agnostic`` prefix (B, 1+N, Dv)                       tokens (B, T, Dv), kept (B, K), image_emb (B, E)
+``fusion``          tokens (B, T, Dv), text, mask (B, L)      fused_image (B, T, Dt), fused_text (B, L, Dt)
+``heads``           fused_image, fused_cls (B, Dt), kept      itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
+                                                              box_scores (B, K)
+==================  ========================================  ===============================================
 
 Retrieval: ``image_prefix`` once per image, ``vision_agnostic`` for its ITC embedding; a text's
 ``text_emb`` from ``text_encoder``; re-ranking a pair runs ``vision_suffix`` on the stored prefix,
@@ -109,7 +109,8 @@ class Fusion(nn.Module):
         self.fusion = model.fusion
 
     def forward(self, tokens: Tensor, txt: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L) -> fused image (B, T, Dt), text (B, L, Dt)"""
+        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L)
+        -> fused image (B, T, Dt), text (B, L, Dt)"""
         return self.fusion(tokens, txt, mask)
 
 
@@ -140,8 +141,13 @@ class PartSpec:
     check_inputs: dict[str, Tensor] = field(default_factory=dict)
 
 
-def part_specs(model: COPAModel, batch: int = TRACE_BATCH, text_len: int = TEXT_LEN, seed: int = 0,
-               check_batch: int = CHECK_BATCH) -> list[PartSpec]:
+def part_specs(
+    model: COPAModel,
+    batch: int = TRACE_BATCH,
+    text_len: int = TEXT_LEN,
+    seed: int = 0,
+    check_batch: int = CHECK_BATCH,
+) -> list[PartSpec]:
     """Every part with example inputs of ``batch`` rows (trace) and ``check_batch`` rows (parity),
     produced by the model itself, so each part sees realistic values."""
     g = torch.Generator().manual_seed(seed)
@@ -159,28 +165,68 @@ def part_specs(model: COPAModel, batch: int = TRACE_BATCH, text_len: int = TEXT_
             query = model.text_query(txt, mask)
             vis = model.encode_image(prefix, query)
             fi, ft = model.fusion(vis.tokens, txt, mask)
-        return {"images": images, "ids": ids, "mask": mask, "prefix": prefix, "query": query, "tokens": vis.tokens,
-                "txt": txt, "fused_image": fi, "fused_cls": ft[:, 0].contiguous(), "kept": vis.patch_index}
+        return {
+            "images": images,
+            "ids": ids,
+            "mask": mask,
+            "prefix": prefix,
+            "query": query,
+            "tokens": vis.tokens,
+            "txt": txt,
+            "fused_image": fi,
+            "fused_cls": ft[:, 0].contiguous(),
+            "kept": vis.patch_index,
+        }
 
     a, c = chain(batch, text_len), chain(check_batch, text_len + 3)
-    pick = lambda d, *k: {n: d[n] for n in k}
+
+    def pick(d: dict[str, Any], *k: str) -> dict[str, Any]:
+        return {n: d[n] for n in k}
+
     B, L = "batch", "length"
     specs = [
         ("image_prefix", ImagePrefix, ("images",), {"images": {0: B}}, ["prefix"]),
-        ("text_encoder", TextEncoder, ("ids", "mask"), {"ids": {0: B, 1: L}, "mask": {0: B, 1: L}},
-         ["text", "query", "text_emb"]),
-        ("vision_suffix", VisionSuffix, ("prefix", "query"), {"prefix": {0: B}, "query": {0: B}}, ["tokens", "kept"]),
+        (
+            "text_encoder",
+            TextEncoder,
+            ("ids", "mask"),
+            {"ids": {0: B, 1: L}, "mask": {0: B, 1: L}},
+            ["text", "query", "text_emb"],
+        ),
+        (
+            "vision_suffix",
+            VisionSuffix,
+            ("prefix", "query"),
+            {"prefix": {0: B}, "query": {0: B}},
+            ["tokens", "kept"],
+        ),
         ("vision_agnostic", VisionAgnostic, ("prefix",), {"prefix": {0: B}}, ["tokens", "kept", "image_emb"]),
-        ("fusion", Fusion, ("tokens", "txt", "mask"), {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}},
-         ["fused_image", "fused_text"]),
-        ("heads", Heads, ("fused_image", "fused_cls", "kept"),
-         {"fused_image": {0: B}, "fused_cls": {0: B}, "kept": {0: B}}, ["itm", "box", "box_scores"]),
+        (
+            "fusion",
+            Fusion,
+            ("tokens", "txt", "mask"),
+            {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}},
+            ["fused_image", "fused_text"],
+        ),
+        (
+            "heads",
+            Heads,
+            ("fused_image", "fused_cls", "kept"),
+            {"fused_image": {0: B}, "fused_cls": {0: B}, "kept": {0: B}},
+            ["itm", "box", "box_scores"],
+        ),
     ]
-    return [PartSpec(n, cls(model).eval(), pick(a, *ins), dyn, outs, pick(c, *ins)) for n, cls, ins, dyn, outs in specs]
+    return [
+        PartSpec(n, cls(model).eval(), pick(a, *ins), dyn, outs, pick(c, *ins))
+        for n, cls, ins, dyn, outs in specs
+    ]
 
 
 # the text length is bounded by BERT's position table (512); the batch by nothing in the model
-DIMS = {"batch": torch.export.Dim("batch", min=1, max=4096), "length": torch.export.Dim("length", min=2, max=512)}
+DIMS = {
+    "batch": torch.export.Dim("batch", min=1, max=4096),
+    "length": torch.export.Dim("length", min=2, max=512),
+}
 
 
 def _dynamic_shapes(spec: PartSpec) -> dict[str, Any]:
@@ -193,8 +239,9 @@ def _dynamic_shapes(spec: PartSpec) -> dict[str, Any]:
 def export_part(spec: PartSpec) -> torch.export.ExportedProgram:
     """``torch.export`` of one part with its dynamic dims."""
     with torch.no_grad():
-        return torch.export.export(spec.module, tuple(spec.inputs.values()), dynamic_shapes=_dynamic_shapes(spec),
-                                   strict=False)
+        return torch.export.export(
+            spec.module, tuple(spec.inputs.values()), dynamic_shapes=_dynamic_shapes(spec), strict=False
+        )
 
 
 def _outputs(module: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
@@ -204,8 +251,10 @@ def _outputs(module: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
 
 
 def max_abs_diff(a: list[Tensor], b: list[Any]) -> list[float]:
-    return [float((torch.as_tensor(x).float() - torch.as_tensor(y).float()).abs().max()) if x.numel() else 0.0
-            for x, y in zip(a, b, strict=True)]
+    return [
+        float((torch.as_tensor(x).float() - torch.as_tensor(y).float()).abs().max()) if x.numel() else 0.0
+        for x, y in zip(a, b, strict=True)
+    ]
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
@@ -234,8 +283,14 @@ class ExportReport:
         return max((max(p["onnx_max_abs_diff"].values()) for p in self.parts.values()), default=0.0)
 
 
-def export_model(model: COPAModel, out: str | Path, keep_ratio: float | None = None, onnx: bool = True,
-                 parts: tuple[str, ...] = PARTS, opset: int = 18) -> ExportReport:
+def export_model(
+    model: COPAModel,
+    out: str | Path,
+    keep_ratio: float | None = None,
+    onnx: bool = True,
+    parts: tuple[str, ...] = PARTS,
+    opset: int = 18,
+) -> ExportReport:
     """Export ``parts`` of ``model`` into ``out`` (see the module docstring); returns what was written
     with the ONNX Runtime parity per output."""
     out = Path(out)
@@ -267,26 +322,49 @@ def export_model(model: COPAModel, out: str | Path, keep_ratio: float | None = N
             "inputs": {k_: list(v.shape) for k_, v in spec.inputs.items()},
             "dynamic": {k_: {str(a): d for a, d in v.items()} for k_, v in spec.dynamic.items()},
             "outputs": spec.outputs,
-            "torch_export_max_abs_diff": dict(zip(spec.outputs, max_abs_diff(eager, _outputs(ep.module(), spec.check_inputs)),
-                                                  strict=True)),
+            "torch_export_max_abs_diff": dict(
+                zip(spec.outputs, max_abs_diff(eager, _outputs(ep.module(), spec.check_inputs)), strict=True)
+            ),
         }
         if onnx:
             path = out / f"{spec.name}.onnx"
-            torch.onnx.export(ep, (), str(path), input_names=list(spec.inputs), output_names=spec.outputs,
-                              opset_version=opset, dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(
+                ep,
+                (),
+                str(path),
+                input_names=list(spec.inputs),
+                output_names=spec.outputs,
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
             got = run_onnx(onnx_session(path), spec.check_inputs)
             entry["onnx_max_abs_diff"] = dict(zip(spec.outputs, max_abs_diff(eager, got), strict=True))
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         report[spec.name] = entry
-        log.info("exported %s (%.1f s): %s", spec.name, entry["seconds"],
-                 entry.get("onnx_max_abs_diff", entry["torch_export_max_abs_diff"]))
+        log.info(
+            "exported %s (%.1f s): %s",
+            spec.name,
+            entry["seconds"],
+            entry.get("onnx_max_abs_diff", entry["torch_export_max_abs_diff"]),
+        )
     model.tokenizer.save_pretrained(str(out))
     manifest = {
-        "format": "copa-export", "version": 1, "parts": report, "check_batch": CHECK_BATCH, "trace_batch": TRACE_BATCH,
-        "keep_ratios": ratios, "pruning": model.vision.pruning, "num_patches": n, "kept_patches": k,
+        "format": "copa-export",
+        "version": 1,
+        "parts": report,
+        "check_batch": CHECK_BATCH,
+        "trace_batch": TRACE_BATCH,
+        "keep_ratios": ratios,
+        "pruning": model.vision.pruning,
+        "num_patches": n,
+        "kept_patches": k,
         "visual_tokens": 1 + k + (1 if model.vision.pruning and model.cfg.select.fuse_dropped else 0),
-        "image_size": model.cfg.vision.image_size, "patch_size": model.cfg.vision.patch_size,
-        "preprocess": to_dict(model.cfg.preprocess), "max_text_len": model.cfg.text.max_len,
+        "image_size": model.cfg.vision.image_size,
+        "patch_size": model.cfg.vision.patch_size,
+        "preprocess": to_dict(model.cfg.preprocess),
+        "max_text_len": model.cfg.text.max_len,
         "torch": torch.__version__,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -18,8 +18,14 @@ from copa.errors import CheckpointNotFoundError
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "vocab.txt", "special_tokens_map.json"]
+MODEL_FILES = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,9 +64,15 @@ def resolve_checkpoint(
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        raise CheckpointNotFoundError(f"{name}: no such directory, and huggingface_hub is not installed") from None
+        raise CheckpointNotFoundError(
+            f"{name}: no such directory, and huggingface_hub is not installed"
+        ) from None
     download = (not _offline_by_env()) if allow_download is None else allow_download
-    kw = {"revision": revision, "cache_dir": str(cache_dir) if cache_dir else None, "allow_patterns": MODEL_FILES}
+    kw = {
+        "revision": revision,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        "allow_patterns": MODEL_FILES,
+    }
     try:
         local = snapshot_download(name, local_files_only=True, **kw)
         log.info("%s: from the local hub cache %s", name, local)
@@ -74,6 +86,8 @@ def resolve_checkpoint(
             local = snapshot_download(name, **kw)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
             first = " ".join(str(e).split())[:200]
-            raise CheckpointNotFoundError(f"{name}: no such directory, and the hub has no such model ({first})") from None
+            raise CheckpointNotFoundError(
+                f"{name}: no such directory, and the hub has no such model ({first})"
+            ) from None
         log.info("%s: downloaded to %s", name, local)
     return Path(local)

@@ -51,9 +51,14 @@ class Box:
         return [self.x0, self.y0, self.x1 - self.x0, self.y1 - self.y0]
 
     def to_dict(self) -> dict[str, Any]:
-        r = lambda v: round(float(v), 2)
-        return {"box_xyxy": [r(self.x0), r(self.y0), r(self.x1), r(self.y1)],
-                "box_xywh": [r(v) for v in self.xywh], "score": round(self.score, 4)}
+        def r(v: float) -> float:
+            return round(float(v), 2)
+
+        return {
+            "box_xyxy": [r(self.x0), r(self.y0), r(self.x1), r(self.y1)],
+            "box_xywh": [r(v) for v in self.xywh],
+            "score": round(self.score, 4),
+        }
 
 
 @dataclass
@@ -106,7 +111,9 @@ def _pair(images: list[Any], texts: list[str]) -> tuple[list[int], list[str]]:
         return [0] * len(texts), texts
     if len(texts) == 1:
         return list(range(len(images))), texts * len(images)
-    raise ValueError(f"{len(images)} images and {len(texts)} texts: give one text per image, or one of either")
+    raise ValueError(
+        f"{len(images)} images and {len(texts)} texts: give one text per image, or one of either"
+    )
 
 
 class Predictor:
@@ -142,8 +149,9 @@ class Predictor:
         self.task = task  # what the checkpoint was fine-tuned for (None: pre-trained)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-                        **kw: Any) -> Predictor:
+    def from_pretrained(
+        cls, name_or_path: str | Path, device: str | torch.device | None = None, **kw: Any
+    ) -> Predictor:
         """A predictor for a saved model: a local directory (a training run's ``OUT`` or its
         ``OUT/model``) or a hub id (``copa.hub``); a fine-tuned model's task options come along."""
         from copa.hub import resolve_checkpoint
@@ -153,8 +161,13 @@ class Predictor:
         meta = saved_meta(path)
         saved = meta.get("options") or {}
         options = TaskOptions(**{k: v for k, v in saved.items() if k in TaskOptions.__dataclass_fields__})
-        return cls(COPAModel.from_pretrained(path), device, options=kw.pop("options", options),
-                   task=meta.get("task"), **kw)
+        return cls(
+            COPAModel.from_pretrained(path),
+            device,
+            options=kw.pop("options", options),
+            task=meta.get("task"),
+            **kw,
+        )
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -203,16 +216,24 @@ class Predictor:
             yield slice(s, min(n, s + self.batch_size))
 
     # ------------------------------------------------------------------ tasks
-    def caption(self, images: ImageInput | Sequence[ImageInput], keep_ratio: float | None = None,
-                decode: str | None = None, prompt: str | None = None, beam_size: int = 3,
-                max_new_tokens: int = 30) -> list[str]:
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        keep_ratio: float | None = None,
+        decode: str | None = None,
+        prompt: str | None = None,
+        beam_size: int = 3,
+        max_new_tokens: int = 30,
+    ) -> list[str]:
         """One caption per image: text-agnostic selection, the prompt through the encoders, beam
         search (``decode="greedy"`` for greedy)."""
         from copa.tasks.caption import CaptionTask
         from copa.tasks.generation import generate
 
         prep = self._prepared(images)
-        opts = TaskOptions(**{**self.options.to_dict(), "prompt": prompt or self.options.prompt or DEFAULT_PROMPT})
+        opts = TaskOptions(
+            **{**self.options.to_dict(), "prompt": prompt or self.options.prompt or DEFAULT_PROMPT}
+        )
         task, mode = CaptionTask(opts), decode or self.options.decode or "beam"
         out: list[str] = []
         with self.inference(keep_ratio):
@@ -221,9 +242,15 @@ class Predictor:
                 out += generate(self.model, ctx, cmask, mode, beam_size, max_new_tokens)
         return out
 
-    def answer(self, images: ImageInput | Sequence[ImageInput], questions: str | Sequence[str],
-               keep_ratio: float | None = None, decode: str | None = None,
-               answer_list: Sequence[str] | None = None, max_new_tokens: int = 10) -> list[str]:
+    def answer(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        questions: str | Sequence[str],
+        keep_ratio: float | None = None,
+        decode: str | None = None,
+        answer_list: Sequence[str] | None = None,
+        max_new_tokens: int = 10,
+    ) -> list[str]:
         """One answer per (image, question) pair: the question queries the TPD, the decoder
         generates (greedy by default), or ``answer_list`` is ranked by likelihood."""
         from copa.tasks.generation import generate, rank_candidates, tokenize
@@ -246,8 +273,12 @@ class Predictor:
                     out += generate(self.model, ctx, cmask, mode, 3, max_new_tokens)
         return out
 
-    def ground(self, images: ImageInput | Sequence[ImageInput], phrases: str | Sequence[str],
-               keep_ratio: float | None = None) -> list[Box]:
+    def ground(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        phrases: str | Sequence[str],
+        keep_ratio: float | None = None,
+    ) -> list[Box]:
         """The box each phrase refers to, in pixels of its original image."""
         from copa.tasks.box_ops import cxcywh_to_xyxy
         from copa.tasks.grounding import ground_pairs
@@ -267,12 +298,15 @@ class Predictor:
                     out.append(Box(x0 * w, y0 * h, x1 * w, y1 * h, float(best[j])))
         return out
 
-    def kept_patches(self, images: ImageInput | Sequence[ImageInput],
-                     texts: str | Sequence[str | None] | None = None,
-                     keep_ratio: float | None = None) -> list[list[int]]:
+    def kept_patches(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str | None] | None = None,
+        keep_ratio: float | None = None,
+    ) -> list[list[int]]:
         """The patches the selection keeps (row-major indices on the ``grid`` x ``grid`` map, highest
-        score first), per (image, text) pair; ``texts=None`` (or a None entry) uses the text-agnostic query. Every
-        patch when the model does not prune."""
+        score first), per (image, text) pair; ``texts=None`` (or a None entry) uses the text-agnostic
+        query. Every patch when the model does not prune."""
         prep = self._prepared(images)
         rows, ts = _pair(prep.sizes, _as_list(texts))
         n = self.grid**2
@@ -297,8 +331,15 @@ class Predictor:
             return [list(range(n)) for _ in range(prefix.shape[0])]
         return kept.tolist()
 
-    def retrieve(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], k: int = 5,
-                 keep_ratio: float | None = None, itm_topk: int = 16, itc_weight: float | None = None) -> Retrieval:
+    def retrieve(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+        k: int = 5,
+        keep_ratio: float | None = None,
+        itm_topk: int = 16,
+        itc_weight: float | None = None,
+    ) -> Retrieval:
         """Two-stage retrieval between ``images`` and ``texts`` (as ``copa evaluate retrieval``):
         ITC with the text-agnostic image embedding ranks everything; each query's ``itm_topk`` best
         candidates are re-scored by ITM with text-aware selection, each image's ViT prefix computed
@@ -310,9 +351,12 @@ class Predictor:
         ids, mask = self._tokens(ts)
         weight = self.options.itc_weight if itc_weight is None else itc_weight
         with self.inference(keep_ratio):
-            img = torch.cat([self.model.image_embedding(prep.pixels[s]).float()
-                             for s in self._chunks(len(prep.sizes))])
-            txt = torch.cat([self.model.text_embedding(ids[s], mask[s]).float() for s in self._chunks(len(ts))])
+            img = torch.cat(
+                [self.model.image_embedding(prep.pixels[s]).float() for s in self._chunks(len(prep.sizes))]
+            )
+            txt = torch.cat(
+                [self.model.text_embedding(ids[s], mask[s]).float() for s in self._chunks(len(ts))]
+            )
             sim = (img @ txt.t()).cpu()
             cand = rerank_candidates(sim, itm_topk)
             itm = torch.zeros(cand.pairs.shape[0])
@@ -320,15 +364,26 @@ class Predictor:
                 sel = ((cand.pairs[:, 0] >= s.start) & (cand.pairs[:, 0] < s.stop)).nonzero().squeeze(1)
                 if sel.numel():
                     pi = (cand.pairs[sel, 0] - s.start).to(self.device)
-                    itm[sel] = itm_scores_shared_prefix(self.model, prep.pixels[s], ids, mask, pi,
-                                                        cand.pairs[sel, 1].to(self.device),
-                                                        self.batch_size).float().cpu()
+                    itm[sel] = (
+                        itm_scores_shared_prefix(
+                            self.model,
+                            prep.pixels[s],
+                            ids,
+                            mask,
+                            pi,
+                            cand.pairs[sel, 1].to(self.device),
+                            self.batch_size,
+                        )
+                        .float()
+                        .cpu()
+                    )
         i2t, t2i = cand.final_scores(sim, itm, weight)
         return Retrieval(i2t, t2i, sim, int(cand.pairs.shape[0]), k)
 
     # ------------------------------------------------------------------ pictures
-    def overlay(self, image: ImageInput, kept: Sequence[int], size: int = 384,
-                box: Box | None = None) -> Image.Image:
+    def overlay(
+        self, image: ImageInput, kept: Sequence[int], size: int = 384, box: Box | None = None
+    ) -> Image.Image:
         """The image resized to about ``size`` px with the dropped patches dimmed (``kept``: patch
         indices as ``kept_patches`` returns them) and, optionally, a box drawn on it."""
         import numpy as np
@@ -343,8 +398,9 @@ class Predictor:
         out = Image.fromarray(overlay_kept(np.asarray(shown), kept, g))
         if box is not None:
             sx, sy = side / img.width, side / img.height
-            ImageDraw.Draw(out).rectangle([box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy],
-                                          outline=(255, 40, 40), width=3)
+            ImageDraw.Draw(out).rectangle(
+                [box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy], outline=(255, 40, 40), width=3
+            )
         return out
 
 

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("alert", text: shown in red) | ("table", (header, rows)) | ("img", (file, alt)) | ("code", text)
+# ("h2", text) | ("p", text) | ("alert", text: shown in red) | ("table", (header, rows))
+# | ("img", (file, alt)) | ("code", text)
+Block = tuple[str, Any]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -33,13 +35,17 @@ def _get(d: dict[Any, Any], k: float) -> Any:
 
 def _pretrain_sentence(res: dict[str, Any]) -> str:
     pre = res["pretrain"]
-    text = (f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) of ITC against the "
-            "frozen pretrained text encoder (a miniature of the CLIP ViT the paper starts from), shared by every "
-            "pre-training row; then each row's PTA stage trains the selector alone (everything else frozen)")
+    text = (
+        f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) of ITC against the "
+        "frozen pretrained text encoder (a miniature of the CLIP ViT the paper starts from), shared by every "
+        "pre-training row; then each row's PTA stage trains the selector alone (everything else frozen)"
+    )
     stage = res.get("pta_copa")
     if stage:
-        text += (f": COPA's for {stage['steps']} steps on the {stage['boxed_images']} training images that carry "
-                 f"boxes, {stage['wall_s']:.0f} s")
+        text += (
+            f": COPA's for {stage['steps']} steps on the {stage['boxed_images']} training images that carry "
+            f"boxes, {stage['wall_s']:.0f} s"
+        )
     return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
 
 
@@ -48,8 +54,10 @@ def _budget_blocks(res: dict[str, Any]) -> list[Block]:
     if not hits:
         return []
     lines = ", ".join(f"{h['stage']} ({h['steps']} of {h['planned']} steps)" for h in hits)
-    text = ("SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
-            f"the planned ones and not comparable with other machines': {lines}.")
+    text = (
+        "SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
+        f"the planned ones and not comparable with other machines': {lines}."
+    )
     return [("alert", text)]
 
 
@@ -57,28 +65,68 @@ def _pta_blocks(res: dict[str, Any]) -> list[Block]:
     out: list[Block] = []
     pre = res.get("pretrain")
     if pre:
-        v = {**pre["final_val"], **{f"pta_{k}": x for k, x in res.get("pta_copa", {}).get("val_after", {}).items()}}
-        out += [("h2", "Pre-training (tiny preset, synthetic scenes, PTA from ~5% boxed images)"),
-                ("p", _pretrain_sentence(res)),
-                ("table", (["metric (validation)", "value"],
-                           [[k, _fmt(v.get(k))] for k in ("pta_specificity@0.25", "pta_specificity@0.5",
-                                                           "pta_recall_phrase", "pta_recall_agnostic", "pta_recall_random",
-                                                           "pta_ap_phrase", "pta_ap_agnostic", "val_itc", "val_itm",
-                                                           "val_mlm", "val_prefix_lm") if k in v]))]
-        out.append(("p", ("Selection metrics after COPA's PTA stage, losses at the end of the trunk. Object-patch "
-                         "recall = share of the patches under the queried object's box that survive "
-                         f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
-                         f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation. Text specificity = recall of "
-                         "the queried object's patches minus recall of the other objects' patches of the same image, "
-                         "at keep 0.25 / 0.5: 0 for random selection and for any text-blind selector.")))
+        v = {
+            **pre["final_val"],
+            **{f"pta_{k}": x for k, x in res.get("pta_copa", {}).get("val_after", {}).items()},
+        }
+        out += [
+            ("h2", "Pre-training (tiny preset, synthetic scenes, PTA from ~5% boxed images)"),
+            ("p", _pretrain_sentence(res)),
+            (
+                "table",
+                (
+                    ["metric (validation)", "value"],
+                    [
+                        [k, _fmt(v.get(k))]
+                        for k in (
+                            "pta_specificity@0.25",
+                            "pta_specificity@0.5",
+                            "pta_recall_phrase",
+                            "pta_recall_agnostic",
+                            "pta_recall_random",
+                            "pta_ap_phrase",
+                            "pta_ap_agnostic",
+                            "val_itc",
+                            "val_itm",
+                            "val_mlm",
+                            "val_prefix_lm",
+                        )
+                        if k in v
+                    ],
+                ),
+            ),
+        ]
+        out.append(
+            (
+                "p",
+                (
+                    "Selection metrics after COPA's PTA stage, losses at the end of the trunk. Object-patch "
+                    "recall = share of the patches under the queried object's box that survive "
+                    f"selection at keep ratio {_fmt(v.get('pta_keep_ratio'), 2)}; random selection keeps "
+                    f"{_fmt(v.get('pta_recall_random'), 2)} of them in expectation. Text "
+                    "specificity = recall of "
+                    "the queried object's patches minus recall of the other objects' patches of "
+                    "the same image, "
+                    "at keep 0.25 / 0.5: 0 for random selection and for any text-blind selector."
+                ),
+            )
+        )
     pics = res.get("pictures", {})
     if "loss_curves" in pics:
         out += [("h3", "Loss curves"), ("img", (pics["loss_curves"], "loss curves"))]
     if "kept_patches" in pics:
-        out += [("h3", "Kept patches for two different texts"),
-                ("p", ("Each row: a test image, then the patches the model keeps (bright) for two object phrases and "
-                      "for the text-agnostic query.")),
-                ("img", (pics["kept_patches"], "kept patches"))]
+        out += [
+            ("h3", "Kept patches for two different texts"),
+            (
+                "p",
+                (
+                    "Each row: a test image, then the patches the model keeps (bright) for two "
+                    "object phrases and "
+                    "for the text-agnostic query."
+                ),
+            ),
+            ("img", (pics["kept_patches"], "kept patches")),
+        ]
     return out
 
 
@@ -87,52 +135,111 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     if not ab:
         return []
     tasks = res.get("ablation_tasks", {})
-    header = ["selector", "text specificity @0.25", "@0.5", "object-patch recall (phrase)", "recall (text-agnostic)",
-              "AP (phrase)"]
-    extra_cols = [("vqa_metric", "VQA acc (%)"), ("grounding_metric", "grounding acc@0.5 (%)"),
-                  ("retrieval_metric", "retrieval mean R (%)"), ("vqa_sps", "VQA samples/s")]
+    header = [
+        "selector",
+        "text specificity @0.25",
+        "@0.5",
+        "object-patch recall (phrase)",
+        "recall (text-agnostic)",
+        "AP (phrase)",
+    ]
+    extra_cols = [
+        ("vqa_metric", "VQA acc (%)"),
+        ("grounding_metric", "grounding acc@0.5 (%)"),
+        ("retrieval_metric", "retrieval mean R (%)"),
+        ("vqa_sps", "VQA samples/s"),
+    ]
     present = [c for c in extra_cols if any(c[0] in t for t in tasks.values())]
     header += [c[1] for c in present]
     rows = []
     for name, r in ab["rows"].items():
         t = tasks.get(name, {})
-        rows.append([name, _fmt(r.get("specificity@0.25")), _fmt(r.get("specificity@0.5")), _fmt(r.get("recall_phrase")),
-                     _fmt(r.get("recall_agnostic")), _fmt(r.get("ap_phrase"))]
-                    + [_fmt(t.get(c[0])) for c in present])
-    note = (f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). Every row shares the weights of "
-            "the one pre-training trunk and differs in the selector only: `random`, `tome` (ToMe-style merging to the "
-            "same visual-token count; its recall counts patches that stay their own token), `cls_attn` (EViT-style) "
-            "and `text_attn` (TRIPS-style) are parameter-free; `tpd without PTA` is the trunk's own TPD, COPA's was "
-            "trained by PTA on the ~5% boxed images, the last row by PTA with boxes on every image. The task "
-            "columns evaluate COPA's fine-tuned model with each row's selector swapped in. Random selection scores "
-            "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split.")
-    out: list[Block] = [("h2", "Ablation: selectors at the same keep ratio"), ("p", note), ("table", (header, rows))]
+        rows.append(
+            [
+                name,
+                _fmt(r.get("specificity@0.25")),
+                _fmt(r.get("specificity@0.5")),
+                _fmt(r.get("recall_phrase")),
+                _fmt(r.get("recall_agnostic")),
+                _fmt(r.get("ap_phrase")),
+            ]
+            + [_fmt(t.get(c[0])) for c in present]
+        )
+    note = (
+        f"All rows at keep ratio {ab['keep_ratio']} except `none` (unpruned). Every row shares the "
+        "weights of "
+        "the one pre-training trunk and differs in the selector only: `random`, `tome` (ToMe-style "
+        "merging to the "
+        "same visual-token count; its recall counts patches that stay their own token), `cls_attn` "
+        "(EViT-style) "
+        "and `text_attn` (TRIPS-style) are parameter-free; `tpd without PTA` is the trunk's own "
+        "TPD, COPA's was "
+        "trained by PTA on the ~5% boxed images, the last row by PTA with boxes on every image. The task "
+        "columns evaluate COPA's fine-tuned model with each row's selector swapped in. Random "
+        "selection scores "
+        "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split."
+    )
+    out: list[Block] = [
+        ("h2", "Ablation: selectors at the same keep ratio"),
+        ("p", note),
+        ("table", (header, rows)),
+    ]
     copa_name = next((n for n in ab["rows"] if "COPA" in n), None)
     if copa_name:
+
         def margin(a: Any, b: Any) -> str:
             ok = all(isinstance(v, (int, float)) and not math.isnan(v) for v in (a, b))
             return f"{a - b:+.3f}" if ok else "—"
 
         mcols = [("specificity@0.25", "specificity @0.25")] + [c for c in present if c[0].endswith("_metric")]
         copa = {**ab["rows"][copa_name], **tasks.get(copa_name, {})}
-        mrows = [[name] + [margin(copa.get(c), {**r, **tasks.get(name, {})}.get(c)) for c, _ in mcols]
-                 for name, r in ab["rows"].items() if name != copa_name]
-        out += [("h3", "COPA's margin over each row (COPA minus the row; > 0: COPA is better)"),
-                ("table", (["row"] + [label for _, label in mcols], mrows))]
+        mrows = [
+            [name] + [margin(copa.get(c), {**r, **tasks.get(name, {})}.get(c)) for c, _ in mcols]
+            for name, r in ab["rows"].items()
+            if name != copa_name
+        ]
+        out += [
+            ("h3", "COPA's margin over each row (COPA minus the row; > 0: COPA is better)"),
+            ("table", (["row"] + [label for _, label in mcols], mrows)),
+        ]
     sweep = res.get("pta_vs_keep")
     if sweep:
-        out += [("h3", "Object-patch recall vs keep ratio (TPD with PTA)"),
-                ("table", (["keep ratio", "recall (phrase)", "recall (text-agnostic)", "random"],
-                           [[k, _fmt(v.get("recall_phrase")), _fmt(v.get("recall_agnostic")), _fmt(v.get("recall_random"))]
-                            for k, v in sweep.items()]))]
+        out += [
+            ("h3", "Object-patch recall vs keep ratio (TPD with PTA)"),
+            (
+                "table",
+                (
+                    ["keep ratio", "recall (phrase)", "recall (text-agnostic)", "random"],
+                    [
+                        [
+                            k,
+                            _fmt(v.get("recall_phrase")),
+                            _fmt(v.get("recall_agnostic")),
+                            _fmt(v.get("recall_random")),
+                        ]
+                        for k, v in sweep.items()
+                    ],
+                ),
+            ),
+        ]
     curves = res.get("task_vs_keep", {})
     if curves:
         keeps = sorted({float(k) for c in curves.values() for k in c})
-        out += [("h3", "Task accuracy vs keep ratio (same fine-tuned weights)"),
-                ("table", (["task"] + [f"keep {k:g}" for k in keeps],
-                           [[t] + [_fmt(_get(c, k)) for k in keeps] for t, c in curves.items()]))]
+        out += [
+            ("h3", "Task accuracy vs keep ratio (same fine-tuned weights)"),
+            (
+                "table",
+                (
+                    ["task"] + [f"keep {k:g}" for k in keeps],
+                    [[t] + [_fmt(_get(c, k)) for k in keeps] for t, c in curves.items()],
+                ),
+            ),
+        ]
     pics = res.get("pictures", {})
-    for key, title in (("accuracy_vs_keep", "Accuracy vs keep ratio"), ("speed_vs_keep", "Speed vs keep ratio")):
+    for key, title in (
+        ("accuracy_vs_keep", "Accuracy vs keep ratio"),
+        ("speed_vs_keep", "Speed vs keep ratio"),
+    ):
         if key in pics:
             out += [("h3", title), ("img", (pics[key], title))]
     return out
@@ -146,21 +253,59 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
     for task, by_keep in tasks.items():
         for setting, m in by_keep.items():
             value, base = m.get("metric"), m.get("baseline")
-            margin = value - base if isinstance(value, (int, float)) and isinstance(base, (int, float)) else None
+            margin = (
+                value - base if isinstance(value, (int, float)) and isinstance(base, (int, float)) else None
+            )
             if margin is not None and margin <= 0:
                 behind.append(f"{task} ({setting})")
-            rows.append([task, setting, m.get("metric_name", ""), _fmt(value), _fmt(base),
-                         "—" if margin is None else f"{margin:+.3f}", _fmt(m.get("blind")),
-                         _fmt(m.get("samples_per_s"), 1)])
-    out: list[Block] = [("h2", "Downstream tasks: pruned vs unpruned"),
-                        ("table", (["task", "setting", "metric", "value", "trivial baseline", "margin",
-                                    "with another image", "samples/s"], rows)),
-                        ("p", ("`with another image`: VQA's questions answered with another test image (same model): "
-                              "what it scores without looking. Close to `value` means the model answers from the "
-                              "question alone."))]
+            rows.append(
+                [
+                    task,
+                    setting,
+                    m.get("metric_name", ""),
+                    _fmt(value),
+                    _fmt(base),
+                    "—" if margin is None else f"{margin:+.3f}",
+                    _fmt(m.get("blind")),
+                    _fmt(m.get("samples_per_s"), 1),
+                ]
+            )
+    out: list[Block] = [
+        ("h2", "Downstream tasks: pruned vs unpruned"),
+        (
+            "table",
+            (
+                [
+                    "task",
+                    "setting",
+                    "metric",
+                    "value",
+                    "trivial baseline",
+                    "margin",
+                    "with another image",
+                    "samples/s",
+                ],
+                rows,
+            ),
+        ),
+        (
+            "p",
+            (
+                "`with another image`: VQA's questions answered with another test image (same model): "
+                "what it scores without looking. Close to `value` means the model answers from the "
+                "question alone."
+            ),
+        ),
+    ]
     if behind:
-        out.append(("p", "Not above the trivial baseline at this run's fine-tuning budget: " + ", ".join(behind)
-                    + ". Short fine-tunes first learn the answer prior; BENCHMARKS.md has longer runs."))
+        out.append(
+            (
+                "p",
+                "Not above the trivial baseline at this run's fine-tuning budget: "
+                + ", ".join(behind)
+                + ". Short fine-tunes first learn the answer prior; BENCHMARKS.md has longer runs.",
+            )
+        )
     return out
 
 
@@ -183,7 +328,8 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
         return copa.get(key), (copa.get("recall_random") if key.startswith("recall") else 0.0)
     if kind == "pretrain":
         return res.get("pretrain", {}).get("final_val", {}).get(key), res.get("pretrain", {}).get(
-            "final_val", {}).get("pta_recall_random")
+            "final_val", {}
+        ).get("pta_recall_random")
     rows = res.get("tasks", {}).get(key, {})
     pruned = next((m for s, m in rows.items() if s.startswith("pruned")), {})
     return pruned.get("metric"), pruned.get("baseline")
@@ -198,12 +344,22 @@ def _target_blocks(res: dict[str, Any]) -> list[Block]:
         ok = isinstance(value, (int, float)) and not math.isnan(value) and value >= target
         if not ok:
             missed.append(label)
-        rows.append([label, _fmt(value), f">= {target:g}", f"{_fmt(base)} ({base_label})", "met" if ok else "MISSED"])
-    out: list[Block] = [("h2", "Targets (test split; pruned model at the recommended keep ratio)"),
-                        ("table", (["metric", "this run", "target", "trivial baseline", ""], rows))]
+        rows.append(
+            [label, _fmt(value), f">= {target:g}", f"{_fmt(base)} ({base_label})", "met" if ok else "MISSED"]
+        )
+    out: list[Block] = [
+        ("h2", "Targets (test split; pruned model at the recommended keep ratio)"),
+        ("table", (["metric", "this run", "target", "trivial baseline", ""], rows)),
+    ]
     if missed:
-        out.append(("alert", "Targets missed in this run: " + ", ".join(missed)
-                    + ". The learning curves in BENCHMARKS.md say what more steps buy."))
+        out.append(
+            (
+                "alert",
+                "Targets missed in this run: "
+                + ", ".join(missed)
+                + ". The learning curves in BENCHMARKS.md say what more steps buy.",
+            )
+        )
     return out
 
 
@@ -211,48 +367,120 @@ def _other_style_blocks(res: dict[str, Any]) -> list[Block]:
     o = res.get("other_style")
     if not o:
         return []
-    rows = [[name, _fmt(m.get("specificity@0.25")), _fmt(m.get("specificity@0.5")), _fmt(m.get("recall_phrase")),
-             _fmt(m.get("recall_random"))] for name, m in o["pta"].items()]
+    rows = [
+        [
+            name,
+            _fmt(m.get("specificity@0.25")),
+            _fmt(m.get("specificity@0.5")),
+            _fmt(m.get("recall_phrase")),
+            _fmt(m.get("recall_random")),
+        ]
+        for name, m in o["pta"].items()
+    ]
     v = o["vqa"]
-    return [("h2", "On a scene style the training generator never makes"),
-            ("p", (f"{o['images']} test scenes from `copa data synth --style alt`: gradient, striped or checkered "
-                   "backgrounds, other shades of the same colour names, tilted outlined shapes, other object and "
-                   f"image sizes, 1-5 objects. Keep ratio {o['keep_ratio']}.")),
-            ("table", (["selector", "specificity @0.25", "specificity @0.5", "object-patch recall", "random recall"],
-                       rows)),
-            ("p", (f"VQA (COPA's fine-tuned model, pruned): {_fmt(v.get('accuracy'))}%, with another image "
-                   f"{_fmt(v.get('blind_accuracy'))}%, majority answer {_fmt(v.get('baseline_accuracy'))}%."))]
+    return [
+        ("h2", "On a scene style the training generator never makes"),
+        (
+            "p",
+            (
+                f"{o['images']} test scenes from `copa data synth --style alt`: gradient, striped "
+                "or checkered "
+                "backgrounds, other shades of the same colour names, tilted outlined shapes, other "
+                "object and "
+                f"image sizes, 1-5 objects. Keep ratio {o['keep_ratio']}."
+            ),
+        ),
+        (
+            "table",
+            (
+                ["selector", "specificity @0.25", "specificity @0.5", "object-patch recall", "random recall"],
+                rows,
+            ),
+        ),
+        (
+            "p",
+            (
+                f"VQA (COPA's fine-tuned model, pruned): {_fmt(v.get('accuracy'))}%, with another image "
+                f"{_fmt(v.get('blind_accuracy'))}%, majority answer {_fmt(v.get('baseline_accuracy'))}%."
+            ),
+        ),
+    ]
 
 
 def _bench_blocks(res: dict[str, Any]) -> list[Block]:
     b = res.get("bench")
     if not b:
         return []
-    rows = [[r.get("setting"), _fmt(r.get("flops_ratio"), 2), _fmt(r.get("speedup_vit"), 2), _fmt(r.get("speedup_e2e"), 2),
-             _fmt(r.get("efficiency"), 2), _fmt(r.get("pairs_per_s"), 1)] for r in b.get("rows", [])]
-    return [("h2", "Speed (copa bench, tiny preset)"), ("p", b.get("hardware", "")),
-            ("table", (["keep setting", "FLOP ratio", "ViT speedup", "end-to-end speedup", "efficiency", "pairs/s"], rows))]
+    rows = [
+        [
+            r.get("setting"),
+            _fmt(r.get("flops_ratio"), 2),
+            _fmt(r.get("speedup_vit"), 2),
+            _fmt(r.get("speedup_e2e"), 2),
+            _fmt(r.get("efficiency"), 2),
+            _fmt(r.get("pairs_per_s"), 1),
+        ]
+        for r in b.get("rows", [])
+    ]
+    return [
+        ("h2", "Speed (copa bench, tiny preset)"),
+        ("p", b.get("hardware", "")),
+        (
+            "table",
+            (
+                ["keep setting", "FLOP ratio", "ViT speedup", "end-to-end speedup", "efficiency", "pairs/s"],
+                rows,
+            ),
+        ),
+    ]
 
 
 def blocks(res: dict[str, Any]) -> list[Block]:
     title = "COPA demo report" + (" (quick)" if res.get("quick") else "")
-    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    out: list[Block] = [("h1", title),
-                        ("p", (f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
-                              f"Data: {res.get('data', {})} synthetic scenes (train/val/test)."))]
-    out += _budget_blocks(res) + _target_blocks(res) + _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res)
+    cpu = platform.processor() or platform.machine()
+    hw = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    out: list[Block] = [
+        ("h1", title),
+        (
+            "p",
+            (
+                f"Everything below was produced by this run in {res.get('total_s', 0):.0f} s on {hw}. "
+                f"Data: {res.get('data', {})} synthetic scenes (train/val/test)."
+            ),
+        ),
+    ]
+    out += (
+        _budget_blocks(res)
+        + _target_blocks(res)
+        + _pta_blocks(res)
+        + _ablation_blocks(res)
+        + _task_blocks(res)
+    )
     out += _other_style_blocks(res) + _bench_blocks(res)
     timings = res.get("timings_s", {})
     if timings:
-        out += [("h2", "Stage timings"), ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()]))]
-    out += [("h2", "Reproduce"),
-            ("p", ("The exact commands behind every number: the demo ran each of them, with these arguments, "
-                   "through copa.cli.main and read its numbers from the files it wrote. The plots are drawn from "
-                   "those files.")),
-            ("code", "\n".join(res.get("commands", [])))]
+        out += [
+            ("h2", "Stage timings"),
+            ("table", (["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in timings.items()])),
+        ]
+    out += [
+        ("h2", "Reproduce"),
+        (
+            "p",
+            (
+                "The exact commands behind every number: the demo ran each of them, with these arguments, "
+                "through copa.cli.main and read its numbers from the files it wrote. The plots are "
+                "drawn from "
+                "those files."
+            ),
+        ),
+        ("code", "\n".join(res.get("commands", []))),
+    ]
     if res.get("library_calls"):
-        out += [("p", "Run as library calls (no copa command does these yet):"),
-                ("code", "\n".join(res["library_calls"]))]
+        out += [
+            ("p", "Run as library calls (no copa command does these yet):"),
+            ("code", "\n".join(res["library_calls"])),
+        ]
     return out
 
 
@@ -277,11 +505,15 @@ def to_markdown(bs: list[Block]) -> str:
 
 
 def to_html(bs: list[Block]) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>COPA demo report</title>",
-             ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>"),
-             "</head><body>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>COPA demo report</title>",
+        (
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+            "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>"
+        ),
+        "</head><body>",
+    ]
     for kind, v in bs:
         if kind in ("h1", "h2", "h3"):
             parts.append(f"<{kind}>{html.escape(v)}</{kind}>")

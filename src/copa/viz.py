@@ -92,12 +92,17 @@ def loss_curves(path: Path, train_csv: Path, val_csv: Path | None = None) -> Pat
     if n == 2:
         vrows = list(csv.DictReader(val_csv.open()))
         vs = [int(r["step"]) for r in vrows]
-        for k, label in (("pta_recall_phrase", "recall (phrase query)"), ("pta_recall_agnostic", "recall (text-agnostic)"),
-                         ("pta_ap_phrase", "AP (phrase)")):
+        for k, label in (
+            ("pta_recall_phrase", "recall (phrase query)"),
+            ("pta_recall_agnostic", "recall (text-agnostic)"),
+            ("pta_ap_phrase", "AP (phrase)"),
+        ):
             if vrows and k in vrows[0]:
                 axes[0][1].plot(vs, [float(r[k]) for r in vrows], marker="o", label=label)
         if vrows and "pta_recall_random" in vrows[0]:
-            axes[0][1].axhline(float(vrows[0]["pta_recall_random"]), color="gray", ls="--", label="random selection")
+            axes[0][1].axhline(
+                float(vrows[0]["pta_recall_random"]), color="gray", ls="--", label="random selection"
+            )
         axes[0][1].set_xlabel("step")
         axes[0][1].set_ylim(0, 1)
         axes[0][1].legend()
@@ -108,12 +113,21 @@ def loss_curves(path: Path, train_csv: Path, val_csv: Path | None = None) -> Pat
     return path
 
 
-def xy_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-            title: str) -> Path:
+def xy_plot(
+    path: Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
     """Generic line plot: series name -> (xs, ys)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (xs, ys) in series.items():
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
+        pts = [
+            (x, y)
+            for x, y in zip(xs, ys, strict=True)
+            if y is not None and not (isinstance(y, float) and math.isnan(y))
+        ]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel(xlabel)

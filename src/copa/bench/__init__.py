@@ -46,7 +46,22 @@ from copa.bench.timing import time_interleaved
 from copa.bench.train import bench_train
 
 __all__ = [
-    "BenchError", "KeepSetting", "PeakMemory", "bench_inference", "bench_train", "build_bench_model",
-    "count_flops", "cpu_tensor_peak", "hardware_info", "make_inputs", "matmul_peak", "native_precisions",
-    "parse_keep", "parse_keeps", "prepare", "register", "run", "time_interleaved",
+    "BenchError",
+    "KeepSetting",
+    "PeakMemory",
+    "bench_inference",
+    "bench_train",
+    "build_bench_model",
+    "count_flops",
+    "cpu_tensor_peak",
+    "hardware_info",
+    "make_inputs",
+    "matmul_peak",
+    "native_precisions",
+    "parse_keep",
+    "parse_keeps",
+    "prepare",
+    "register",
+    "run",
+    "time_interleaved",
 ]

@@ -43,40 +43,63 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model is always measured in the same run with the same weights; timings are interleaved.",
     )
     add_common(p, out_default="runs/bench")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image side in pixels (default: the config's)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="image side in pixels (default: the config's)"
+    )
     p.add_argument("--batch", type=int, default=8, help="images / image-text pairs per forward (default 8)")
-    p.add_argument("--keep", action="append", default=[], metavar="[SEL@]L:R[,L:R]",
-                   help="keep setting: 'none', '6:0.5' (select before block 6, keep 50%%) or '4:0.7,8:0.5'; "
-                   "a SELECTOR@ prefix ('tome@6:0.5', 'random@6:0.5') uses another selector than the "
-                   "config's, on the same weights; repeatable; default: the config's select.layers/"
-                   "keep_ratios. 'none' is always added")
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="[SEL@]L:R[,L:R]",
+        help="keep setting: 'none', '6:0.5' (select before block 6, keep 50%%) or '4:0.7,8:0.5'; "
+        "a SELECTOR@ prefix ('tome@6:0.5', 'random@6:0.5') uses another selector than the "
+        "config's, on the same weights; repeatable; default: the config's select.layers/"
+        "keep_ratios. 'none' is always added",
+    )
     p.add_argument("--runs", type=int, default=5, help="timed runs per setting (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up runs per setting")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "both"],
-                   help="auto: bf16 on GPU / CPUs with fast bf16, else fp32; both: fp32 then bf16")
-    p.add_argument("--bf16-mode", default="cast", choices=["cast", "autocast"],
-                   help="inference in bf16: cast the weights (default, as ToMe/timm --model-dtype) "
-                   "or autocast")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "both"],
+        help="auto: bf16 on GPU / CPUs with fast bf16, else fp32; both: fp32 then bf16",
+    )
+    p.add_argument(
+        "--bf16-mode",
+        default="cast",
+        choices=["cast", "autocast"],
+        help="inference in bf16: cast the weights (default, as ToMe/timm --model-dtype) or autocast",
+    )
     p.add_argument("--text-len", type=int, default=16, help="question tokens incl. [CLS]/[SEP] (default 16)")
-    p.add_argument("--decode", action="store_true",
-                   help="add one decoder step (the first answer token) to e2e")
+    p.add_argument(
+        "--decode", action="store_true", help="add one decoder step (the first answer token) to e2e"
+    )
     p.add_argument("--train", action="store_true", help="also benchmark a pre-training step")
     p.add_argument("--train-only", action="store_true", help="only the pre-training step benchmark")
     p.add_argument("--train-batch", type=int, default=4, help="samples per training step (default 4)")
     p.add_argument("--train-runs", type=int, default=3)
     p.add_argument("--train-warmup", type=int, default=1)
-    p.add_argument("--min-util", type=float, default=0.0,
-                   help="CPU, for shared machines: before each timed call wait (up to 1 min) until a probe "
-                   "gets this CPU utilisation (process CPU time / wall / threads), and re-time a call (up "
-                   "to 3 times) that got less, i.e. another process took a core; 0 = off (default)")
+    p.add_argument(
+        "--min-util",
+        type=float,
+        default=0.0,
+        help="CPU, for shared machines: before each timed call wait (up to 1 min) until a probe "
+        "gets this CPU utilisation (process CPU time / wall / threads), and re-time a call (up "
+        "to 3 times) that got less, i.e. another process took a core; 0 = off (default)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes (faster)")
-    p.add_argument("--peak-size", type=int, default=4096,
-                   help="matmul size for the peak FLOP/s probe (0: skip)")
-    p.add_argument("--peak-max-s", type=float, default=30.0,
-                   help="time cap per precision of the peak probe: the matmul shrinks to fit (0: no cap). "
-                   f"Precisions the CPU only emulates (bf16 without AVX-512 BF16/AMX) are probed only when "
-                   f"benchmarked, capped at {EMULATED_PROBE_S:g} s")
+    p.add_argument(
+        "--peak-size", type=int, default=4096, help="matmul size for the peak FLOP/s probe (0: skip)"
+    )
+    p.add_argument(
+        "--peak-max-s",
+        type=float,
+        default=30.0,
+        help="time cap per precision of the peak probe: the matmul shrinks to fit (0: no cap). "
+        f"Precisions the CPU only emulates (bf16 without AVX-512 BF16/AMX) are probed only when "
+        f"benchmarked, capped at {EMULATED_PROBE_S:g} s",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -113,9 +136,15 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         warnings.append(warning)
         log.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
     hw = hardware_info(device)
-    log.info("hardware: %s, %s cores (%s usable), %d torch threads, torch %s%s", hw["cpu"], hw["cpu_cores"],
-             hw["cpu_cores_usable"], hw["torch_threads"], hw["torch"],
-             f", GPU {hw['gpu']}" if "gpu" in hw else "")
+    log.info(
+        "hardware: %s, %s cores (%s usable), %d torch threads, torch %s%s",
+        hw["cpu"],
+        hw["cpu_cores"],
+        hw["cpu_cores_usable"],
+        hw["torch_threads"],
+        hw["torch"],
+        f", GPU {hw['gpu']}" if "gpu" in hw else "",
+    )
     result: dict[str, Any] = {
         "command": shlex.join(["copa", *getattr(args, "argv", sys.argv[1:])]),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -150,9 +179,19 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     path = out_dir / args.json
     if not args.train_only:
         records = bench_inference(
-            model, settings, batch=args.batch, text_len=args.text_len, runs=args.runs, warmup=args.warmup,
-            precisions=dtypes, bf16_mode=args.bf16_mode, decode=args.decode, peaks=peaks, seed=args.seed,
-            min_util=args.min_util, memory=not args.no_memory,
+            model,
+            settings,
+            batch=args.batch,
+            text_len=args.text_len,
+            runs=args.runs,
+            warmup=args.warmup,
+            precisions=dtypes,
+            bf16_mode=args.bf16_mode,
+            decode=args.decode,
+            peaks=peaks,
+            seed=args.seed,
+            min_util=args.min_util,
+            memory=not args.no_memory,
         )
         result["results"] = records
         path.write_text(json.dumps(result, indent=2))  # keep the inference numbers if training fails
@@ -165,20 +204,33 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     if args.train or args.train_only:
         tdtype = dtypes[-1]
         result["train"] = bench_train(
-            model, cfg, settings, batch=args.train_batch, text_len=args.text_len, runs=args.train_runs,
-            warmup=args.train_warmup, dtype=tdtype, seed=args.seed, min_util=args.min_util,
+            model,
+            cfg,
+            settings,
+            batch=args.train_batch,
+            text_len=args.text_len,
+            runs=args.train_runs,
+            warmup=args.train_warmup,
+            dtype=tdtype,
+            seed=args.seed,
+            min_util=args.min_util,
             memory=not args.no_memory,
         )
         result["train_setup"] = {
-            "batch": args.train_batch, "runs": args.train_runs, "warmup": args.train_warmup,
-            "precision": dtype_name(tdtype), "step": "PretrainObjective fwd+bwd+clip+AdamW",
+            "batch": args.train_batch,
+            "runs": args.train_runs,
+            "warmup": args.train_warmup,
+            "precision": dtype_name(tdtype),
+            "step": "PretrainObjective fwd+bwd+clip+AdamW",
         }
     hw["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     path.write_text(json.dumps(result, indent=2))
     batch_txt = f"train batch {args.train_batch}" if args.train_only else f"batch {args.batch}"
-    header = (f"{cfg.name} @ {result['image_size']} px, {batch_txt}, {hw['cpu']} "
-              f"({hw['cpu_cores_usable']} cores, {hw['torch_threads']} threads), torch {hw['torch']}"
-              + (f", GPU {hw['gpu']}" if "gpu" in hw else ""))
+    header = (
+        f"{cfg.name} @ {result['image_size']} px, {batch_txt}, {hw['cpu']} "
+        f"({hw['cpu_cores_usable']} cores, {hw['torch_threads']} threads), torch {hw['torch']}"
+        + (f", GPU {hw['gpu']}" if "gpu" in hw else "")
+    )
     print(header)
     for w in warnings:
         print(f"WARNING: {w}")
@@ -191,4 +243,3 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         print(format_train_table(result["train"]))
     print(f"\nJSON: {path}")
     return 0
-

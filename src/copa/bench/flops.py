@@ -44,4 +44,3 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
         fn()
     return int(counter.get_total_flops())
-

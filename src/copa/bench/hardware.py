@@ -127,8 +127,13 @@ def matmul_peak(
         if fit < n:
             n = max(256, int(fit) // 64 * 64)
     name = dtype_name(dtype)
-    log.info("matmul peak %s: %d^3 x %d runs (+1 warm-up)%s", name, n, runs,
-             f" (capped from {requested}^3 to fit {max_seconds:g} s)" if n != requested else "")
+    log.info(
+        "matmul peak %s: %d^3 x %d runs (+1 warm-up)%s",
+        name,
+        n,
+        runs,
+        f" (capped from {requested}^3 to fit {max_seconds:g} s)" if n != requested else "",
+    )
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     times = []
@@ -142,16 +147,25 @@ def matmul_peak(
                 times.append(time.perf_counter() - t)
                 log.debug("matmul peak %s: run %d/%d %.2f s", name, i, runs, times[-1])
     flops = 2.0 * n**3
-    return {"size": n, "flops_per_s": flops / min(times),
-            "flops_per_s_median": flops / statistics.median(times), "capped": n != requested}
+    return {
+        "size": n,
+        "flops_per_s": flops / min(times),
+        "flops_per_s_median": flops / statistics.median(times),
+        "capped": n != requested,
+    }
 
 
 EMULATED_PROBE_S = 20.0  # the most a peak probe of an emulated precision may take
 
 
 def measure_peaks(
-    store: dict[str, Any], peaks: dict[str, float], device: torch.device, size: int, min_util: float,
-    dtypes: list[torch.dtype], max_seconds: float | None = None,
+    store: dict[str, Any],
+    peaks: dict[str, float],
+    device: torch.device,
+    size: int,
+    min_util: float,
+    dtypes: list[torch.dtype],
+    max_seconds: float | None = None,
 ) -> None:
     """Measure the matmul peaks of the native precisions and of ``dtypes`` (the ones benchmarked);
     keep the best seen so far in ``store``/``peaks``. A precision the device only emulates (bf16 on
@@ -177,8 +191,9 @@ def bf16_warning(device: torch.device, dtypes: list[torch.dtype]) -> str | None:
     """The loud warning for bf16 forced on a CPU without native bf16; None when it does not apply."""
     if device.type != "cpu" or torch.bfloat16 not in dtypes or torch.bfloat16 in native_precisions(device):
         return None
-    return ("bf16 was forced on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it, "
-            "so a bf16 matmul runs ~100x slower than fp32 (measured on an AVX2 EPYC: 0.001 vs 0.12 "
-            "TFLOP/s) and every bf16 number here measures that emulation, not the model. Use "
-            "--precision fp32 (or auto, which picks fp32 on this CPU).")
-
+    return (
+        "bf16 was forced on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it, "
+        "so a bf16 matmul runs ~100x slower than fp32 (measured on an AVX2 EPYC: 0.001 vs 0.12 "
+        "TFLOP/s) and every bf16 number here measures that emulation, not the model. Use "
+        "--precision fp32 (or auto, which picks fp32 on this CPU)."
+    )

@@ -51,8 +51,9 @@ class SelectionSwitch:
                 sel = self.base_select
                 width, text_width = vit.cfg.width, model.cfg.text.width
                 name = s.selector or sel.selector
-                mods = [make_selector(name, width, text_width, sel.tpd_hidden, sel.tpd_form)
-                        for _ in s.layers]
+                mods = [
+                    make_selector(name, width, text_width, sel.tpd_hidden, sel.tpd_form) for _ in s.layers
+                ]
                 mods = [m for m in mods if m is not None]
                 for m in mods:
                     m.apply(_init_weights)
@@ -71,9 +72,12 @@ class SelectionSwitch:
     def apply(self, s: KeepSetting) -> None:
         vit = self.model.vision
         if s.layers:
-            vit.select_cfg = dataclasses.replace(self.base_select, layers=list(s.layers),
-                                                 keep_ratios=list(s.ratios),
-                                                 selector=s.selector or self.base_select.selector)
+            vit.select_cfg = dataclasses.replace(
+                self.base_select,
+                layers=list(s.layers),
+                keep_ratios=list(s.ratios),
+                selector=s.selector or self.base_select.selector,
+            )
             vit.keep_ratios = list(s.ratios)
         else:
             n = len(self.base_select.layers)
@@ -109,9 +113,13 @@ def build_bench_model(cfg: Config, image_size: int | None, device: torch.device,
     torch.manual_seed(seed)
     t = time.perf_counter()
     model = COPAModel(mcfg, load_text_weights=False).to(device).eval()
-    log.info("built %s model (%.1f M parameters, %d px) in %.1f s", cfg.name,
-             sum(p.numel() for p in model.parameters()) / 1e6, mcfg.vision.image_size,
-             time.perf_counter() - t)
+    log.info(
+        "built %s model (%.1f M parameters, %d px) in %.1f s",
+        cfg.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        mcfg.vision.image_size,
+        time.perf_counter() - t,
+    )
     return model
 
 
@@ -126,7 +134,6 @@ def make_inputs(
     ids = torch.randint(min(1000, vocab - 1), vocab, (batch, text_len), generator=g)
     ids[:, 0], ids[:, -1] = CLS_ID % vocab, SEP_ID % vocab
     return {"images": images.to(device), "ids": ids.to(device), "mask": torch.ones_like(ids).to(device)}
-
 
 
 @dataclass

@@ -36,7 +36,12 @@ def _vit_call(
 
 
 def _e2e_call(
-    model: nn.Module, switch: SelectionSwitch, images: Tensor, ids: Tensor, mask: Tensor, decode: bool,
+    model: nn.Module,
+    switch: SelectionSwitch,
+    images: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    decode: bool,
     s: KeepSetting,
 ) -> Callable[[], Any]:
     """The whole VQA-style forward under setting ``s`` (text encoder, ViT with text-aware selection,
@@ -116,8 +121,14 @@ def bench_inference(
                 log.info("%s: peak memory of %d settings", pname, len(settings))
             resident = tensor_bytes(model, *switch.selectors.values(), images, ids, mask, query)
             peak_mb = {s: mem.measure(e2e_fn(s), resident) if memory else NO_MEMORY for s in settings}
-            log.info("%s: timing %d settings x %d runs (+%d warm-up), batch %d, interleaved",
-                     pname, len(settings), runs, warmup, batch)
+            log.info(
+                "%s: timing %d settings x %d runs (+%d warm-up), batch %d, interleaved",
+                pname,
+                len(settings),
+                runs,
+                warmup,
+                batch,
+            )
             fns: dict[str, Callable[[], Any]] = {}
             for s in settings:
                 fns[f"vit|{s.name}"] = vit_fn(s)
@@ -169,4 +180,3 @@ def bench_inference(
     switch.restore()
     model.to(torch.float32)
     return records
-

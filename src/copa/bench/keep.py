@@ -58,8 +58,10 @@ def parse_keep(spec: str, num_layers: int | None = None) -> KeepSetting:
         selector, text = (s.strip() for s in text.split("@", 1))
         choices = [s for s in SELECTORS if s != "none"]
         if selector not in choices:
-            raise BenchError(f"bad keep setting {spec!r}: unknown selector {selector!r}; expected one of "
-                             f"{', '.join(choices)} (the unpruned model is 'none')")
+            raise BenchError(
+                f"bad keep setting {spec!r}: unknown selector {selector!r}; expected one of "
+                f"{', '.join(choices)} (the unpruned model is 'none')"
+            )
     if not text:
         raise BenchError("empty keep setting; use 'none' or LAYER:RATIO[,LAYER:RATIO...] such as '6:0.5'")
     layers: list[int] = []
@@ -103,4 +105,3 @@ def parse_keeps(specs: list[str], num_layers: int | None = None) -> list[KeepSet
         if s not in out:
             out.append(s)
     return out
-

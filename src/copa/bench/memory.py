@@ -91,10 +91,15 @@ class PeakMemory:
     def method(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated after reset_peak_memory_stats (all live tensors)"
-        rss = ("VmHWM of /proc/self/status reset via /proc/self/clear_refs" if self.clear_refs
-               else "getrusage ru_maxrss (lifetime peak, not reset)")
-        return ("peak_memory_mb: weights + buffers + inputs + peak of CPU tensors allocated during the call "
-                f"(torch.profiler allocation records); peak_rss_mb: process RSS high-water, {rss}")
+        rss = (
+            "VmHWM of /proc/self/status reset via /proc/self/clear_refs"
+            if self.clear_refs
+            else "getrusage ru_maxrss (lifetime peak, not reset)"
+        )
+        return (
+            "peak_memory_mb: weights + buffers + inputs + peak of CPU tensors allocated during the call "
+            f"(torch.profiler allocation records); peak_rss_mb: process RSS high-water, {rss}"
+        )
 
     def measure(self, fn: Callable[[], Any], resident: int) -> dict[str, float | None]:
         """Run ``fn`` (CPU: twice, for the RSS and then under the profiler); ``resident`` = bytes
@@ -119,4 +124,3 @@ class PeakMemory:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         peak = cpu_tensor_peak(fn)
         return {"peak_memory_mb": None if peak is None else (resident + peak) / 2**20, "peak_rss_mb": rss}
-

@@ -15,8 +15,10 @@ def _mb(x: float | None) -> str:
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """Markdown table of inference records."""
-    head = ("| prec | keep | vis. tokens | GFLOPs/pair | GFLOPs ViT/img | FLOP ratio | img/s (ViT) | pairs/s "
-            "| speedup ViT | speedup e2e | efficiency | TFLOP/s | % matmul peak | peak MB | peak RSS MB |")
+    head = (
+        "| prec | keep | vis. tokens | GFLOPs/pair | GFLOPs ViT/img | FLOP ratio | img/s (ViT) | pairs/s "
+        "| speedup ViT | speedup e2e | efficiency | TFLOP/s | % matmul peak | peak MB | peak RSS MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         share = f"{100 * r['peak_share']:.0f}" if r.get("peak_share") else "-"
@@ -32,8 +34,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def format_train_table(records: list[dict[str, Any]]) -> str:
-    head = ("| prec | keep | GFLOPs/sample (fwd+bwd) | FLOP ratio | samples/s | step ms | speedup "
-            "| efficiency | peak MB | peak RSS MB |")
+    head = (
+        "| prec | keep | GFLOPs/sample (fwd+bwd) | FLOP ratio | samples/s | step ms | speedup "
+        "| efficiency | peak MB | peak RSS MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         lines.append(
@@ -43,4 +47,3 @@ def format_train_table(records: list[dict[str, Any]]) -> str:
             f"| {_mb(r['peak_rss_mb'])} |"
         )
     return "\n".join(lines)
-

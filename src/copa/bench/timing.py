@@ -94,8 +94,12 @@ def time_interleaved(
                 if not check or util >= min_util or attempt == max_retries:
                     break
                 out.retried += 1
-                log.info("%s re-timed: CPU utilisation %.2f < %.2f (another process took a core)",
-                         k, util, min_util)
+                log.info(
+                    "%s re-timed: CPU utilisation %.2f < %.2f (another process took a core)",
+                    k,
+                    util,
+                    min_util,
+                )
             out.seconds[k].append(sec)
             out.util[k].append(util)
     return out
@@ -103,10 +107,14 @@ def time_interleaved(
 
 def timing_stats(ts: list[float], util: list[float] | None = None) -> dict[str, Any]:
     q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
-    out: dict[str, Any] = {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-                           "max_ms": 1e3 * max(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
-                           "runs_ms": [round(1e3 * t, 2) for t in ts]}
+    out: dict[str, Any] = {
+        "median_ms": 1e3 * statistics.median(ts),
+        "min_ms": 1e3 * min(ts),
+        "max_ms": 1e3 * max(ts),
+        "q1_ms": 1e3 * q[0],
+        "q3_ms": 1e3 * q[2],
+        "runs_ms": [round(1e3 * t, 2) for t in ts],
+    }
     if util:
         out["cpu_util_median"] = statistics.median(util)
     return out
-

@@ -53,10 +53,18 @@ def synthetic_batch(
     for i in range(p):
         union[phrase_image[i]] = torch.maximum(union[phrase_image[i]], labels[i])
     return Batch(
-        images=torch.randn(batch, 3, size, size, generator=g), image_ids=torch.arange(batch),
-        caption_ids=cap_ids, caption_mask=cap_mask, captions=[""] * batch, has_boxes=has_boxes,
-        phrase_ids=ph_ids, phrase_mask=ph_mask, phrase_image=phrase_image, phrase_labels=labels,
-        phrases=[""] * p, union_labels=union,
+        images=torch.randn(batch, 3, size, size, generator=g),
+        image_ids=torch.arange(batch),
+        caption_ids=cap_ids,
+        caption_mask=cap_mask,
+        captions=[""] * batch,
+        has_boxes=has_boxes,
+        phrase_ids=ph_ids,
+        phrase_mask=ph_mask,
+        phrase_image=phrase_image,
+        phrase_labels=labels,
+        phrases=[""] * p,
+        union_labels=union,
     )
 
 
@@ -101,7 +109,9 @@ def bench_train(
     extra = [q for q in switch.parameters()]
     if extra:
         groups.append({"params": extra, "lr": t.lr, "weight_decay": t.weight_decay})
-    opt = adamw(groups)  # the training kernel (fused where torch has it), so the step costs what it costs there
+    opt = adamw(
+        groups
+    )  # the training kernel (fused where torch has it), so the step costs what it costs there
     amp = dtype != torch.float32
 
     def step_fn(s: KeepSetting) -> Callable[[], None]:
@@ -125,8 +135,13 @@ def bench_train(
     for s in settings if memory else []:
         resident = tensor_bytes(model, *switch.selectors.values(), *_batch_tensors(data), *_opt_tensors(opt))
         peak_mb[s] = mem.measure(step_fn(s), resident)
-    log.info("train: timing %d settings x %d steps (+%d warm-up), batch %d, interleaved",
-             len(settings), runs, warmup, batch)
+    log.info(
+        "train: timing %d settings x %d steps (+%d warm-up), batch %d, interleaved",
+        len(settings),
+        runs,
+        warmup,
+        batch,
+    )
     tm = time_interleaved({s.name: step_fn(s) for s in settings}, warmup, runs, device, min_util)
     times = tm.seconds
     switch.restore()
@@ -138,15 +153,24 @@ def bench_train(
     for s in settings:
         ts = statistics.median(times[s.name])
         sp, ratio = t0 / ts, f0 / flops[s]
-        out.append({
-            "precision": dtype_name(dtype) + ("-autocast" if amp else ""),
-            "keep": s.name, "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
-            "layers": list(s.layers), "ratios": list(s.ratios), "batch": batch,
-            "flops": flops[s] // batch, "flops_ratio": ratio, "samples_per_s": batch / ts,
-            "speedup": sp, "efficiency": sp / ratio, "achieved_flops_per_s": flops[s] / ts,
-            **peak_mb[s],
-            "time_step": timing_stats(times[s.name], tm.util[s.name]), "retried_calls": tm.retried,
-            "waited_s": round(tm.waited_s, 1),
-        })
+        out.append(
+            {
+                "precision": dtype_name(dtype) + ("-autocast" if amp else ""),
+                "keep": s.name,
+                "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
+                "layers": list(s.layers),
+                "ratios": list(s.ratios),
+                "batch": batch,
+                "flops": flops[s] // batch,
+                "flops_ratio": ratio,
+                "samples_per_s": batch / ts,
+                "speedup": sp,
+                "efficiency": sp / ratio,
+                "achieved_flops_per_s": flops[s] / ts,
+                **peak_mb[s],
+                "time_step": timing_stats(times[s.name], tm.util[s.name]),
+                "retried_calls": tm.retried,
+                "waited_s": round(tm.waited_s, 1),
+            }
+        )
     return out
-

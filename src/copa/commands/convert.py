@@ -34,13 +34,20 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
     vcfg, state = load_from_local(args.vision)
     # the checkpoint fixes the architecture; the config keeps the resolution it asks for
-    cfg.model.vision = dataclasses.replace(vcfg, image_size=cfg.model.vision.image_size,
-                                           drop_path=cfg.model.vision.drop_path)
+    cfg.model.vision = dataclasses.replace(
+        vcfg, image_size=cfg.model.vision.image_size, drop_path=cfg.model.vision.drop_path
+    )
     cfg.model.preprocess = preprocess_from_local(args.vision)  # the normalisation its weights expect
     model = COPAModel(cfg.model)
     report = load_vision_weights(model.vision, state)
-    model.save_pretrained(args.out, extra={"provenance": {"vision": str(args.vision), "text": cfg.model.text.pretrained}})
-    info = {"out": args.out, "resized_pos_embed": report.resized_pos_embed, "parameters": model.num_parameters(),
-            "preprocess": to_dict(cfg.model.preprocess)}
+    model.save_pretrained(
+        args.out, extra={"provenance": {"vision": str(args.vision), "text": cfg.model.text.pretrained}}
+    )
+    info = {
+        "out": args.out,
+        "resized_pos_embed": report.resized_pos_embed,
+        "parameters": model.num_parameters(),
+        "preprocess": to_dict(cfg.model.preprocess),
+    }
     print(json.dumps(info, indent=2))
     return 0

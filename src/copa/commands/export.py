@@ -21,11 +21,17 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     from copa.cli import add_common
 
-    p = sub.add_parser("export", help="export model parts with torch.export and ONNX (dynamic batch), with parity")
+    p = sub.add_parser(
+        "export", help="export model parts with torch.export and ONNX (dynamic batch), with parity"
+    )
     add_common(p, out_default="runs/export")
     p.add_argument("--ckpt", required=True, help="COPA model directory, training run directory or hub id")
-    p.add_argument("--keep-ratio", type=float, default=None,
-                   help="keep ratio baked into the graphs (static K; default: the model's; 1.0 = unpruned)")
+    p.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=None,
+        help="keep ratio baked into the graphs (static K; default: the model's; 1.0 = unpruned)",
+    )
     p.add_argument("--parts", default=None, help="comma-separated subset of the parts (default: all)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="torch.export programs only")
     p.add_argument("--opset", type=int, default=18)
@@ -47,12 +53,18 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime (pip install 'copa[export]'), "
-                              "or pass --no-onnx") from None
-    report = export_model(load(args.ckpt), args.out, args.keep_ratio, onnx=args.onnx, parts=parts,
-                          opset=args.opset)
+            raise ConfigError(
+                "ONNX export needs onnx, onnxscript and onnxruntime (pip install 'copa[export]'), "
+                "or pass --no-onnx"
+            ) from None
+    report = export_model(
+        load(args.ckpt), args.out, args.keep_ratio, onnx=args.onnx, parts=parts, opset=args.opset
+    )
     key = "onnx_max_abs_diff" if args.onnx else "torch_export_max_abs_diff"
-    summary = {"out": str(report.out), "max_abs_diff": {n: max(p[key].values()) for n, p in report.parts.items()}}
+    summary = {
+        "out": str(report.out),
+        "max_abs_diff": {n: max(p[key].values()) for n, p in report.parts.items()},
+    }
     print(json.dumps(summary, indent=2))
     worst = max(summary["max_abs_diff"].values(), default=0.0)
     if worst > args.tolerance:

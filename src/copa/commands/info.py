@@ -26,7 +26,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
     with torch.device("meta"):  # counts without allocating or loading weights
         model = COPAModel(cfg.model, load_text_weights=False)
-    info = {"config": to_dict(cfg), "parameters": model.num_parameters(),
-            "patches": model.vision.num_patches, "keep_ratios": cfg.model.select.keep_ratios}
+    info = {
+        "config": to_dict(cfg),
+        "parameters": model.num_parameters(),
+        "patches": model.vision.num_patches,
+        "keep_ratios": cfg.model.select.keep_ratios,
+    }
     print(json.dumps(info, indent=2))
     return 0

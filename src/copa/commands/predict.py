@@ -51,18 +51,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", choices=TASKS, help="what to predict (kept: the patches the selection keeps)")
     add_common(p, out_default="-")
     p.add_argument("--ckpt", required=True, help="COPA model directory, training run directory or hub id")
-    p.add_argument("--image", action="append", default=[], required=True, metavar="PATH",
-                   help="image file, folder of images, or JSON list (repeatable)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        required=True,
+        metavar="PATH",
+        help="image file, folder of images, or JSON list (repeatable)",
+    )
     p.add_argument("--question", action="append", default=[], help="vqa: question (repeatable)")
-    p.add_argument("--text", action="append", default=[],
-                   help="grounding / kept: phrase; retrieval: query text (repeatable)")
-    p.add_argument("--keep-ratio", type=float, default=None, help="keep ratio (1.0 = unpruned; default: the model's)")
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        help="grounding / kept: phrase; retrieval: query text (repeatable)",
+    )
+    p.add_argument(
+        "--keep-ratio", type=float, default=None, help="keep ratio (1.0 = unpruned; default: the model's)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=5, help="retrieval: images per text")
     p.add_argument("--decode", choices=["greedy", "beam"], default=None, help="vqa / caption decoding")
-    p.add_argument("--answer-list", default=None, metavar="FILE",
-                   help="vqa: rank the answers of this JSON list instead of generating")
+    p.add_argument(
+        "--answer-list",
+        default=None,
+        metavar="FILE",
+        help="vqa: rank the answers of this JSON list instead of generating",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,7 +91,9 @@ def expand_inputs(specs: list[str]) -> list[Item]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise UserError(f"--image {spec}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise UserError(
+                    f"--image {spec}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             items += [Item(str(p)) for p in found]
         elif path.suffix.lower() == ".json":
             items += _read_list(path)
@@ -94,7 +112,9 @@ def _read_list(path: Path) -> list[Item]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--image {path}: not a JSON list ({e})") from None
     if not isinstance(data, list) or not data:
-        raise UserError(f"--image {path}: expected a non-empty JSON list of paths or {{\"image\": ...}} entries")
+        raise UserError(
+            f'--image {path}: expected a non-empty JSON list of paths or {{"image": ...}} entries'
+        )
     out = []
     for i, entry in enumerate(data):
         if isinstance(entry, str):
@@ -103,8 +123,12 @@ def _read_list(path: Path) -> list[Item]:
             raise UserError(f"--image {path}: entry {i} is neither a path nor an object with an 'image' path")
         text = entry.get("question", entry.get("text"))
         image = Path(entry["image"])
-        out.append(Item(str(image if image.is_absolute() else path.parent / image),
-                        text if isinstance(text, str) and text.strip() else None))
+        out.append(
+            Item(
+                str(image if image.is_absolute() else path.parent / image),
+                text if isinstance(text, str) and text.strip() else None,
+            )
+        )
     return out
 
 
@@ -159,8 +183,9 @@ def _pairs(good: list[tuple[Item, Any]], flags: list[str]) -> list[tuple[Item, A
     return [(it, im, t) for it, im in good for t in ([it.text] if it.text else flags)]
 
 
-def predict_lines(predictor: Any, task: str, items: list[Item], args: argparse.Namespace,
-                  opener: Opener) -> Iterator[dict[str, Any]]:
+def predict_lines(
+    predictor: Any, task: str, items: list[Item], args: argparse.Namespace, opener: Opener
+) -> Iterator[dict[str, Any]]:
     """One JSON-able dict per prediction (see the module docstring)."""
     from tqdm import tqdm
 
@@ -240,8 +265,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     trained_for = {"kept": None}.get(args.task, args.task)
     if trained_for and predictor.task != trained_for:
         what = f"was fine-tuned for {predictor.task}" if predictor.task else "is a pre-trained model"
-        log.warning("%s %s, not for %s: its %s output has not learned the task", args.ckpt, what, args.task,
-                    args.task)
+        log.warning(
+            "%s %s, not for %s: its %s output has not learned the task", args.ckpt, what, args.task, args.task
+        )
     opener = Opener()
     n = 0
     sink = nullcontext(sys.stdout) if args.out in (None, "-") else _open_out(args.out)
@@ -250,9 +276,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             _write(f, line)
             n += 1
     skipped = sum(opener.skipped.values())
-    log.info("predict %s: %d prediction(s) for %d image(s); %d image(s) skipped %s%s", args.task, n,
-             len(items) - skipped, skipped, dict(opener.skipped) if skipped else "",
-             "" if args.out in (None, "-") else f"; wrote {args.out}")
+    log.info(
+        "predict %s: %d prediction(s) for %d image(s); %d image(s) skipped %s%s",
+        args.task,
+        n,
+        len(items) - skipped,
+        skipped,
+        dict(opener.skipped) if skipped else "",
+        "" if args.out in (None, "-") else f"; wrote {args.out}",
+    )
     if skipped == len(items):
         raise UserError(f"no readable image among the {len(items)} given ({dict(opener.skipped)})")
     return 0

@@ -26,16 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="web demo: kept patches, answer, box, caption and speed for your images")
     add_common(p)
-    p.add_argument("--ckpt", required=True,
-                   help="model directory, training run, hub id, or a `copa demo` output (uses all its models)")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="model directory, training run, hub id, or a `copa demo` output (uses all its models)",
+    )
     for task in ("vqa", "grounding", "caption"):
-        p.add_argument(f"--{task}", default=None, metavar="CKPT", help=f"model fine-tuned for {task} (default: --ckpt's)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument(
+            f"--{task}", default=None, metavar="CKPT", help=f"model fine-tuned for {task} (default: --ckpt's)"
+        )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--examples", default=None, metavar="DIR", help="folder of example images to offer")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest upload accepted")
-    p.add_argument("--max-megapixels", type=float, default=24.0, help="largest image accepted (width x height)")
+    p.add_argument(
+        "--max-megapixels", type=float, default=24.0, help="largest image accepted (width x height)"
+    )
     p.set_defaults(func=run)
 
 
@@ -80,7 +89,9 @@ def build_models(args: argparse.Namespace) -> tuple[object, list[Path]]:
     if ex_dir is not None:
         if not Path(ex_dir).is_dir():
             raise UserError(f"--examples {ex_dir}: no such folder")
-        examples = sorted(p for p in Path(ex_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:DEMO_EXAMPLES]
+        examples = sorted(p for p in Path(ex_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[
+            :DEMO_EXAMPLES
+        ]
     return models, examples
 
 
@@ -101,8 +112,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise UserError("--max-upload-mb and --max-megapixels must be positive")
     models, examples = build_models(args)
-    options = ServeOptions(max_upload_bytes=int(args.max_upload_mb * 2**20),
-                           max_pixels=int(args.max_megapixels * 1e6), examples=examples)
+    options = ServeOptions(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=int(args.max_megapixels * 1e6),
+        examples=examples,
+    )
     app = create_app(models, options)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can run the model", args.host)

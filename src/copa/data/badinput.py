@@ -42,8 +42,14 @@ from copa.data.records import QA, Box, Obj, Record, Ref
 log = logging.getLogger(__name__)
 
 SKIP = (
-    "missing_file", "corrupt_file", "truncated_image", "tiny_image", "thin_image", "decompression_bomb",
-    "no_text", "malformed_record",
+    "missing_file",
+    "corrupt_file",
+    "truncated_image",
+    "tiny_image",
+    "thin_image",
+    "decompression_bomb",
+    "no_text",
+    "malformed_record",
 )
 REPAIR = ("non_rgb_converted", "huge_image", "long_caption", "box_outside", "negative_coords")
 DROP = ("empty_caption", "empty_phrase", "zero_area_box", "no_answer", "malformed_field", "orphan_annotation")

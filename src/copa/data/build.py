@@ -57,8 +57,18 @@ def build_dataset(
     """
     path = getattr(cfg, split)
     train = split == "train" if train is None else train
-    return make_dataset(path, cfg, image_size, patch_size, train, expand=expand, random_crop=random_crop,
-                        max_records=max_records, stream=stream, what=f"{split} split ({path})")
+    return make_dataset(
+        path,
+        cfg,
+        image_size,
+        patch_size,
+        train,
+        expand=expand,
+        random_crop=random_crop,
+        max_records=max_records,
+        stream=stream,
+        what=f"{split} split ({path})",
+    )
 
 
 def make_dataset(

@@ -51,8 +51,11 @@ def cmd_shard(args: argparse.Namespace, cfg: Config) -> int:
         log.error("copa data shard needs --out DIR")
         return 2
     records = read_records(args.src, args.format or cfg.data.format, args.image_root or cfg.data.image_root)
-    report = DataReport().merge(records.report) if records.report is not None else DataReport(
-        records_in=len(records), records_out=len(records))
+    report = (
+        DataReport().merge(records.report)
+        if records.report is not None
+        else DataReport(records_in=len(records), records_out=len(records))
+    )
     unreadable = report.counts["missing_file"]
     paths = write_shards(records, args.out, shard_size=args.shard_size, report=report)
     report.records_out -= report.counts["missing_file"] - unreadable  # records whose image could not be read
@@ -112,9 +115,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--box-share", type=float, default=None, help="default: data.box_share")
-    p.add_argument("--style", choices=("main", "alt"), default="main",
-                   help="alt: a test split in a second look (other backgrounds, shades, tilts, sizes, 1-5 "
-                        "objects; copa.data.synth_alt) to evaluate on data the training generator never makes")
+    p.add_argument(
+        "--style",
+        choices=("main", "alt"),
+        default="main",
+        help="alt: a test split in a second look (other backgrounds, shades, tilts, sizes, 1-5 "
+        "objects; copa.data.synth_alt) to evaluate on data the training generator never makes",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("shard", help="write webdataset .tar shards from any reader")

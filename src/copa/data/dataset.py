@@ -249,8 +249,10 @@ class StreamingPretrainDataset(IterableDataset):
             sample["events"] = self._pending.take()
             yield sample
         if self._pending.counts:
-            log.warning("bad input at the end of a shard stream (counted with the next sample): %s",
-                        dict(self._pending.counts))
+            log.warning(
+                "bad input at the end of a shard stream (counted with the next sample): %s",
+                dict(self._pending.counts),
+            )
 
 
 def build_dataloader(

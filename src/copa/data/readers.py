@@ -63,8 +63,9 @@ def _load_json(path: str | Path) -> Any:
 def _finish(out: list[Record], entries: int, drops: Counter[str], what: str) -> RecordList:
     """The reader's result with its report; logs what was left out."""
     recs = RecordList(out)
-    recs.report = DataReport(counts=Counter({k: n for k, n in drops.items() if n}), records_in=entries,
-                             records_out=len(out))
+    recs.report = DataReport(
+        counts=Counter({k: n for k, n in drops.items() if n}), records_in=entries, records_out=len(out)
+    )
     if drops:
         log.warning("%s: %d records from %d entries; left out: %s", what, len(out), entries, dict(drops))
     return recs

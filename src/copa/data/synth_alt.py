@@ -54,7 +54,7 @@ def alt_background(size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "gradient":
         b = np.clip(a + rng.uniform(-70, 70), 30, 225) + rng.uniform(-15, 15, size=3)
         ang = rng.uniform(0, 2 * np.pi)
-        t = (np.cos(ang) * xx + np.sin(ang) * yy)
+        t = np.cos(ang) * xx + np.sin(ang) * yy
         t = (t - t.min()) / max(1e-6, t.max() - t.min())
         img = a + (b - a) * t[..., None]
     elif kind == "stripes":
@@ -94,14 +94,21 @@ def render_alt_scene(
         y0 = int(np.clip(round(cy - s / 2), 0, size - s))
         # a 1-2 px dark outline: the mask dilated, minus the mask
         grow = 3 if s < 24 else 5
-        outline = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(grow))) > 127
+        outline = (
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(grow))) > 127
+        )
         outline &= ~mask
         rgb = np.asarray(ALT_COLOURS[colour], dtype=np.float64) + rng.uniform(-10, 10, size=3)
         region = img[y0 : y0 + s, x0 : x0 + s]
         region[outline] = rng.uniform(15, 45)
         region[mask] = rgb + rng.normal(0.0, 5.0, size=(int(mask.sum()), 3))
         ys, xs = np.nonzero(mask | outline)
-        box = (float(x0 + xs.min()), float(y0 + ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+        box = (
+            float(x0 + xs.min()),
+            float(y0 + ys.min()),
+            float(xs.max() - xs.min() + 1),
+            float(ys.max() - ys.min() + 1),
+        )
         objs.append(SceneObj(shape, colour, sname, box))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), objs
 
@@ -134,8 +141,15 @@ def make_alt_scene(rng: np.random.Generator) -> tuple[np.ndarray, Record]:
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     img, objs = render_alt_scene(sample_alt_specs(size, rng), size, rng)
     captions, qas, refs = describe(objs, size, rng)
-    rec = Record(image="", captions=captions, objects=[Obj(o.box, o.phrase) for o in objs],
-                 questions=qas, refs=refs, width=size, height=size)
+    rec = Record(
+        image="",
+        captions=captions,
+        objects=[Obj(o.box, o.phrase) for o in objs],
+        questions=qas,
+        refs=refs,
+        width=size,
+        height=size,
+    )
     return img, rec
 
 
@@ -159,7 +173,9 @@ def write_synth_alt(out: str | Path, seed: int = 0, n_test: int = 60) -> dict[st
     _dump(caps, out / "annotations" / "captions_test.json")
     _dump(inst, out / "annotations" / "instances_test.json")
     summary = {
-        "style": "alt", "seed": seed, "test": {"images": n_test, "with_boxes": sum(bool(r.objects) for r in records)},
+        "style": "alt",
+        "seed": seed,
+        "test": {"images": n_test, "with_boxes": sum(bool(r.objects) for r in records)},
         "objects_per_image": {str(k): sum(len(r.objects) == k for r in records) for k in range(1, 6)},
         "image_sizes": {str(s): sum(r.width == s for r in records) for s in IMAGE_SIZES},
         "seconds": round(time.perf_counter() - t0, 2),

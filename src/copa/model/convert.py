@@ -565,6 +565,8 @@ def preprocess_from_local(path: str | Path) -> PreprocessConfig:
             return PreprocessConfig(tuple(map(float, p["image_mean"])), tuple(map(float, p["image_std"])))
     model_type = raw.get("model_type")
     if model_type not in _FAMILY_NORM:
-        raise ValueError(f"{d}: unsupported model_type {model_type!r} (expected clip, clip_vision_model or vit)")
+        raise ValueError(
+            f"{d}: unsupported model_type {model_type!r} (expected clip, clip_vision_model or vit)"
+        )
     mean, std = _FAMILY_NORM[model_type]
     return PreprocessConfig(tuple(mean), tuple(std))

@@ -87,7 +87,9 @@ class COPAModel(nn.Module):
         if self.cfg.decoder.init_from_text:
             from copa.model.convert import init_layers_from_bert
 
-            init_layers_from_bert(self.decoder.layers, [src[i % len(src)] for i in range(len(self.decoder.layers))])
+            init_layers_from_bert(
+                self.decoder.layers, [src[i % len(src)] for i in range(len(self.decoder.layers))]
+            )
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -138,8 +140,13 @@ class COPAModel(nn.Module):
         return self.text.embeddings(input_ids=ids, position_ids=pos)
 
     def decode(
-        self, ids: Tensor, mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor,
-        cache: KVCache | None = None, start: int = 0,
+        self,
+        ids: Tensor,
+        mask: Tensor | None,
+        ctx: Tensor,
+        ctx_mask: Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> Tensor:
         """Decoder hidden states for ids (B, L) given context (B, S, D) -> (B, L, D)."""
         return self.decoder(self.embed_tokens(ids, start), mask, ctx, ctx_mask, cache)
@@ -209,7 +216,9 @@ class COPAModel(nn.Module):
             "text": count(self.text),
             "fusion": count(self.fusion),
             "decoder": count(self.decoder),
-            "heads": count(self.itc) + count(self.itm) + count(self.box_head)
+            "heads": count(self.itc)
+            + count(self.itm)
+            + count(self.box_head)
             + sum(p.numel() for n, p in self.named_parameters() if n.startswith(("mlm_head", "lm_head"))),
         }
         parts["total"] = count(self)
@@ -217,7 +226,10 @@ class COPAModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(
-        self, path: str | Path, extra: dict[str, Any] | None = None, state_dict: dict[str, Tensor] | None = None
+        self,
+        path: str | Path,
+        extra: dict[str, Any] | None = None,
+        state_dict: dict[str, Tensor] | None = None,
     ) -> None:
         """Write ``config.json`` + ``model.safetensors`` + the tokenizer; atomic per file.
 

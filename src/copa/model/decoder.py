@@ -107,7 +107,7 @@ def beam_search(
         new_token = torch.full((b, beam), pad_id, dtype=torch.long, device=dev)
         for i in range(b):
             j = 0
-            for s, p, tok in zip(top_s[i].tolist(), parent[i].tolist(), token[i].tolist()):
+            for s, p, tok in zip(top_s[i].tolist(), parent[i].tolist(), token[i].tolist(), strict=True):
                 if s < -1e8:
                     break
                 if tok == eos_id:
@@ -132,7 +132,9 @@ def beam_search(
         if len(hyps) < beam:  # unfinished beams compete on the same length-penalised score
             for j in range(beam):
                 if beam_scores[i, j] > -1e8:
-                    hyps.append((float(beam_scores[i, j]) / (seqs.shape[1] ** length_penalty), seqs[i * beam + j]))
+                    hyps.append(
+                        (float(beam_scores[i, j]) / (seqs.shape[1] ** length_penalty), seqs[i * beam + j])
+                    )
         s, seq = max(hyps, key=lambda h: h[0])
         tokens.append(seq)
         scores.append(s)

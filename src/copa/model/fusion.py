@@ -28,7 +28,7 @@ class FusionEncoder(nn.Module):
         img = self.img_proj(img)
         t = img.shape[1]
         img_mask = torch.ones(img.shape[:2], dtype=txt_mask.dtype, device=txt_mask.device)
-        for conn, layer in zip(self.connected, self.layers):
+        for conn, layer in zip(self.connected, self.layers, strict=True):
             if conn:
                 z = layer(torch.cat([img, txt], 1), torch.cat([img_mask, txt_mask], 1))
                 img, txt = img + z[:, :t], z[:, t:]

@@ -90,7 +90,9 @@ class PatchBoxHead(nn.Module):
         d = tokens.shape[-1]
         scores = (self.query(text).unsqueeze(1) * self.key(tokens)).sum(-1).float() / math.sqrt(d)
         raw = self.box(tokens).float()
-        centres = torch.stack([(patch_index % grid).float() + 0.5, (patch_index // grid).float() + 0.5], -1) / grid
+        centres = (
+            torch.stack([(patch_index % grid).float() + 0.5, (patch_index // grid).float() + 0.5], -1) / grid
+        )
         xy = centres + torch.tanh(raw[..., :2]) * (self.reach / grid)
         boxes = torch.cat([xy, raw[..., 2:].sigmoid()], -1)
         best = scores.argmax(1)

@@ -131,7 +131,12 @@ class ViTBlock(nn.Module):
     stochastic depth ``drop_path``."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6,
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        eps: float = 1e-6,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()

@@ -250,8 +250,13 @@ def _merge_round(
     moved = metric.gather(1, src.unsqueeze(-1).expand(b, r, c)) * s_src.unsqueeze(-1)
     weighted = (metric * sizes.unsqueeze(-1)).scatter_add(1, tgt.unsqueeze(-1).expand(b, r, c), moved)
     merged_metric = weighted / merged_sizes.unsqueeze(-1)
-    return (merged_metric.gather(1, new.unsqueeze(-1).expand(b, n - r, c)), merged_sizes.gather(1, new),
-            rep.gather(1, new), pos.gather(1, assign), rep.gather(1, src))
+    return (
+        merged_metric.gather(1, new.unsqueeze(-1).expand(b, n - r, c)),
+        merged_sizes.gather(1, new),
+        rep.gather(1, new),
+        pos.gather(1, assign),
+        rep.gather(1, src),
+    )
 
 
 @torch.no_grad()

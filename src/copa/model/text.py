@@ -82,8 +82,9 @@ def check_checkpoint(loaded: BertConfig, cfg: TextConfig, path: str) -> None:
             where = f"model.text.{key}={want!r}" if key else f"COPA builds {want!r}"
             bad.append(f"{name}: checkpoint {got!r}, {where}")
     if cfg.layers > loaded.num_hidden_layers:
-        bad.append(f"num_hidden_layers: checkpoint {loaded.num_hidden_layers}, "
-                   f"model.text.layers={cfg.layers}")
+        bad.append(
+            f"num_hidden_layers: checkpoint {loaded.num_hidden_layers}, model.text.layers={cfg.layers}"
+        )
     if bad:
         raise ValueError(f"text checkpoint {path} does not match model.text: " + "; ".join(bad))
 

@@ -81,7 +81,10 @@ class VisionTransformer(nn.Module):
             ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, drop_path=r) for r in rates
         )
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
-        sel = [make_selector(select.selector, d, text_dim, select.tpd_hidden, select.tpd_form) for _ in select.layers]
+        sel = [
+            make_selector(select.selector, d, text_dim, select.tpd_hidden, select.tpd_form)
+            for _ in select.layers
+        ]
         self.selectors = nn.ModuleList([s for s in sel if s is not None])
         self.keep_ratios = list(select.keep_ratios)
         self.grad_checkpointing = False
@@ -182,7 +185,7 @@ class VisionTransformer(nn.Module):
                 sel, fuse = self.selectors[s], self.select_cfg.fuse_dropped
                 if sel.merges:  # ToMe: merged groups in the same [CLS, K, fused] layout
                     prev_m = (x[:, -1:], sizes[:, -1]) if has_fused and sizes is not None else None
-                    core_sizes = None if sizes is None else sizes[:, : nc]
+                    core_sizes = None if sizes is None else sizes[:, :nc]
                     x, logits, order, sizes = sel.merge(core, self.blocks[layer], k, fuse, prev_m, core_sizes)
                     weights = None
                 else:

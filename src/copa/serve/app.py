@@ -123,15 +123,20 @@ class Service:
             "grid": base.grid,
             "image_size": base.model.cfg.vision.image_size,
             "examples": sorted(self.examples),
-            "limits": {"max_upload_bytes": self.options.max_upload_bytes, "max_pixels": self.options.max_pixels,
-                       "max_text_chars": MAX_TEXT_CHARS},
+            "limits": {
+                "max_upload_bytes": self.options.max_upload_bytes,
+                "max_pixels": self.options.max_pixels,
+                "max_text_chars": MAX_TEXT_CHARS,
+            },
         }
 
     def image_bytes(self, upload: bytes | None, example: str | None) -> tuple[bytes, str]:
         if upload:
             if len(upload) > self.options.max_upload_bytes:
-                raise BadRequest(f"the upload is {len(upload):,} bytes; the limit is "
-                                 f"{self.options.max_upload_bytes:,}", 413)
+                raise BadRequest(
+                    f"the upload is {len(upload):,} bytes; the limit is {self.options.max_upload_bytes:,}",
+                    413,
+                )
             return upload, "upload"
         if example:
             if example not in self.examples:
@@ -139,8 +144,9 @@ class Service:
             return self.examples[example].read_bytes(), example
         raise BadRequest("send an image file or pick an example")
 
-    def predict(self, data: bytes, source: str, question: str, phrases: list[str],
-                keep_ratio: float | None) -> dict[str, Any]:
+    def predict(
+        self, data: bytes, source: str, question: str, phrases: list[str], keep_ratio: float | None
+    ) -> dict[str, Any]:
         """The whole panel for one image (see the module docstring)."""
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
             raise BadRequest(f"keep ratio {keep_ratio} is outside (0, 1]")
@@ -155,8 +161,9 @@ class Service:
         with self.lock:
             return self._predict(image, source, question, phrases, keep_ratio)
 
-    def _predict(self, image: Any, source: str, question: str, phrases: list[str],
-                 keep_ratio: float | None) -> dict[str, Any]:
+    def _predict(
+        self, image: Any, source: str, question: str, phrases: list[str], keep_ratio: float | None
+    ) -> dict[str, Any]:
         m = self.models
         base, grounding = m.base, m.for_task("grounding")
         ratio = keep_ratio if keep_ratio is not None else base.model.vision.keep_ratios[0]
@@ -167,17 +174,32 @@ class Service:
         views = []
         for i, (t, k) in enumerate(zip(texts, kept, strict=True)):
             box = boxes[i] if i < len(boxes) else None
-            views.append({"text": t if t is not None else "(no text: text-agnostic query)", "kept": k,
-                          "num_kept": len(k), "box": box.to_dict() if box else None,
-                          "overlay": _data_url(base.overlay(image, k, self.options.display_size, box))})
-        out: dict[str, Any] = {"source": source, "width": image.width, "height": image.height,
-                               "keep_ratio": ratio, "grid": base.grid, "num_patches": base.grid**2, "views": views}
+            views.append(
+                {
+                    "text": t if t is not None else "(no text: text-agnostic query)",
+                    "kept": k,
+                    "num_kept": len(k),
+                    "box": box.to_dict() if box else None,
+                    "overlay": _data_url(base.overlay(image, k, self.options.display_size, box)),
+                }
+            )
+        out: dict[str, Any] = {
+            "source": source,
+            "width": image.width,
+            "height": image.height,
+            "keep_ratio": ratio,
+            "grid": base.grid,
+            "num_patches": base.grid**2,
+            "views": views,
+        }
         if question:
             vqa = m.for_task("vqa")
             out["answer"] = vqa.answer(vqa.prepare(image), question, keep_ratio=ratio)[0]
         cap = m.for_task("caption")
         out["caption"] = cap.caption(cap.prepare(image), keep_ratio=ratio)[0]
-        out["timing_ms"] = self._timing(base, prep, question or (phrases[0] if phrases else "a picture"), ratio)
+        out["timing_ms"] = self._timing(
+            base, prep, question or (phrases[0] if phrases else "a picture"), ratio
+        )
         return out
 
     def _timing(self, p: Predictor, prep: Any, text: str, ratio: float) -> dict[str, float]:
@@ -260,8 +282,14 @@ def create_app(models: TaskModels, options: ServeOptions | None = None) -> Any:
                 raise BadRequest(f"keep_ratio {ratio_raw!r} is not a number") from None
             image, source = service.image_bytes(data, str(form.get("example") or "") or None)
             phrases = [str(form.get(k) or "").strip() for k in ("phrase", "phrase2")]
-            result = await run_in_threadpool(service.predict, image, source, str(form.get("question") or "").strip(),
-                                             [p for p in phrases if p], ratio)
+            result = await run_in_threadpool(
+                service.predict,
+                image,
+                source,
+                str(form.get("question") or "").strip(),
+                [p for p in phrases if p],
+                ratio,
+            )
         except BadRequest as e:
             return error(e.status, str(e))
         finally:

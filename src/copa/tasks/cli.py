@@ -99,11 +99,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="keep ratio at evaluation (1.0 = unpruned); default cfg.eval.keep_ratio, else the model's",
     )
-    e.add_argument("--selector", default=None, choices=SELECTORS,
-                   help="evaluate with a parameter-free selector swapped in (same weights): an ablation")
-    e.add_argument("--selectors-from", default=None, metavar="CKPT",
-                   help="evaluate with the trained selectors of another model of the same selection config "
-                   "(e.g. another pre-training row of the same trunk), same weights otherwise")
+    e.add_argument(
+        "--selector",
+        default=None,
+        choices=SELECTORS,
+        help="evaluate with a parameter-free selector swapped in (same weights): an ablation",
+    )
+    e.add_argument(
+        "--selectors-from",
+        default=None,
+        metavar="CKPT",
+        help="evaluate with the trained selectors of another model of the same selection config "
+        "(e.g. another pre-training row of the same trunk), same weights otherwise",
+    )
     e.set_defaults(func=run_evaluate)
 
 
@@ -172,8 +180,11 @@ def _evaluate_swapped(task: Any, args: argparse.Namespace, cfg: Config) -> Any:
     device = D.init_from_env()
     model = load(args.ckpt)
     try:
-        view = with_selectors_of(model, load(args.selectors_from)) if args.selectors_from else with_selector(
-            model, args.selector)
+        view = (
+            with_selectors_of(model, load(args.selectors_from))
+            if args.selectors_from
+            else with_selector(model, args.selector)
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return run_evaluation(task, view.to(device).eval(), cfg, args.split, args.out, args.keep_ratio)

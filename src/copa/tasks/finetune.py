@@ -156,10 +156,24 @@ def finetune(
     opt, sched = for_training(model, t)  # after wrapping: FSDP replaces parameters with sharded ones
     torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
     runlog = RunLog(out, main, tensorboard=False)
-    loop = TrainLoop(wrapped, model, opt, sched, iter(make_loader(dataset, cfg, train=True)), device, dtype,
-                     steps=t.steps, grad_accum=t.grad_accum, clip_grad=t.clip_grad, log_every=t.log_every,
-                     time_budget_s=t.time_budget_s, samples_per_step=t.batch_size * t.grad_accum,
-                     where=task.name, runlog=runlog, failure_note=lambda: ", no model written")
+    loop = TrainLoop(
+        wrapped,
+        model,
+        opt,
+        sched,
+        iter(make_loader(dataset, cfg, train=True)),
+        device,
+        dtype,
+        steps=t.steps,
+        grad_accum=t.grad_accum,
+        clip_grad=t.clip_grad,
+        log_every=t.log_every,
+        time_budget_s=t.time_budget_s,
+        samples_per_step=t.batch_size * t.grad_accum,
+        where=task.name,
+        runlog=runlog,
+        failure_note=lambda: ", no model written",
+    )
     try:
         res = loop.run()
     finally:

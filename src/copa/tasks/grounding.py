@@ -2,8 +2,8 @@
 (``copa.model.heads.PatchBoxHead``) scores every kept patch for holding the object's centre and
 regresses a normalised (cx, cy, w, h) box from it. Loss, on samples whose box survived the
 transform: cross-entropy of the patch scores against the kept patch nearest the true centre, plus
-L1 + GIoU of that patch's box. Metric: accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box centred on the image
-(``CENTRE_BOX``, half its width and height).
+L1 + GIoU of that patch's box. Metric: accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box
+centred on the image (``CENTRE_BOX``, half its width and height).
 
 Input: JSON records with ``refs: [{"phrase", "box": [x, y, w, h] pixels}]``; each ref becomes one
 (image, expression) sample.
@@ -54,7 +54,12 @@ def patch_box_loss(out: GroundingOutput, target: Tensor, valid: Tensor) -> dict[
     patch holding it, unless the selector dropped that one): its score is trained by
     cross-entropy over the kept patches, its box by L1 + GIoU.
     """
-    scores, boxes, centres, target = out.scores[valid], out.boxes[valid], out.centres[valid], target[valid].float()
+    scores, boxes, centres, target = (
+        out.scores[valid],
+        out.boxes[valid],
+        out.centres[valid],
+        target[valid].float(),
+    )
     resp = (centres - target[:, None, :2]).square().sum(-1).argmin(1)  # (B,)
     ce = F.cross_entropy(scores, resp)
     chosen = boxes.gather(1, resp[:, None, None].expand(-1, 1, 4)).squeeze(1)

@@ -115,7 +115,11 @@ class VQATask(Task):
         for idx, batch in iter_shard(dataset, env, model):
             with env.watch, env.autocast():
                 answers = self._answers(model, batch.images, batch, env, mode, ranked)
-            blind = self._blind_answers(model, batch, env, mode, ranked) if ev.blind_control else [None] * len(answers)
+            blind = (
+                self._blind_answers(model, batch, env, mode, ranked)
+                if ev.blind_control
+                else [None] * len(answers)
+            )
             for i, answer, refs, other in zip(idx, answers, batch.answers, blind, strict=True):
                 rec = dataset.records[i]
                 pred = {
@@ -150,8 +154,14 @@ class VQATask(Task):
         return EvalResult(metrics, preds)
 
     @staticmethod
-    def _answers(model: COPAModel, images: Tensor, batch: Batch, env: EvalEnv, mode: str,
-                 ranked: tuple[Tensor, Tensor, list[str]] | None) -> list[str]:
+    def _answers(
+        model: COPAModel,
+        images: Tensor,
+        batch: Batch,
+        env: EvalEnv,
+        mode: str,
+        ranked: tuple[Tensor, Tensor, list[str]] | None,
+    ) -> list[str]:
         """The answer to each of ``batch``'s questions about ``images`` (B, 3, H, W): the best of
         ``ranked`` = (candidate ids, mask, strings) by likelihood, or generated in ``mode``."""
         ctx, cmask = question_context(model, images, batch.question_ids, batch.question_mask)
@@ -161,8 +171,14 @@ class VQATask(Task):
         ev = env.ev
         return generate(model, ctx, cmask, mode, ev.beam_size, ev.max_new_tokens, ev.length_penalty)
 
-    def _blind_answers(self, model: COPAModel, batch: Batch, env: EvalEnv, mode: str,
-                       ranked: tuple[Tensor, Tensor, list[str]] | None) -> list[str | None]:
+    def _blind_answers(
+        self,
+        model: COPAModel,
+        batch: Batch,
+        env: EvalEnv,
+        mode: str,
+        ranked: tuple[Tensor, Tensor, list[str]] | None,
+    ) -> list[str | None]:
         """Each question answered with the image half a batch away (None where that is the same
         image), outside the timed region."""
         b = batch.images.shape[0]

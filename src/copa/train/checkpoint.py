@@ -50,8 +50,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int = 2,
-    extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out/checkpoints/step_N`` atomically and point ``latest`` at it; keep the newest ``keep``."""
     root = out / "checkpoints"

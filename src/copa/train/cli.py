@@ -20,12 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--init", default=None, help="start from a saved COPA model directory")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as a preemption would")
-    p.add_argument("--branch-from", default=None, metavar="RUN",
-                   help="start OUT as a branch of run directory RUN: copy its latest checkpoint and logs, then "
-                   "resume with this command's settings (ablations that share their first steps)")
+    p.add_argument(
+        "--branch-from",
+        default=None,
+        metavar="RUN",
+        help="start OUT as a branch of run directory RUN: copy its latest checkpoint and logs, then "
+        "resume with this command's settings (ablations that share their first steps)",
+    )
     p.set_defaults(func=run)
 
-    q = sub.add_parser("pta-stage", help="train only the selector with PTA on a pre-trained model (boxed images)")
+    q = sub.add_parser(
+        "pta-stage", help="train only the selector with PTA on a pre-trained model (boxed images)"
+    )
     add_common(q, out_default="runs/pta_stage")
     q.add_argument("--init", required=True, help="the pre-trained COPA model directory")
     q.add_argument("--steps", type=int, default=300, help="selector updates (default 300)")
@@ -33,16 +39,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=None, help="default: train.lr_selector, else train.lr")
     q.set_defaults(func=run_pta_stage)
 
-    r = sub.add_parser("pta-eval", help="selection quality of a model's first selector on a split: object-patch "
-                       "recall and AP, text specificity; writes OUT/pta.json")
+    r = sub.add_parser(
+        "pta-eval",
+        help="selection quality of a model's first selector on a split: object-patch "
+        "recall and AP, text specificity; writes OUT/pta.json",
+    )
     add_common(r, out_default="runs/pta_eval")
     r.add_argument("--ckpt", required=True, help="COPA model directory")
-    r.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (cfg.data.<split>)")
+    r.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="data split (cfg.data.<split>)"
+    )
     r.add_argument("--keep-ratio", type=float, default=None, help="keep ratio (default: the model's first)")
-    r.add_argument("--max-images", type=int, default=None, help="the first N images of the split (default: all)")
-    r.add_argument("--selector", default=None, choices=SELECTORS,
-                   help="swap in a parameter-free selector (none, random, tome, cls_attn, text_attn) on the "
-                   "same weights")
+    r.add_argument(
+        "--max-images", type=int, default=None, help="the first N images of the split (default: all)"
+    )
+    r.add_argument(
+        "--selector",
+        default=None,
+        choices=SELECTORS,
+        help="swap in a parameter-free selector (none, random, tome, cls_attn, text_attn) on the "
+        "same weights",
+    )
     r.set_defaults(func=run_pta_eval)
 
 
@@ -68,8 +85,14 @@ def run_pta_eval(args: argparse.Namespace, cfg: Config) -> int:
     keep = model.cfg.select.keep_ratios[0] if args.keep_ratio is None else args.keep_ratio
     view = with_selector(model, args.selector) if args.selector else model
     metrics = pta_eval(view, cfg, args.split, keep, args.max_images)
-    result = {"ckpt": str(args.ckpt), "split": args.split, "selector": args.selector or model.cfg.select.selector,
-              "keep_ratio": keep, "max_images": args.max_images, "metrics": metrics}
+    result = {
+        "ckpt": str(args.ckpt),
+        "split": args.split,
+        "selector": args.selector or model.cfg.select.selector,
+        "keep_ratio": keep,
+        "max_images": args.max_images,
+        "metrics": metrics,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pta.json").write_text(json.dumps(result, indent=2))
@@ -83,8 +106,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.trainer import pretrain
 
     try:
-        res = pretrain(cfg, args.out, resume=args.resume, init=args.init, stop_at=args.stop_at,
-                       branch_from=args.branch_from)
+        res = pretrain(
+            cfg,
+            args.out,
+            resume=args.resume,
+            init=args.init,
+            stop_at=args.stop_at,
+            branch_from=args.branch_from,
+        )
         if D.is_main():
             print(json.dumps({"out": str(res.out), "steps": res.steps, **res.final}, indent=2))
     except NonFiniteLossError as e:

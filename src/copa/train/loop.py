@@ -65,7 +65,9 @@ def wrap(objective: nn.Module, distributed: str, device: torch.device) -> nn.Mod
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # pre-training leaves the box head unused, each task most heads: hence find_unused_parameters
-    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return DDP(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 def is_sharded(distributed: str) -> bool:
@@ -73,8 +75,9 @@ def is_sharded(distributed: str) -> bool:
     return D.world_size() > 1 and distributed == "fsdp"
 
 
-def full_state(model: nn.Module, opt: torch.optim.Optimizer | None, fsdp: bool,
-               everywhere: bool = False) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+def full_state(
+    model: nn.Module, opt: torch.optim.Optimizer | None, fsdp: bool, everywhere: bool = False
+) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
     """Full (unsharded) model and optimizer state. Without FSDP: (None, the optimizer's own state).
 
     Under FSDP this is collective (call on every rank); the tensors go to CPU and only rank 0 gets
@@ -93,7 +96,9 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer | None, fsdp: bool,
     return model_sd, get_optimizer_state_dict(model, opt, options=opts) if opt is not None else None
 
 
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+def load_optimizer_state(
+    model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool
+) -> None:
     """Load a full optimizer state (as ``full_state`` returns it) into ``opt``, sharding it under FSDP;
     the kernel choice stays this machine's (``optim.keep_kernel``)."""
     from copa.train.optim import keep_kernel, kernel_flags
@@ -102,8 +107,12 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        set_optimizer_state_dict(
+            model,
+            opt,
+            state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+        )
     else:
         opt.load_state_dict(state)
     keep_kernel(opt, kernel)
@@ -233,8 +242,10 @@ class TrainLoop:
             bad = [k for k, v in res.terms.items() if not torch.isfinite(v)]
             bad = bad or ([] if torch.isfinite(res.loss) else ["loss"])  # name the term when there is one
             if D.all_reduce_mean(torch.tensor(float(bool(bad)), device=self.device)) > 0:
-                raise NonFiniteLossError(f"non-finite loss at {self.where} step {step}: "
-                                         f"{bad or 'on another rank'}; stopping{self.failure_note()}")
+                raise NonFiniteLossError(
+                    f"non-finite loss at {self.where} step {step}: "
+                    f"{bad or 'on another rank'}; stopping{self.failure_note()}"
+                )
             self.events.update(res.events)
             (res.loss / self.grad_accum).backward()
             loss += float(res.loss.detach()) / self.grad_accum
@@ -266,11 +277,18 @@ class TrainLoop:
         try:
             while step < self.steps:
                 loss, terms = self._accumulate(step + 1)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-                             if self.clip_grad > 0 else torch.tensor(0.0))
-                if not math.isfinite(float(grad_norm)):  # ranks hold the same reduced gradients: all stop here
-                    raise NonFiniteLossError(f"non-finite gradient norm at {self.where} step {step + 1}; "
-                                             f"stopping before the update{self.failure_note()}")
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+                    if self.clip_grad > 0
+                    else torch.tensor(0.0)
+                )
+                if not math.isfinite(
+                    float(grad_norm)
+                ):  # ranks hold the same reduced gradients: all stop here
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm at {self.where} step {step + 1}; "
+                        f"stopping before the update{self.failure_note()}"
+                    )
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -280,16 +298,28 @@ class TrainLoop:
                 sps = window_n / max(1e-9, time.perf_counter() - window_t)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()} | {"sps": f"{sps:.1f}"},
-                                    refresh=False)
+                    bar.set_postfix(
+                        {k: f"{v:.3f}" for k, v in terms.items()} | {"sps": f"{sps:.1f}"}, refresh=False
+                    )
                 if step % self.log_every == 0 or step in (1, self.steps):
-                    row = {"loss": loss, **terms, "lr": self.sched.get_last_lr()[-1], "grad_norm": float(grad_norm),
-                           "samples_per_s": sps, "elapsed_s": time.perf_counter() - t0}
+                    row = {
+                        "loss": loss,
+                        **terms,
+                        "lr": self.sched.get_last_lr()[-1],
+                        "grad_norm": float(grad_norm),
+                        "samples_per_s": sps,
+                        "elapsed_s": time.perf_counter() - t0,
+                    }
                     if self.runlog is not None:
                         self.runlog.write("train_log", step, row)
                     if bar is None and D.is_main():
-                        log.info("%s step %d/%d: %s", self.where, step, self.steps,
-                                 {k: round(v, 4) for k, v in row.items() if k in terms or k == "loss"})
+                        log.info(
+                            "%s step %d/%d: %s",
+                            self.where,
+                            step,
+                            self.steps,
+                            {k: round(v, 4) for k, v in row.items() if k in terms or k == "loss"},
+                        )
                     window_t, window_n = time.perf_counter(), 0
                 budget_hit = self._out_of_time(t0)
                 if self.after_step is not None:
@@ -299,8 +329,12 @@ class TrainLoop:
                     stopped = True
                     break
                 if budget_hit and step < self.steps:
-                    log.warning("time budget of %.0f s reached at step %d of %d: stopping early",
-                                self.time_budget_s, step, self.steps)
+                    log.warning(
+                        "time budget of %.0f s reached at step %d of %d: stopping early",
+                        self.time_budget_s,
+                        step,
+                        self.steps,
+                    )
                     stopped = True
                     break
         finally:

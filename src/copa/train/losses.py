@@ -49,7 +49,9 @@ class ITCLoss(nn.Module):
         return loss, local.detach()
 
 
-def sample_hard_negatives(sim: Tensor, image_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(
+    sim: Tensor, image_ids: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Sample one hard negative text per image and one hard negative image per text.
 
     sim: (B, B) image-to-text similarity logits; rows/cols with the same image id are never chosen.
@@ -69,7 +71,9 @@ def sample_hard_negatives(sim: Tensor, image_ids: Tensor, generator: torch.Gener
     return neg_txt, neg_img
 
 
-def mask_tokens(ids: Tensor, mask: Tensor, vocab: int, mask_id: int, special: Tensor, prob: float) -> tuple[Tensor, Tensor]:
+def mask_tokens(
+    ids: Tensor, mask: Tensor, vocab: int, mask_id: int, special: Tensor, prob: float
+) -> tuple[Tensor, Tensor]:
     """BERT masking: choose ``prob`` of the real tokens; 80% -> [MASK], 10% random, 10% kept.
 
     ids, mask: (B, L); special: (B, L) bool for [CLS]/[SEP]/[PAD]. Returns (masked ids, labels with
@@ -98,7 +102,9 @@ def mask_tokens(ids: Tensor, mask: Tensor, vocab: int, mask_id: int, special: Te
     return out, labels
 
 
-def split_prefix(ids: Tensor, mask: Tensor, cls_id: int, sep_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def split_prefix(
+    ids: Tensor, mask: Tensor, cls_id: int, sep_id: int, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Cut each caption at a random word boundary for PrefixLM (vectorised, no loop over the batch).
 
     ids, mask: (B, L) as ``[CLS] w1..wn [SEP] pad``. The prefix ``[CLS] w1..wc [SEP]`` (c in [0, n-1])
@@ -117,7 +123,9 @@ def split_prefix(ids: Tensor, mask: Tensor, cls_id: int, sep_id: int, pad_id: in
     src = (cut[:, None] + 1 + j).clamp(max=length - 1)
     valid = j <= (n - cut)[:, None]
     target = torch.where(valid, ids.gather(1, src), torch.full_like(src, -100))
-    dec_in = torch.cat([torch.full((b, 1), cls_id, device=ids.device, dtype=ids.dtype), ids.gather(1, src)[:, :-1]], 1)
+    dec_in = torch.cat(
+        [torch.full((b, 1), cls_id, device=ids.device, dtype=ids.dtype), ids.gather(1, src)[:, :-1]], 1
+    )
     dec_mask = valid.long()
     dec_in = torch.where(dec_mask.bool(), dec_in, torch.full_like(dec_in, pad_id))
     keep = int(pre_mask.sum(1).max())
@@ -161,8 +169,15 @@ class StepOutput:
 class PretrainObjective(nn.Module):
     """All pre-training losses for one batch; wrap this module with DDP/FSDP."""
 
-    def __init__(self, model: COPAModel, weights: dict[str, float], mlm_prob: float = 0.15, pta_pos_weight: float = 2.0,
-                 pta_contrast: float = 0.0, itm_negatives: str = "both") -> None:
+    def __init__(
+        self,
+        model: COPAModel,
+        weights: dict[str, float],
+        mlm_prob: float = 0.15,
+        pta_pos_weight: float = 2.0,
+        pta_contrast: float = 0.0,
+        itm_negatives: str = "both",
+    ) -> None:
         super().__init__()
         unknown = set(weights) - set(LOSS_NAMES)
         if unknown:
@@ -175,7 +190,12 @@ class PretrainObjective(nn.Module):
         self.pta_contrast = pta_contrast
         self.itm_negatives = itm_negatives
         tok = model.tokenizer
-        self.cls_id, self.sep_id, self.pad_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
+        self.cls_id, self.sep_id, self.pad_id, self.mask_id = (
+            tok.cls_token_id,
+            tok.sep_token_id,
+            tok.pad_token_id,
+            tok.mask_token_id,
+        )
         self.vocab = tok.vocab_size
 
     def _special(self, ids: Tensor) -> Tensor:
@@ -221,7 +241,9 @@ class PretrainObjective(nn.Module):
             losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels) * (0.0 if skip_itm else 1.0)
 
         if w["mlm"]:
-            mids, mlabels = mask_tokens(ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob)
+            mids, mlabels = mask_tokens(
+                ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob
+            )
             mtxt = m.encode_text(mids, mask)
             fused = m.fuse(m.encode_image(prefix, m.text_query(mtxt, mask)), mtxt, mask)
             chosen = mlabels != -100  # the vocabulary projection runs on masked positions only
@@ -229,7 +251,9 @@ class PretrainObjective(nn.Module):
             losses["mlm"] = F.cross_entropy(logits.float(), mlabels[chosen])
 
         if w["prefix_lm"]:
-            pids, pmask, dec_in, dec_mask, target = split_prefix(ids, mask, self.cls_id, self.sep_id, self.pad_id)
+            pids, pmask, dec_in, dec_mask, target = split_prefix(
+                ids, mask, self.cls_id, self.sep_id, self.pad_id
+            )
             ptxt = m.encode_text(pids, pmask)
             fused = m.fuse(m.encode_image(prefix, m.text_query(ptxt, pmask)), ptxt, pmask)
             ctx, cmask = fused.context()
@@ -262,7 +286,9 @@ class PretrainObjective(nn.Module):
             logits = sel(prefix[batch.phrase_image], ph, block)
             loss = bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight)
             if self.pta_contrast:
-                loss = loss + self.pta_contrast * phrase_contrast_loss(logits, batch.phrase_labels, batch.phrase_image)
+                loss = loss + self.pta_contrast * phrase_contrast_loss(
+                    logits, batch.phrase_labels, batch.phrase_image
+                )
             parts.append(loss)
         boxed = batch.has_boxes.nonzero().squeeze(1)
         if boxed.numel() > 0:

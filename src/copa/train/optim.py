@@ -53,8 +53,13 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
         decay = p.ndim >= 2 and "embed" not in name and "token" not in name
         groups.setdefault((part, decay), []).append(p)
     return [
-        {"params": ps, "lr": rates[part], "weight_decay": t.weight_decay if decay else 0.0,
-         "base_lr": rates[part], "name": f"{part}{'' if decay else '_nodecay'}"}
+        {
+            "params": ps,
+            "lr": rates[part],
+            "weight_decay": t.weight_decay if decay else 0.0,
+            "base_lr": rates[part],
+            "name": f"{part}{'' if decay else '_nodecay'}",
+        }
         for (part, decay), ps in groups.items()
     ]
 
@@ -90,8 +95,11 @@ def _kernel(params: list[torch.Tensor]) -> dict[str, bool]:
     return {}
 
 
-def adamw(groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter], betas: tuple[float, float] = BETAS,
-          **kwargs: Any) -> torch.optim.AdamW:
+def adamw(
+    groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter],
+    betas: tuple[float, float] = BETAS,
+    **kwargs: Any,
+) -> torch.optim.AdamW:
     """AdamW over ``groups`` with the fastest kernel that works here (see ``_kernel``); falls back to
     the per-tensor loop when torch refuses the kernel for these parameters."""
     groups = list(groups)
@@ -104,9 +112,13 @@ def adamw(groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter], betas: tupl
         return torch.optim.AdamW(groups, betas=betas, **kwargs)
 
 
-def build_optimizer(groups: Iterable[dict[str, Any]], steps: int, warmup: int, floor: float = 0.05,
-                    betas: tuple[float, float] = BETAS,
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    groups: Iterable[dict[str, Any]],
+    steps: int,
+    warmup: int,
+    floor: float = 0.05,
+    betas: tuple[float, float] = BETAS,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``groups`` (``param_groups`` or the caller's own) with warm-up + cosine over ``steps``.
 
     Build it after DDP/FSDP wrapping: FSDP replaces the parameters with sharded ones.
@@ -115,8 +127,10 @@ def build_optimizer(groups: Iterable[dict[str, Any]], steps: int, warmup: int, f
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps, floor))
 
 
-def for_training(model: nn.Module, t: TrainConfig,
-                 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def for_training(
+    model: nn.Module,
+    t: TrainConfig,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and schedule of ``copa pretrain`` and ``copa finetune`` for ``model``."""
     return build_optimizer(param_groups(model, t), t.steps, t.warmup)
 

@@ -86,7 +86,12 @@ class PTAMeter:
 
     def __init__(self, keep_ratio: float) -> None:
         self.keep_ratio = keep_ratio
-        self.vals: dict[str, list[Tensor]] = {"ap_phrase": [], "recall_phrase": [], "ap_agnostic": [], "recall_agnostic": []}
+        self.vals: dict[str, list[Tensor]] = {
+            "ap_phrase": [],
+            "recall_phrase": [],
+            "ap_agnostic": [],
+            "recall_agnostic": [],
+        }
         for r in SPECIFICITY_KEEPS:
             self.vals[f"specificity@{r:g}"] = []
         self.n = 0

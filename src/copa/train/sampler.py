@@ -18,7 +18,9 @@ from torch.utils.data import Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, start: int = 0) -> None:
+    def __init__(
+        self, n: int, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True, start: int = 0
+    ) -> None:
         if n < world:
             raise ValueError(f"{n} samples cannot be split over {world} processes")
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
@@ -54,8 +56,17 @@ class BoxedMixSampler(Sampler[int]):
     sample position that is a multiple of ``batch_size``); keys are ``epoch * n + index`` as there.
     """
 
-    def __init__(self, n: int, pool: list[int], boxed: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, start: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        pool: list[int],
+        boxed: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+    ) -> None:
         if not 0 < boxed < batch_size:
             raise ValueError(f"boxed_per_batch must be in (0, batch_size={batch_size}), got {boxed}")
         if len(pool) < world:

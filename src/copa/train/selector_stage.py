@@ -65,16 +65,24 @@ def boxed_loader(dataset: Any, cfg: Config, batch_size: int) -> DataLoader:
 
     pool = [i for i, r in enumerate(getattr(dataset, "records", [])) if r.objects]
     if not pool:
-        raise UserError(f"no record of {cfg.data.train} carries boxes (objects): the selector stage has "
-                        "nothing to learn from")
-    return DataLoader(EpochSeeded(dataset, cfg.seed), batch_size=min(batch_size, len(pool)),
-                      sampler=PoolSampler(len(dataset), pool, cfg.seed), num_workers=cfg.data.num_workers,
-                      collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
-                      generator=loader_generator(cfg.seed), drop_last=True)
+        raise UserError(
+            f"no record of {cfg.data.train} carries boxes (objects): the selector stage has "
+            "nothing to learn from"
+        )
+    return DataLoader(
+        EpochSeeded(dataset, cfg.seed),
+        batch_size=min(batch_size, len(pool)),
+        sampler=PoolSampler(len(dataset), pool, cfg.seed),
+        num_workers=cfg.data.num_workers,
+        collate_fn=Collator(cfg.model.text.tokenizer, cfg.model.text.max_len),
+        generator=loader_generator(cfg.seed),
+        drop_last=True,
+    )
 
 
-def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 16,
-                   lr: float | None = None) -> SelectorStageResult:
+def train_selector(
+    model: COPAModel, cfg: Config, steps: int, batch_size: int = 16, lr: float | None = None
+) -> SelectorStageResult:
     """Train ``model``'s first-stage selector with PTA for ``steps`` steps of ``batch_size`` boxed
     images (in place; every other parameter keeps its value). ``lr`` defaults to
     ``train.lr_selector`` (else ``train.lr``)."""
@@ -96,10 +104,16 @@ def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 
         p.requires_grad_(True)
     # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
     model.eval()
-    objective = PretrainObjective(model, {"pta": 1.0}, pta_pos_weight=t.pta_pos_weight, pta_contrast=t.pta_contrast)
+    objective = PretrainObjective(
+        model, {"pta": 1.0}, pta_pos_weight=t.pta_pos_weight, pta_contrast=t.pta_contrast
+    )
     # one group, decay on every tensor, Adam's default β2 and warm-up then a constant rate (floor 1):
     # the recipe this stage was tuned with (BENCHMARKS.md)
-    group = {"params": list(selector.parameters()), "lr": lr or t.lr_selector or t.lr, "weight_decay": t.weight_decay}
+    group = {
+        "params": list(selector.parameters()),
+        "lr": lr or t.lr_selector or t.lr,
+        "weight_decay": t.weight_decay,
+    }
     opt, sched = build_optimizer([group], steps, warmup=steps // 10, floor=1.0, betas=(0.9, 0.999))
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -120,11 +134,14 @@ def train_selector(model: COPAModel, cfg: Config, steps: int, batch_size: int = 
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return SelectorStageResult(steps, boxed, losses[0], float(np.mean(losses[-10:])), time.perf_counter() - t0)
+    return SelectorStageResult(
+        steps, boxed, losses[0], float(np.mean(losses[-10:])), time.perf_counter() - t0
+    )
 
 
-def run_stage(init: str | Path, cfg: Config, out: str | Path, steps: int, batch_size: int = 16,
-              lr: float | None = None) -> dict[str, Any]:
+def run_stage(
+    init: str | Path, cfg: Config, out: str | Path, steps: int, batch_size: int = 16, lr: float | None = None
+) -> dict[str, Any]:
     """``copa pta-stage``: load ``init``, train its selector, save ``out/model`` and
     ``out/summary.json`` (the stage's losses and the validation selection metrics before and after).
     The data is read with the model's own image size and tokenizer. Returns the summary."""

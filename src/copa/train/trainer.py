@@ -50,8 +50,18 @@ from copa.utils.device import autocast, resolve_precision
 log = logging.getLogger(__name__)
 
 # moved to copa.train.loop / copa.train.optim; still importable from here for existing callers
-__all__ = ["NonFiniteLossError", "RunLog", "TrainResult", "build_datasets", "lr_lambda", "make_loader",
-           "param_groups", "pretrain", "shard_fsdp", "validate"]
+__all__ = [
+    "NonFiniteLossError",
+    "RunLog",
+    "TrainResult",
+    "build_datasets",
+    "lr_lambda",
+    "make_loader",
+    "param_groups",
+    "pretrain",
+    "shard_fsdp",
+    "validate",
+]
 
 
 # ------------------------------------------------------------------------------ data
@@ -65,9 +75,13 @@ def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "val")) -> d
         path = getattr(d, split)
         out[split] = build_dataset(d, split, v.image_size, v.patch_size)
         report = getattr(out[split], "report", None)
-        log.info("%s: %s from %s; bad input: %s", split,
-                 f"{len(out[split])} records" if report is not None else "streaming shards", path,
-                 report.summary() if report is not None else "counted per batch")
+        log.info(
+            "%s: %s from %s; bad input: %s",
+            split,
+            f"{len(out[split])} records" if report is not None else "streaming shards",
+            path,
+            report.summary() if report is not None else "counted per batch",
+        )
     return out
 
 
@@ -94,8 +108,14 @@ class EndlessStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_size: int | None = None,
-                boxed_per_batch: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Any,
+    cfg: Config,
+    train: bool,
+    start: int = 0,
+    batch_size: int | None = None,
+    boxed_per_batch: int = 0,
+) -> DataLoader:
     """Endless, deterministic and resumable batches (``start`` = samples this rank already consumed).
 
     Map-style data resumes exactly (per-sample RNG from epoch and index); a shard stream resumes at
@@ -106,17 +126,25 @@ def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_si
     collate = Collator(cfg.model.text.tokenizer, cfg.model.text.max_len)
     bs = batch_size or cfg.train.batch_size
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        return DataLoader(EndlessStream(dataset, start), batch_size=bs, num_workers=cfg.data.num_workers,
-                          collate_fn=collate, drop_last=True)
+        return DataLoader(
+            EndlessStream(dataset, start),
+            batch_size=bs,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+        )
     boxed = boxed_per_batch if train else 0
     pool = [i for i, r in enumerate(getattr(dataset, "records", [])) if r.objects] if boxed else []
     if boxed and pool:
-        sampler: torch.utils.data.Sampler = BoxedMixSampler(len(dataset), pool, boxed, bs, cfg.seed, D.rank(),
-                                                            D.world_size(), start)
+        sampler: torch.utils.data.Sampler = BoxedMixSampler(
+            len(dataset), pool, boxed, bs, cfg.seed, D.rank(), D.world_size(), start
+        )
     else:
         if boxed:
             log.warning("train.boxed_per_batch=%d but no training record has boxes: plain shuffling", boxed)
-        sampler = ResumableSampler(len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start)
+        sampler = ResumableSampler(
+            len(dataset), cfg.seed, D.rank(), D.world_size(), shuffle=train, start=start
+        )
     return DataLoader(
         EpochSeeded(dataset, cfg.seed),
         batch_size=bs,
@@ -131,8 +159,14 @@ def make_loader(dataset: Any, cfg: Config, train: bool, start: int = 0, batch_si
 
 # ------------------------------------------------------------------------------ validation
 @torch.no_grad()
-def validate(objective: PretrainObjective, loader: DataLoader, device: torch.device, dtype: torch.dtype,
-             max_batches: int = 8, events: Counter[str] | None = None) -> dict[str, float]:
+def validate(
+    objective: PretrainObjective,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_batches: int = 8,
+    events: Counter[str] | None = None,
+) -> dict[str, float]:
     """Validation losses and PTA metrics (AP, object-patch recall at the first stage's keep ratio).
 
     Runs under a forked RNG so that validating never changes the training run's random stream.
@@ -178,7 +212,9 @@ def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
     prefix = model.image_prefix(batch.images)
     if batch.phrase_ids.shape[0]:
         q = model.encode_query(batch.phrase_ids, batch.phrase_mask)
-        meter.add("phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels, batch.phrase_image)
+        meter.add(
+            "phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels, batch.phrase_image
+        )
     boxed = batch.has_boxes.nonzero().squeeze(1)
     if boxed.numel():
         meter.add("agnostic", sel(prefix[boxed], None, block), batch.union_labels[boxed])
@@ -195,6 +231,7 @@ class TrainResult:
 def _adopt_selection(model: COPAModel, cfg: Config) -> None:
     """--init: the checkpoint fixes the architecture except the selection, which is the config's
     (rebuilt in the ViT, so the saved model is the trained one); warn about the config keys ignored."""
+
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
@@ -202,16 +239,25 @@ def _adopt_selection(model: COPAModel, cfg: Config) -> None:
         return out
 
     ours, theirs = flat(to_dict(cfg.model)), flat(to_dict(model.cfg))
-    ignored = sorted(k for k in ours if not k.startswith(("select.", "text.tokenizer", "text.pretrained"))
-                     and ours[k] != theirs.get(k))
+    ignored = sorted(
+        k
+        for k in ours
+        if not k.startswith(("select.", "text.tokenizer", "text.pretrained")) and ours[k] != theirs.get(k)
+    )
     if ignored:
-        log.warning("--init: the checkpoint's architecture is used; config values ignored: %s",
-                    {k: (ours[k], theirs.get(k)) for k in ignored})
+        log.warning(
+            "--init: the checkpoint's architecture is used; config values ignored: %s",
+            {k: (ours[k], theirs.get(k)) for k in ignored},
+        )
     model.set_selection(cfg.model.select)
 
 
 def pretrain(
-    cfg: Config, out: str | Path, resume: bool = False, init: str | None = None, stop_at: int | None = None,
+    cfg: Config,
+    out: str | Path,
+    resume: bool = False,
+    init: str | None = None,
+    stop_at: int | None = None,
     branch_from: str | Path | None = None,
 ) -> TrainResult:
     """Pre-train ``cfg`` into ``out``. ``resume`` continues from the latest checkpoint there;
@@ -246,8 +292,9 @@ def pretrain(
     model.to(device).train()
     dtype = resolve_precision(cfg.train.precision, device)
     t = cfg.train
-    objective = PretrainObjective(model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast,
-                                  t.itm_negatives)
+    objective = PretrainObjective(
+        model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast, t.itm_negatives
+    )
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
     state = None
@@ -269,8 +316,9 @@ def pretrain(
         torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)
 
     per_step = t.batch_size * t.grad_accum
-    train_loader = make_loader(datasets["train"], cfg, train=True, start=start_step * per_step,
-                               boxed_per_batch=t.boxed_per_batch)
+    train_loader = make_loader(
+        datasets["train"], cfg, train=True, start=start_step * per_step, boxed_per_batch=t.boxed_per_batch
+    )
     val_bs = t.batch_size
     if hasattr(datasets["val"], "__len__"):
         val_bs = max(1, min(t.batch_size, len(datasets["val"]) // D.world_size()))
@@ -282,7 +330,8 @@ def pretrain(
     mine = counted[D.rank()] if D.rank() < len(counted) else {}
     batch_events: Counter[str] = Counter(mine.get("train", {}))
     val_state: dict[str, Counter[str] | None] = {
-        "events": Counter(mine.get("val", {})) if mine.get("val_counted") else None}
+        "events": Counter(mine.get("val", {})) if mine.get("val_counted") else None
+    }
     step_events: Counter[str] = Counter(mine.get("steps", {}))
     last_val: dict[str, float] = {}
 
@@ -297,7 +346,9 @@ def pretrain(
             first = val_state["events"] is None
             if first:
                 val_state["events"] = Counter()
-            last_val = validate(objective, val_loader, device, dtype, events=val_state["events"] if first else None)
+            last_val = validate(
+                objective, val_loader, device, dtype, events=val_state["events"] if first else None
+            )
             runlog.write("val_log", step, last_val)
             if main:
                 log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in last_val.items()})
@@ -310,19 +361,48 @@ def pretrain(
             rngs = D.gather_objects(rng_state())  # every rank's stream, for an exact resume
             events = D.gather_objects(_events_state(batch_events, val_state["events"], step_events))
             if main:
-                ckpt_state = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "step": step,
-                              "rng": rngs, "data_position": step * per_step, "events": events}
-                save_checkpoint(out, step, model, ckpt_state, extra={"provenance": provenance(cfg, step)},
-                                state_dict=model_sd)
+                ckpt_state = {
+                    "optimizer": opt_sd,
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "rng": rngs,
+                    "data_position": step * per_step,
+                    "events": events,
+                }
+                save_checkpoint(
+                    out,
+                    step,
+                    model,
+                    ckpt_state,
+                    extra={"provenance": provenance(cfg, step)},
+                    state_dict=model_sd,
+                )
             del model_sd, opt_sd
             D.barrier()
 
-    loop = TrainLoop(wrapped, model, opt, sched, iter(train_loader), device, dtype, steps=t.steps,
-                     grad_accum=t.grad_accum, clip_grad=t.clip_grad, log_every=t.log_every,
-                     time_budget_s=t.time_budget_s, samples_per_step=per_step, where="pretrain",
-                     terms=LOSS_NAMES, runlog=runlog, progress=True, events=step_events,
-                     on_batch=lambda batch: batch_events.update(batch.events), after_step=after_step,
-                     failure_note=kept)
+    loop = TrainLoop(
+        wrapped,
+        model,
+        opt,
+        sched,
+        iter(train_loader),
+        device,
+        dtype,
+        steps=t.steps,
+        grad_accum=t.grad_accum,
+        clip_grad=t.clip_grad,
+        log_every=t.log_every,
+        time_budget_s=t.time_budget_s,
+        samples_per_step=per_step,
+        where="pretrain",
+        terms=LOSS_NAMES,
+        runlog=runlog,
+        progress=True,
+        events=step_events,
+        on_batch=lambda batch: batch_events.update(batch.events),
+        after_step=after_step,
+        failure_note=kept,
+    )
     try:
         res = loop.run(start_step, stop_at)
     finally:
@@ -330,26 +410,43 @@ def pretrain(
     step, stopped_early = res.steps, res.stopped_early
     final_sd = full_state(model, None, fsdp)[0] if fsdp else None
     # DDP ranks must agree exactly; FSDP ranks hold shards, so its one checksum is of the full state
-    checksums = [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
+    checksums = (
+        [param_checksum(final_sd.values())] if fsdp else D.gather_objects(param_checksum(model.parameters()))
+    )
     every = D.gather_objects(_events_state(batch_events, val_state["events"], step_events))
-    summary = {"steps": step, "param_checksums": checksums, "stopped_early": stopped_early, "wall_s": res.wall_s,
-               "precision": str(dtype).replace("torch.", ""), "world_size": D.world_size(),
-               "final_val": last_val, "data_report": _data_report(datasets, every),
-               "events": dict(sum((Counter(e["steps"]) for e in every), Counter())),
-               "parameters": model.num_parameters()}
+    summary = {
+        "steps": step,
+        "param_checksums": checksums,
+        "stopped_early": stopped_early,
+        "wall_s": res.wall_s,
+        "precision": str(dtype).replace("torch.", ""),
+        "world_size": D.world_size(),
+        "final_val": last_val,
+        "data_report": _data_report(datasets, every),
+        "events": dict(sum((Counter(e["steps"]) for e in every), Counter())),
+        "parameters": model.num_parameters(),
+    }
     if main:
         if not (stopped_early and stop_at is not None):  # a preempted run has only its checkpoint
-            model.save_pretrained(out / "model", extra={"provenance": provenance(cfg, step)}, state_dict=final_sd)
+            model.save_pretrained(
+                out / "model", extra={"provenance": provenance(cfg, step)}, state_dict=final_sd
+            )
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (out / "pta_metrics.json").write_text(json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2))
+        (out / "pta_metrics.json").write_text(
+            json.dumps({k: v for k, v in last_val.items() if k.startswith("pta_")}, indent=2)
+        )
     D.barrier()
     return TrainResult(step, last_val, out)
 
 
 def _events_state(batch: Counter[str], val: Counter[str] | None, steps: Counter[str]) -> dict[str, Any]:
     """One rank's event counts, as plain dicts (they go into the checkpoint and through gather)."""
-    return {"train": dict(batch), "val": dict(val or {}), "val_counted": val is not None,
-            "steps": dict(steps)}
+    return {
+        "train": dict(batch),
+        "val": dict(val or {}),
+        "val_counted": val is not None,
+        "steps": dict(steps),
+    }
 
 
 def _data_report(datasets: dict[str, Any], every: list[Any]) -> dict[str, Any]:
@@ -378,5 +475,12 @@ def param_checksum(params: Any) -> float:
 def provenance(cfg: Config, step: int) -> dict[str, Any]:
     import platform
 
-    return {"step": step, "data": {"train": cfg.data.train}, "seed": cfg.seed, "torch": torch.__version__,
-            "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "name": cfg.name}
+    return {
+        "step": step,
+        "data": {"train": cfg.data.train},
+        "seed": cfg.seed,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "name": cfg.name,
+    }
