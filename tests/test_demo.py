@@ -117,6 +117,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         by_cmd.setdefault(ns.command, []).append(ns)
     assert len(by_cmd["pretrain"]) == 1 and len(by_cmd["finetune"]) == 4
     cfg = load_config(by_cmd["pretrain"][0].config, by_cmd["pretrain"][0].overrides)
+    # the trunk is ITC alone
+    assert {k for k, w in cfg.train.loss_weights.items() if w} == {"itc"}
     assert cfg.train.steps == plan.pretrain_steps and cfg.eval.itm_topk == plan.itm_topk
     assert cfg.train.time_budget_s == pytest.approx(
         plan.safety_factor * plan.planned_step_s * plan.pretrain_steps
@@ -125,11 +127,16 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         ft = load_config(ns.config, ns.overrides)
         assert ft.train.steps == plan.finetune_steps[ns.task]
         assert ns.meteor is (False if quick else None) and ns.eval_split == "none"
+        assert ft.train.freeze_vit  # the pre-trained ViT is not fine-tuned (BENCHMARKS.md)
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
+    # (the second scene style's VQA evaluation reads its own test split, with the blind control)
+    alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]
+    assert [(ns.task, "eval.blind_control=true" in ns.overrides) for ns in alt] == [("vqa", True)]
     for ns in by_cmd["evaluate"]:
         ev = load_config(ns.config, ns.overrides)
-        assert ev.eval.itm_topk == plan.itm_topk and ev.data.test.endswith("data/test.json")
-    blind = [ns for ns in by_cmd["evaluate"] if "eval.blind_control=true" in ns.overrides]
+        assert ev.eval.itm_topk == plan.itm_topk
+        assert ev.data.test.endswith("data_alt/test.json" if ns in alt else "data/test.json")
+    blind = [ns for ns in by_cmd["evaluate"] if "eval.blind_control=true" in ns.overrides and ns not in alt]
     assert [(ns.task, ns.keep_ratio < 1.0) for ns in blind] == [("vqa", True)]
     swaps = {(ns.task, ns.selector or "", bool(ns.selectors_from)) for ns in by_cmd["evaluate"]}
     assert ("vqa", "tome", False) in swaps and ("grounding", "random", False) in swaps
