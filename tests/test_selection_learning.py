@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from copa.model.selection import TPD, TPD_FORMS, RandomSelector, make_selector, select_and_fuse
-from copa.train.losses import phrase_contrast_loss
+from copa.model.selection import (
+    TPD,
+    TPD_FORMS,
+    RandomSelector,
+    bce_patch_loss,
+    make_selector,
+    select_and_fuse,
+)
+from copa.train.losses import other_object_weight, phrase_contrast_loss
 from copa.train.pta_metrics import PTAMeter, text_specificity
 from copa.train.sampler import BoxedMixSampler
 
@@ -86,6 +93,24 @@ def test_phrase_contrast_prefers_the_queried_object() -> None:
     assert phrase_contrast_loss(aware, labels, image) < phrase_contrast_loss(blind, labels, image)
     single = phrase_contrast_loss(torch.randn(1, 8, requires_grad=True), labels[2:], image[2:])
     assert single.item() == 0.0 and single.requires_grad
+
+
+def test_other_object_weight_prices_a_blind_ranking_higher() -> None:
+    labels, image = _two_object_labels()
+    union = torch.stack([labels[image == i].amax(0) for i in image.tolist()])  # (P, N) the image's boxes
+    assert other_object_weight(labels, union, 1.0) is None
+    w = other_object_weight(labels, union, 3.0)
+    assert w[0, 2:4].tolist() == [3.0, 3.0] and w[0, :2].tolist() == [1.0, 1.0] and w[0, 6:].eq(1).all()
+    assert w[2].eq(1).all()  # an image with one object has no other object to weigh
+    blind = torch.zeros(3, 8)
+    blind[:, :4] = 5.0  # both objects of image 0 first, whatever the phrase
+    aware = labels * 5.0
+    gap = [
+        float(bce_patch_loss(blind, labels, 2.0, other_object_weight(labels, union, k)))
+        - float(bce_patch_loss(aware, labels, 2.0, other_object_weight(labels, union, k)))
+        for k in (1.0, 3.0)
+    ]
+    assert 0 < gap[0] < gap[1]  # the weight widens what a blind ranking costs over a text-aware one
 
 
 def test_boxed_mix_sampler_puts_boxed_images_in_every_batch_and_resumes_exactly() -> None:

@@ -419,7 +419,10 @@ def tpd_scores(logits: Tensor) -> Tensor:
     return torch.sigmoid(logits.float())
 
 
-def bce_patch_loss(logits: Tensor, labels: Tensor, pos_weight: float = 1.0) -> Tensor:
-    """Patch-Text Alignment loss: BCE between logits (B, N) and 0/1 labels (B, N), patch-averaged."""
+def bce_patch_loss(
+    logits: Tensor, labels: Tensor, pos_weight: float = 1.0, weight: Tensor | None = None
+) -> Tensor:
+    """Patch-Text Alignment loss: BCE between logits (B, N) and 0/1 labels (B, N), patch-averaged;
+    ``weight`` (B, N), if given, scales each patch's term."""
     pw = torch.tensor(pos_weight, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), weight=weight, pos_weight=pw)

@@ -155,6 +155,21 @@ def phrase_contrast_loss(logits: Tensor, labels: Tensor, image: Tensor) -> Tenso
     return (lse - lg)[target].mean()
 
 
+def other_object_weight(labels: Tensor, union: Tensor, weight: float) -> Tensor | None:
+    """Per-patch BCE weights for phrase queries: ``weight`` on the patches of the image's other objects
+    (in ``union``, not in the phrase's own box), 1 elsewhere; None when ``weight`` is 1.
+
+    A selector that keeps the queried object and then the other objects before the background is
+    text-blind past the first object (specificity ~0 at any keep ratio above the object's area); plain
+    BCE prices such a ranking like any other negative, this prices it ``weight`` times higher.
+    labels, union: (P, N) 0/1 -> (P, N) float or None.
+    """
+    if weight == 1.0:
+        return None
+    others = union.bool() & ~labels.bool()
+    return 1.0 + (weight - 1.0) * others.float()
+
+
 @dataclass
 class StepOutput:
     loss: Tensor
@@ -177,6 +192,7 @@ class PretrainObjective(nn.Module):
         pta_pos_weight: float = 2.0,
         pta_contrast: float = 0.0,
         itm_negatives: str = "both",
+        pta_other_weight: float = 1.0,
     ) -> None:
         super().__init__()
         unknown = set(weights) - set(LOSS_NAMES)
@@ -188,6 +204,7 @@ class PretrainObjective(nn.Module):
         self.mlm_prob = mlm_prob
         self.pta_pos_weight = pta_pos_weight
         self.pta_contrast = pta_contrast
+        self.pta_other_weight = pta_other_weight
         self.itm_negatives = itm_negatives
         tok = model.tokenizer
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = (
@@ -284,7 +301,10 @@ class PretrainObjective(nn.Module):
         if batch.phrase_ids.shape[0] > 0:
             ph = m.encode_query(batch.phrase_ids, batch.phrase_mask)
             logits = sel(prefix[batch.phrase_image], ph, block)
-            loss = bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight)
+            weight = other_object_weight(
+                batch.phrase_labels, batch.union_labels[batch.phrase_image], self.pta_other_weight
+            )
+            loss = bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight, weight)
             if self.pta_contrast:
                 loss = loss + self.pta_contrast * phrase_contrast_loss(
                     logits, batch.phrase_labels, batch.phrase_image

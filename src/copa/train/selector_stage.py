@@ -105,7 +105,11 @@ def train_selector(
     # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
     model.eval()
     objective = PretrainObjective(
-        model, {"pta": 1.0}, pta_pos_weight=t.pta_pos_weight, pta_contrast=t.pta_contrast
+        model,
+        {"pta": 1.0},
+        pta_pos_weight=t.pta_pos_weight,
+        pta_contrast=t.pta_contrast,
+        pta_other_weight=t.pta_other_weight,
     )
     # one group, decay on every tensor, Adam's default β2 and warm-up then a constant rate (floor 1):
     # the recipe this stage was tuned with (BENCHMARKS.md)

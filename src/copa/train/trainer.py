@@ -293,7 +293,13 @@ def pretrain(
     dtype = resolve_precision(cfg.train.precision, device)
     t = cfg.train
     objective = PretrainObjective(
-        model, t.loss_weights, t.mlm_prob, t.pta_pos_weight, t.pta_contrast, t.itm_negatives
+        model,
+        t.loss_weights,
+        t.mlm_prob,
+        t.pta_pos_weight,
+        t.pta_contrast,
+        t.itm_negatives,
+        pta_other_weight=t.pta_other_weight,
     )
     start_step = 0
     ckpt = latest_checkpoint(out) if resume else None
