@@ -168,7 +168,10 @@ def test_caption_scores_two_captions():
         "partial": {1: "a red square", 2: "a green star"},
         "empty": {1: "", 2: ""},
     }
-    s = caption_scores(REFS, res, meteor=False)
+    per_image: dict = {}
+    s = caption_scores(REFS, res, meteor=False, cider_per_image=per_image)
+    assert set(per_image["partial"]) == set(REFS)
+    assert sum(per_image["partial"].values()) / len(REFS) == pytest.approx(s["partial"]["cider"])
     assert s["exact"]["bleu4"] == pytest.approx(1.0, abs=1e-6) and s["exact"]["rouge_l"] == pytest.approx(1.0)
     assert 2.0 < s["exact"]["cider"] <= 10.0
     p = s["partial"]
@@ -209,3 +212,28 @@ def test_meteor_runs_with_java():
         pytest.skip("no java")
     s = caption_scores(REFS, {"m": {1: "a red circle on the left", 2: "a green star"}}, meteor=True)
     assert 0.0 < s["m"]["meteor"] < 1.0
+
+
+def test_query_units_average_to_r_mean_and_bootstrap_brackets_the_difference():
+    from copa.tasks.metrics import paired_bootstrap, query_recall_units, retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    text_image = torch.arange(12).repeat_interleave(3)  # 12 images, 3 captions each
+    i2t, t2i = torch.randn(12, 36, generator=g), torch.randn(36, 12, generator=g)
+    img_u, txt_u = query_recall_units(i2t, t2i, text_image)
+    units = img_u + txt_u
+    weights = [0.5 / 12] * 12 + [0.5 / 36] * 36
+    r_mean = retrieval_metrics(i2t, t2i, text_image)["r_mean"]
+    assert sum(u * w for u, w in zip(units, weights, strict=True)) == pytest.approx(r_mean)
+
+    groups = list(range(12)) + text_image.tolist()
+    same = paired_bootstrap(units, units, groups, weights)
+    assert same["diff"] == same["low"] == same["high"] == 0.0 and same["groups"] == 12
+    better = [u + 10.0 for u in units]
+    b = paired_bootstrap(better, units, groups, weights)
+    assert b["diff"] == pytest.approx(10.0) and b["low"] == pytest.approx(10.0)
+    noisy = [u + float(v) for u, v in zip(units, torch.randn(48, generator=g) * 20, strict=True)]
+    c = paired_bootstrap(noisy, units, groups, weights)
+    assert c["low"] < c["diff"] < c["high"] and c["high"] - c["low"] > 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0], [0, 1])

@@ -335,6 +335,54 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
     return pruned.get("metric"), pruned.get("baseline")
 
 
+# a point of each task's headline metric (CIDEr is reported x100 in papers: a point is 0.01 here)
+POINT = {"retrieval": 1.0, "vqa": 1.0, "caption": 0.01, "grounding": 1.0}
+
+
+def _extra_target_rows(res: dict[str, Any]) -> list[tuple[str, Any, str, str, bool]]:
+    """The targets that compare two numbers of the run: (label, value, target, baseline, met)."""
+    out = []
+    rows = res.get("ablation_pta", {}).get("rows", {})
+    copa = next((r for name, r in rows.items() if "COPA" in name), {}).get("specificity@0.25")
+    no_pta = rows.get("tpd without PTA", {}).get("specificity@0.25")
+    if isinstance(copa, (int, float)) and isinstance(no_pta, (int, float)):
+        out.append(
+            (
+                "specificity @0.25: COPA - tpd without PTA",
+                copa - no_pta,
+                ">= 0.25",
+                f"{_fmt(no_pta)} (tpd without PTA)",
+                copa - no_pta >= 0.25,
+            )
+        )
+    pre = res.get("pretrain", {})
+    itc, batch = pre.get("final_val", {}).get("val_itc"), pre.get("batch_size")
+    if isinstance(itc, (int, float)) and batch:
+        chance = math.log(batch)
+        out.append(
+            (
+                "validation ITC (end of pre-training)",
+                itc,
+                f"<= {0.75 * chance:.2f} (0.75 ln B)",
+                f"{chance:.2f} (ln B, chance)",
+                itc <= 0.75 * chance,
+            )
+        )
+    for task, d in res.get("pruned_vs_unpruned", {}).items():
+        point = POINT.get(task, 1.0)
+        value = f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
+        out.append(
+            (
+                f"{task}: pruned (keep {d['keep_ratio']}) - unpruned, 95% interval",
+                value,
+                f">= {-point:g} (one point)",
+                "0 (no pruning)",
+                d["diff"] >= -point,
+            )
+        )
+    return out
+
+
 def _target_blocks(res: dict[str, Any]) -> list[Block]:
     if res.get("quick"):
         return []
@@ -347,9 +395,21 @@ def _target_blocks(res: dict[str, Any]) -> list[Block]:
         rows.append(
             [label, _fmt(value), f">= {target:g}", f"{_fmt(base)} ({base_label})", "met" if ok else "MISSED"]
         )
+    for label, value, target, base, ok in _extra_target_rows(res):
+        if not ok:
+            missed.append(label)
+        rows.append(
+            [label, value if isinstance(value, str) else _fmt(value), target, base, "met" if ok else "MISSED"]
+        )
     out: list[Block] = [
         ("h2", "Targets (test split; pruned model at the recommended keep ratio)"),
         ("table", (["metric", "this run", "target", "trivial baseline", ""], rows)),
+        (
+            "p",
+            "Pruned - unpruned: the same fine-tuned weights on the same test samples; the interval is "
+            "the 2.5-97.5 percentile of the difference over 2,000 test sets resampled by image. An "
+            "interval that holds 0 means this test set cannot tell the two apart.",
+        ),
     ]
     if missed:
         out.append(

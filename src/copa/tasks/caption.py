@@ -77,11 +77,15 @@ class CaptionTask(Task):
         metrics: dict[str, Any] = {"decode": mode, "prompt": self.options.prompt}
         if D.is_main():  # the scorers (two java processes) run once, not per rank
             refs = {p["image_id"]: p["references"] for p in preds}
+            per_image: dict[str, dict[Any, float]] = {}
             scores = caption_scores(
                 refs,
                 {"model": {p["image_id"]: p["caption"] for p in preds}, "empty": {i: "" for i in refs}},
                 meteor=self.options.meteor,
+                cider_per_image=per_image,
             )
+            for p in preds:  # its share of ``cider`` (metrics.paired_bootstrap)
+                p["unit"], p["group"] = per_image["model"][p["image_id"]], p["image"]
             metrics.update(scores["model"])
             metrics.update({f"baseline_{k}": v for k, v in scores["empty"].items()})
         metrics.update(throughput(len(preds), seconds))

@@ -79,13 +79,17 @@ def _meteor(gts: dict[Any, list[str]], res_sets: dict[str, dict[Any, list[str]]]
 
 
 def caption_scores(
-    references: Refs, results: Mapping[str, Mapping[Any, str]], meteor: bool = True
+    references: Refs,
+    results: Mapping[str, Mapping[Any, str]],
+    meteor: bool = True,
+    cider_per_image: dict[str, dict[Any, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score several result sets (e.g. the model and a baseline) against the same references.
 
     references: {image_id: [ref, ...]}; results: {set name: {image_id: caption}} covering the same
     ids. Returns {set name: {"bleu1".."bleu4", "meteor", "rouge_l", "cider"}} (pycocoevalcap scale:
-    fractions, CIDEr in 0..10).
+    fractions, CIDEr in 0..10). ``cider_per_image``, if given, receives {set name: {image_id: CIDEr}}
+    (the corpus CIDEr is their mean).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -106,7 +110,10 @@ def caption_scores(
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         scores = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
         scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
-        scores["cider"] = float(Cider().compute_score(gts, res)[0])
+        cider, per_image = Cider().compute_score(gts, res)
+        scores["cider"] = float(cider)
+        if cider_per_image is not None:  # Cider scores the images in the order of gts' keys
+            cider_per_image[name] = {i: float(v) for i, v in zip(gts, per_image, strict=True)}
         out[name] = scores
     if meteor:
         for name, value in _meteor(gts, res_sets).items():

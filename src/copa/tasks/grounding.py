@@ -113,6 +113,8 @@ class GroundingTask(Task):
                         "box_pred_cxcywh": boxes[j].tolist(),
                         "box_gt_cxcywh": batch.ref_boxes[j].tolist(),
                         "iou": float(iou[j]),
+                        "unit": 100.0 * float(iou[j] >= 0.5),  # its share of ``acc@0.5``
+                        "group": dataset.records[i].image,
                     }
                 )
         preds, seconds = gather_predictions(preds, env.watch.seconds)

@@ -63,6 +63,51 @@ def retrieval_metrics(i2t_scores: Tensor, t2i_scores: Tensor, text_image: Tensor
     return out
 
 
+def query_recall_units(
+    i2t_scores: Tensor, t2i_scores: Tensor, text_image: Tensor
+) -> tuple[list[float], list[float]]:
+    """Each query's share of ``r_mean``: the mean over k of its hit@k (in %), for the image queries
+    (I,) and the text queries (T,). ``r_mean`` = (mean of the image queries' + mean of the text
+    queries') / 2, which is how ``paired_bootstrap`` weighs them (``unit_weight``)."""
+    n_img = i2t_scores.shape[0]
+    pos_t2i = text_image[:, None] == torch.arange(n_img)[None, :]  # (T, I)
+    out = []
+    for scores, pos in ((i2t_scores, pos_t2i.t()), (t2i_scores, pos_t2i)):
+        r = gt_ranks(scores, pos)
+        out.append((100.0 * torch.stack([(r < k).float() for k in RECALL_KS]).mean(0)).tolist())
+    return out[0], out[1]
+
+
+def paired_bootstrap(
+    a: Sequence[float],
+    b: Sequence[float],
+    groups: Sequence[object],
+    weights: Sequence[float] | None = None,
+    n: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Difference of two evaluations of the same samples (``a`` - ``b``, weighted means) and its 95%
+    interval over test sets resampled by ``groups`` (the image each sample belongs to: the questions
+    of one image rise and fall together, so they are drawn together).
+
+    a, b, groups, weights: one entry per sample -> {"diff", "low", "high", "groups"}.
+    """
+    import numpy as np
+
+    if not (len(a) == len(b) == len(groups)) or not len(a):
+        raise ValueError(f"paired_bootstrap needs equal, non-empty lists: {len(a)}, {len(b)}, {len(groups)}")
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=float)
+    d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * w
+    keys = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    gid = np.array([keys[g] for g in groups])
+    sum_d = np.bincount(gid, weights=d, minlength=len(keys))  # per group: weighted difference, weight
+    sum_w = np.bincount(gid, weights=w, minlength=len(keys))
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
+    boot = sum_d[draws].sum(1) / sum_w[draws].sum(1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(d.sum() / w.sum()), "low": float(low), "high": float(high), "groups": len(keys)}
+
+
 def _hit_prob(n: int, m: int, k: int) -> float:
     """Chance that at least one of m ground-truth items is in the top k of a random order of n."""
     if k >= n - m + 1:

@@ -42,7 +42,7 @@ from copa.data.dataset import PretrainDataset
 from copa.data.records import Record
 from copa.model.copa import COPAModel
 from copa.tasks.base import EvalEnv, EvalResult, Task, eval_loader, expanded_dataset, only, shard_indices
-from copa.tasks.metrics import random_retrieval_baseline, retrieval_metrics
+from copa.tasks.metrics import query_recall_units, random_retrieval_baseline, retrieval_metrics
 from copa.train import distributed as D
 
 TOP_IN_PREDICTIONS = 5
@@ -272,8 +272,12 @@ class RetrievalTask(Task):
         return EvalResult(metrics, self._predictions(data, i2t, t2i))
 
     def _predictions(self, data: RetrievalData, i2t: Tensor, t2i: Tensor) -> list[dict[str, Any]]:
-        """Top candidates of every query, readable: captions for image queries, paths for text queries."""
+        """Top candidates of every query, readable: captions for image queries, paths for text queries;
+        ``unit`` (weight ``unit_weight``, ``group`` its image) is the query's share of ``r_mean``
+        (``metrics.paired_bootstrap``)."""
         owner = data.text_image.tolist()
+        img_units, txt_units = query_recall_units(i2t, t2i, data.text_image)
+        w_img, w_txt = 0.5 / len(img_units), 0.5 / len(txt_units)
 
         def top(scores: Tensor, name: Any, correct: Any) -> list[list[dict[str, Any]]]:
             vals, idx = scores.topk(min(TOP_IN_PREDICTIONS, scores.shape[1]), dim=1)
@@ -287,6 +291,24 @@ class RetrievalTask(Task):
 
         by_image = top(i2t, lambda j: {"text": data.texts[j]}, lambda q, j: owner[j] == q)
         by_text = top(t2i, lambda j: {"image": data.image_path(j)}, lambda q, j: owner[q] == j)
-        return [{"query": "image", "image": data.image_path(i), "top": t} for i, t in enumerate(by_image)] + [
-            {"query": "text", "text": data.texts[q], "top": t} for q, t in enumerate(by_text)
+        return [
+            {
+                "query": "image",
+                "image": data.image_path(i),
+                "top": t,
+                "unit": u,
+                "unit_weight": w_img,
+                "group": i,
+            }
+            for i, (t, u) in enumerate(zip(by_image, img_units, strict=True))
+        ] + [
+            {
+                "query": "text",
+                "text": data.texts[q],
+                "top": t,
+                "unit": u,
+                "unit_weight": w_txt,
+                "group": owner[q],
+            }
+            for q, (t, u) in enumerate(zip(by_text, txt_units, strict=True))
         ]

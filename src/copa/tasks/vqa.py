@@ -129,6 +129,8 @@ class VQATask(Task):
                     "answers": refs,
                     "prediction": answer,
                     "score": vqa_score(answer, refs),
+                    "unit": 100.0 * vqa_score(answer, refs),  # its share of ``accuracy``
+                    "group": rec.image,
                 }
                 if other is not None:
                     pred["blind_prediction"], pred["blind_score"] = other, vqa_score(other, refs)

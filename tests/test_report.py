@@ -1,0 +1,60 @@
+"""The report's targets table: met / MISSED from the run's own numbers, the comparisons included."""
+
+from __future__ import annotations
+
+import math
+
+from copa.report import _target_blocks, to_markdown
+
+
+def _results(copa_spec: float, itc: float, vqa_diff: float) -> dict:
+    return {
+        "quick": False,
+        "pretrain": {"final_val": {"val_itc": itc}, "batch_size": 32},
+        "ablation_pta": {
+            "rows": {
+                "tpd without PTA": {"specificity@0.25": 0.01, "recall_phrase": 0.8},
+                "tpd + PTA, boxes on ~5% (COPA)": {
+                    "specificity@0.25": copa_spec,
+                    "recall_phrase": 0.97,
+                    "recall_random": 0.5,
+                },
+            }
+        },
+        "tasks": {"vqa": {"pruned (keep 0.5)": {"metric": 40.0, "baseline": 14.0}}},
+        "pruned_vs_unpruned": {
+            "vqa": {
+                "keep_ratio": 0.5,
+                "diff": vqa_diff,
+                "low": vqa_diff - 2,
+                "high": vqa_diff + 2,
+                "groups": 60,
+            },
+            "caption": {"keep_ratio": 0.5, "diff": -0.02, "low": -0.05, "high": 0.01, "groups": 60},
+        },
+    }
+
+
+def _rows(md: str) -> dict[str, str]:
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5:
+            rows[cells[0]] = cells[4]
+    return rows
+
+
+def test_targets_table_marks_each_comparison_from_the_run() -> None:
+    good = _rows(to_markdown(_target_blocks(_results(0.55, 2.2, -0.5))))
+    assert good["specificity @0.25: COPA - tpd without PTA"] == "met"
+    assert good["validation ITC (end of pre-training)"] == "met"
+    assert good["vqa: pruned (keep 0.5) - unpruned, 95% interval"] == "met"
+    # a CIDEr point is 0.01: -0.02 is two points down
+    assert good["caption: pruned (keep 0.5) - unpruned, 95% interval"] == "MISSED"
+    assert good["VQA accuracy (%)"] == "MISSED"  # 40 < 70
+
+    bad = _rows(to_markdown(_target_blocks(_results(0.1, 0.8 * math.log(32), -1.5))))
+    assert bad["specificity @0.25: COPA - tpd without PTA"] == "MISSED"
+    assert bad["validation ITC (end of pre-training)"] == "MISSED"
+    assert bad["vqa: pruned (keep 0.5) - unpruned, 95% interval"] == "MISSED"
+    assert _target_blocks({**_results(0.55, 2.2, 0.0), "quick": True}) == []
