@@ -149,6 +149,12 @@ def test_cli_finetune_then_evaluate_writes_metrics(name, micro_init, synth_dir, 
     assert metrics["keep_ratio"] == 0.5 and metrics["pruning"] is True and metrics["samples_per_s"] > 0
     lines = (tmp_path / "test" / "predictions.jsonl").read_text().splitlines()
     assert lines and all(isinstance(json.loads(x), dict) for x in lines)
+    # each prediction's share of the headline metric (the demo's paired bootstrap reads these)
+    preds = [json.loads(x) for x in lines]
+    weights = [p.get("unit_weight", 1.0) for p in preds]
+    mean = sum(p["unit"] * w for p, w in zip(preds, weights, strict=True)) / sum(weights)
+    headline = {"retrieval": "r_mean", "vqa": "accuracy", "caption": "cider", "grounding": "acc@0.5"}[name]
+    assert mean == pytest.approx(metrics[headline], abs=1e-4) and all("group" in p for p in preds)
     if name == "caption":
         assert "meteor" not in metrics and (tmp_path / "test" / "captions_coco_results.json").exists()
         assert metrics["baseline_cider"] == 0.0
@@ -314,6 +320,26 @@ def test_vqa_blind_control_answers_with_another_image(micro_init, synth_dir):
     model.fusion.img_proj = Blindfold()
     m = run_evaluation(task, model, cfg, "val", None).metrics
     assert m["blind_accuracy"] == pytest.approx(m["accuracy_on_blind_questions"])
+
+
+def test_eval_every_writes_a_learning_curve_and_trains_the_same_weights(micro_init, synth_dir, tmp_path):
+    """``train.eval_every``: a curve row per evaluation (the last one after training) and the same
+    weights as a run without it: the evaluations take no randomness from training."""
+    from safetensors.torch import load_file
+
+    def run(out: Path, *extra: str) -> None:
+        sets = _sets(synth_dir, "train.steps=3", *extra)
+        argv = ["finetune", "grounding", "--config", "configs/tiny.yaml", *sets, "--init", str(micro_init)]
+        assert main([*argv, "--eval-split", "val", "--out", str(out)]) == 0
+
+    run(tmp_path / "plain")
+    run(tmp_path / "curve", "train.eval_every=2")
+    rows = [json.loads(x) for x in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and all("acc@0.5" in r for r in rows)
+    assert not (tmp_path / "plain" / "curve.jsonl").exists()
+    a = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "curve" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(micro_init, synth_dir, tmp_path):

@@ -177,12 +177,19 @@ class TrainConfig:
     val_every: int = 100
     log_every: int = 10
     time_budget_s: float = 0.0  # stop early after this many seconds (0: no limit)
+    # fine-tuning: also evaluate on the eval split every this many steps, a learning curve in
+    # OUT/curve.jsonl (0: only after the last step)
+    eval_every: int = 0
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0, "pta": 1.0}
     )
     pta_pos_weight: float = 2.0
     # weight of PTA's phrase-level negatives (the other objects of the image; losses.phrase_contrast_loss)
     pta_contrast: float = 0.0
+    # BCE weight, under a phrase query, of the patches of the image's *other* objects (1 = as much as the
+    # background): after the queried object, a text-specific selector must rank the other objects below
+    # the background, which plain BCE barely asks for (losses.PretrainObjective.pta_loss)
+    pta_other_weight: float = 1.0
     # images with boxes put into every batch (drawn from the boxed share, which stays as it is in the
     # data): how much PTA signal a step sees; 0 = plain shuffling, as many as chance brings
     boxed_per_batch: int = 0
@@ -210,6 +217,9 @@ class EvalConfig:
     # model gets without looking (a model that ignores the image scores the same); costs a second pass
     blind_control: bool = False
     length_penalty: float = 1.0
+    # untimed passes before an evaluation's throughput is measured (first calls pay kernel selection and
+    # allocator growth); a process that evaluates many times may need fewer than the first does
+    warmup_runs: int = 2
 
 
 @dataclass
@@ -435,9 +445,11 @@ def check_config(cfg: Config) -> None:
         _positive(f"train.{name}", getattr(t, name))
     for name in ("batch_size", "itm_topk", "beam_size", "max_new_tokens"):
         _positive(f"eval.{name}", getattr(e, name))
-    for name in ("warmup", "clip_grad", "time_budget_s", "weight_decay"):
+    for name in ("warmup", "clip_grad", "time_budget_s", "weight_decay", "eval_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if e.warmup_runs < 0:
+        raise ConfigError(f"eval.warmup_runs must be >= 0, got {e.warmup_runs}")
     for name in ("lr", "lr_vit", "lr_text"):
         value = getattr(t, name)
         if value is not None and not value >= 0:  # also catches nan
@@ -449,6 +461,11 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(d, name)}")
     if not 0.0 < t.mlm_prob < 1.0:
         raise ConfigError(f"train.mlm_prob must be in (0, 1), got {t.mlm_prob}")
+    if t.pta_other_weight < 0 or t.pta_contrast < 0:
+        raise ConfigError(
+            f"train.pta_other_weight and train.pta_contrast must be >= 0, got {t.pta_other_weight}, "
+            f"{t.pta_contrast}"
+        )
     if t.boxed_per_batch and not 0 < t.boxed_per_batch < t.batch_size:
         raise ConfigError(
             f"train.boxed_per_batch must be 0 or in (0, train.batch_size={t.batch_size}), "

@@ -40,7 +40,6 @@ from copa.utils.device import sync
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a picture of"
-WARMUP_RUNS = 2  # untimed passes before an evaluation's throughput is measured
 
 
 @dataclass
@@ -183,18 +182,18 @@ def gather_predictions(preds: list[dict[str, Any]], seconds: float) -> tuple[lis
 
 
 @torch.no_grad()
-def warm_up(model: COPAModel, env: EvalEnv, runs: int = WARMUP_RUNS, text_len: int = 12) -> None:
+def warm_up(model: COPAModel, env: EvalEnv, runs: int | None = None, text_len: int = 12) -> None:
     """Untimed passes through every part of the model on random inputs of the evaluation's shapes.
 
     First calls pay one-time costs (kernel selection, allocator growth, lazy init) that on a CPU can
     take longer than the evaluation itself; like a benchmark's warm-up runs, they are kept out of
-    the reported throughput.
+    the reported throughput. ``runs`` defaults to ``eval.warmup_runs``.
     """
     b, size = env.ev.batch_size, model.cfg.vision.image_size
     images = torch.randn(b, 3, size, size, device=env.device)
     ids = torch.randint(1, model.cfg.text.vocab_size, (b, text_len), device=env.device)
     mask = torch.ones_like(ids)
-    for _ in range(runs):
+    for _ in range(env.ev.warmup_runs if runs is None else runs):
         with env.autocast():
             model.image_embedding(images)
             fused = model(images, ids, mask)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ import torch
 from torch import nn
 
 from copa.config import Config, to_dict, with_model
+from copa.errors import UserError
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.vit import resize_pos_embed
-from copa.tasks.base import WARMUP_RUNS, EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
+from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
 from copa.train.loop import NonFiniteLossError, RunLog, TrainLoop, all_finite, full_state, is_sharded, wrap
 from copa.train.optim import for_training
@@ -156,6 +158,9 @@ def finetune(
     opt, sched = for_training(model, t)  # after wrapping: FSDP replaces parameters with sharded ones
     torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
     runlog = RunLog(out, main, tensorboard=False)
+    curve = _curve_hook(task, model, cfg, eval_split, out) if t.eval_every else None
+    if curve is not None and main:
+        (out / "curve.jsonl").unlink(missing_ok=True)  # a curve of this run only
     loop = TrainLoop(
         wrapped,
         model,
@@ -173,6 +178,7 @@ def finetune(
         where=task.name,
         runlog=runlog,
         failure_note=lambda: ", no model written",
+        after_step=curve,
     )
     try:
         res = loop.run()
@@ -215,7 +221,43 @@ def finetune(
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     D.barrier()
     result = run_evaluation(task, model, cfg, eval_split, out) if eval_split else None
+    if curve is not None and result is not None and main:
+        _append_curve(out, step, result.metrics)
     return FinetuneResult(step, summary["first_loss"], summary["last_loss"], out, result)
+
+
+def _curve_hook(
+    task: Task, model: COPAModel, cfg: Config, split: str | None, out: Path
+) -> Callable[[int, bool], None]:
+    """``train.eval_every``: an ``after_step`` that evaluates ``split`` every that many steps (the last
+    step is evaluated after training, as without it) and appends the metrics to ``OUT/curve.jsonl``.
+    The evaluation draws no random numbers the training would see (the RNG state is put back), so the
+    run trains exactly as without it."""
+    every = cfg.train.eval_every
+    if not split:
+        raise UserError("train.eval_every needs an evaluation split (--eval-split val or test)")
+    if is_sharded(cfg.train.distributed):
+        raise UserError("train.eval_every is not supported with train.distributed=fsdp (sharded weights)")
+
+    def after_step(step: int, final: bool) -> None:
+        if final or step % every:
+            return
+        rng = torch.get_rng_state()
+        try:
+            metrics = run_evaluation(task, model, cfg, split, None).metrics
+        finally:
+            torch.set_rng_state(rng)
+        if D.is_main():
+            _append_curve(out, step, metrics)
+
+    return after_step
+
+
+def _append_curve(out: Path, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    with (out / "curve.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info("learning curve: step %d %s", step, {k: round(v, 4) for k, v in row.items() if k != "step"})
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -260,7 +302,7 @@ def run_evaluation(
                 "device": str(device),
                 "world_size": D.world_size(),
                 "batch_size": cfg.eval.batch_size,
-                "warmup_runs": WARMUP_RUNS,
+                "warmup_runs": cfg.eval.warmup_runs,
             }
         )
     finally:
