@@ -241,3 +241,30 @@ def test_text_query_pooling(micro_model):
     with pytest.raises(ValueError, match="pooling"):
         m.text_query(txt, mask)
     m.cfg.text.pooling = "mean"
+
+
+def test_selector_logits_are_the_first_stage_of_the_forward(micro_model):
+    """``selector_logits`` (what PTA trains) is exactly what the first selection stage ranks."""
+    m = micro_model
+    with torch.no_grad():
+        prefix = m.image_prefix(torch.randn(2, 3, 32, 32))
+        q = torch.randn(2, 64)
+        first = m.image_tokens(prefix, q).selections[0].logits
+        assert torch.equal(m.selector_logits(prefix, q), first)
+    assert m.has_selectors and len(m.selector_parameters()) > 0
+
+
+def test_selection_swap_is_restored_and_views_leave_the_model_alone(micro_model):
+    m = micro_model
+    with torch.no_grad():
+        prefix = m.image_prefix(torch.randn(2, 3, 32, 32))
+        before = m.image_tokens(prefix).tokens
+        ratios = m.keep_ratios
+        with m.selecting_with(m.new_selectors("none")):
+            assert not m.has_selectors and not m.pruning
+            assert m.image_tokens(prefix).tokens.shape[1] == 1 + m.num_patches
+        assert m.keep_ratios == ratios and m.pruning
+        assert torch.equal(m.image_tokens(prefix).tokens, before)
+        view = m.with_selectors(m.new_selectors("random"))
+        assert view.image_tokens(prefix).tokens.shape == before.shape
+        assert torch.equal(m.image_tokens(prefix).tokens, before)  # the model keeps its own selectors
