@@ -46,12 +46,12 @@ def pipelines(model: COPAModel, batch: int, text_len: int):
 
     @torch.inference_mode()
     def eager_image():
-        return model.image_embedding(images)
+        return model.encode_image(images)
 
     @torch.inference_mode()
     def eager_pair():
         fused = model(images, ids, mask)
-        return model.itm(fused.cls), model.ground(fused).box
+        return model.itm_logits(fused), model.ground(fused).box
 
     return images, ids, mask, eager_image, eager_pair
 

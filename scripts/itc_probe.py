@@ -65,8 +65,8 @@ def main() -> None:
         for _, b in zip(
             range(len(data["val"]) // cfg.train.batch_size), val, strict=False
         ):  # the loader is endless
-            imgs.append(model.image_embedding(b.images).float())
-            txts.append(model.text_embedding(b.caption_ids, b.caption_mask).float())
+            imgs.append(model.encode_image(b.images).float())
+            txts.append(model.encode_text(b.caption_ids, b.caption_mask).float())
     img, txt = torch.cat(imgs), torch.cat(txts)
     rank = (img @ txt.t()).argsort(1, descending=True)
     hit = rank == torch.arange(len(img))[:, None]

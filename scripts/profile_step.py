@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = COPAModel(cfg.model).train()
     if cfg.train.freeze_text_layers:
-        model.text.freeze(cfg.train.freeze_text_layers)
+        model.freeze(cfg.train.freeze_text_layers)
     loader = make_loader(build_datasets(cfg, ("train",))["train"], cfg, train=True)
     it = iter(loader)
     t0 = time.perf_counter()

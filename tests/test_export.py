@@ -87,7 +87,7 @@ def test_onnx_pipeline_grounds_like_the_model(exported, model):
     )
     with torch.no_grad():
         fused = model(images, ids, mask)
-        want_box, want_itm = model.ground(fused).box, model.itm(fused.cls)
+        want_box, want_itm = model.ground(fused).box, model.itm_logits(fused)
     assert np.array_equal(kept, fused.vision.patch_index.numpy())
     assert np.abs(box - want_box.numpy()).max() <= TOL and np.abs(itm - want_itm.numpy()).max() <= TOL
 

@@ -89,10 +89,10 @@ def test_two_call_api_equals_one_call_and_prefix_serves_many_texts(micro_model):
     texts = ["a red circle", "a blue star on the left", "two green squares", "nothing here"]
     ids, mask = _texts(m, texts)
     with torch.no_grad():
-        txt = m.encode_text(ids, mask)
+        txt = m.text_states(ids, mask)
         prefix = m.image_prefix(images)  # computed once for both images
         pair_img = torch.tensor([0, 0, 1, 1])  # image 0 with texts 0,1; image 1 with texts 2,3
-        shared = m.fuse(m.encode_image(prefix[pair_img], m.text_query(txt, mask)), txt, mask)
+        shared = m.fuse(m.image_tokens(prefix[pair_img], m.text_query(txt, mask)), txt, mask)
         single = m(images[pair_img], ids, mask)
     assert torch.allclose(shared.text, single.text, atol=1e-5)
     assert torch.allclose(shared.image, single.image, atol=1e-5)
@@ -102,7 +102,7 @@ def test_two_call_api_equals_one_call_and_prefix_serves_many_texts(micro_model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         q = torch.randn(4, 64, generator=g) * 10
-        kept = m.encode_image(prefix[[0, 0, 0, 0]], q).kept.sort(1).values
+        kept = m.image_tokens(prefix[[0, 0, 0, 0]], q).kept.sort(1).values
     assert len({tuple(k.tolist()) for k in kept}) > 1
 
 
@@ -120,7 +120,7 @@ def test_gradient_reaches_tpd(micro_model):
 
 def test_text_agnostic_query_is_learned(micro_model):
     m = micro_model.train()
-    emb = m.image_embedding(torch.randn(2, 3, 32, 32))
+    emb = m.encode_image(torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
     emb.sum().backward()
     assert m.vision.selectors[0].agnostic_query.grad.abs().sum() > 0
@@ -157,7 +157,7 @@ def test_decoder_cache_matches_full_pass(micro_model):
         ctx, cmask = fused.context()
         dec_ids = ids[:, :5]
         full = m.decode(dec_ids, None, ctx, cmask)
-        cache = m.decoder.new_cache()
+        cache = m.new_decoder_cache()
         steps = [m.decode(dec_ids[:, :2], None, ctx, cmask, cache=cache, start=0)]
         for t in range(2, 5):
             steps.append(m.decode(dec_ids[:, t : t + 1], None, ctx, cmask, cache=cache, start=t))
@@ -176,18 +176,18 @@ def test_greedy_and_beam_search_run(micro_model):
     def make_step(ctx, cmask):
         def step(tokens, cache, start):
             h = m.decode(tokens, None, ctx, cmask, cache=cache, start=start)
-            return m.lm_head(h[:, -1])
+            return m.lm_logits(h[:, -1])
 
         return step
 
     bos = torch.full((2, 1), tok.cls_token_id)
-    g = greedy_search(make_step(ctx, cmask), m.decoder.new_cache(), bos, 6, tok.sep_token_id)
+    g = greedy_search(make_step(ctx, cmask), m.new_decoder_cache(), bos, 6, tok.sep_token_id)
     assert g.tokens.shape[0] == 2 and g.tokens.shape[1] <= 6
     beam = 3
     bctx, bmask = ctx.repeat_interleave(beam, 0), cmask.repeat_interleave(beam, 0)
     r = beam_search(
         make_step(bctx, bmask),
-        m.decoder.new_cache(),
+        m.new_decoder_cache(),
         bos.repeat_interleave(beam, 0),
         6,
         tok.sep_token_id,
@@ -197,7 +197,7 @@ def test_greedy_and_beam_search_run(micro_model):
     # beam search finds a sequence at least as likely as greedy (length penalty 0 = raw log-prob)
     r0 = beam_search(
         make_step(bctx, bmask),
-        m.decoder.new_cache(),
+        m.new_decoder_cache(),
         bos.repeat_interleave(beam, 0),
         6,
         tok.sep_token_id,
@@ -241,3 +241,30 @@ def test_text_query_pooling(micro_model):
     with pytest.raises(ValueError, match="pooling"):
         m.text_query(txt, mask)
     m.cfg.text.pooling = "mean"
+
+
+def test_selector_logits_are_the_first_stage_of_the_forward(micro_model):
+    """``selector_logits`` (what PTA trains) is exactly what the first selection stage ranks."""
+    m = micro_model
+    with torch.no_grad():
+        prefix = m.image_prefix(torch.randn(2, 3, 32, 32))
+        q = torch.randn(2, 64)
+        first = m.image_tokens(prefix, q).selections[0].logits
+        assert torch.equal(m.selector_logits(prefix, q), first)
+    assert m.has_selectors and len(m.selector_parameters()) > 0
+
+
+def test_selection_swap_is_restored_and_views_leave_the_model_alone(micro_model):
+    m = micro_model
+    with torch.no_grad():
+        prefix = m.image_prefix(torch.randn(2, 3, 32, 32))
+        before = m.image_tokens(prefix).tokens
+        ratios = m.keep_ratios
+        with m.selecting_with(m.new_selectors("none")):
+            assert not m.has_selectors and not m.pruning
+            assert m.image_tokens(prefix).tokens.shape[1] == 1 + m.num_patches
+        assert m.keep_ratios == ratios and m.pruning
+        assert torch.equal(m.image_tokens(prefix).tokens, before)
+        view = m.with_selectors(m.new_selectors("random"))
+        assert view.image_tokens(prefix).tokens.shape == before.shape
+        assert torch.equal(m.image_tokens(prefix).tokens, before)  # the model keeps its own selectors

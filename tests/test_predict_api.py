@@ -198,7 +198,7 @@ def test_retrieve_is_itc_then_itm_on_full_pairs(predictor, images):
     ids, mask = predictor.tokenizer(texts)
     with torch.no_grad():
         for i in range(3):
-            logits = model.itm(model(x[i : i + 1].expand(4, -1, -1, -1), ids, mask).cls)
+            logits = model.itm_logits(model(x[i : i + 1].expand(4, -1, -1, -1), ids, mask))
             want = (logits[:, 1] - logits[:, 0]) + res.itc[i]
             assert torch.allclose(res.image_to_text[i], want, atol=1e-4)
     top = res.top_images()

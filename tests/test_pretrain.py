@@ -68,8 +68,10 @@ def test_itm_negative_pairs_rerun_selection_with_their_own_text(synth_dir):
         out = obj(batch)
         b = batch.images.shape[0]
         prefix = model.image_prefix(batch.images)
-        txt_cls = model.encode_query(batch.caption_ids, batch.caption_mask)
-        expect = model.encode_image(prefix, txt_cls[out.neg_txt]).kept  # image i with its hard text
+        txt_cls = model.text_query(
+            model.text_states(batch.caption_ids, batch.caption_mask), batch.caption_mask
+        )
+        expect = model.image_tokens(prefix, txt_cls[out.neg_txt]).kept  # image i with its hard text
     pos, neg = out.itm_kept[:b], out.itm_kept[b : 2 * b]
     assert torch.equal(neg, expect)
     differ = [not torch.equal(pos[i].sort().values, neg[i].sort().values) for i in range(b)]
@@ -86,9 +88,11 @@ def test_itm_one_negative_per_row_alternates_hard_text_and_hard_image(synth_dir)
         out = obj(batch)
         b = batch.images.shape[0]
         prefix = model.image_prefix(batch.images)
-        txt_cls = model.encode_query(batch.caption_ids, batch.caption_mask)
-        hard_text = model.encode_image(prefix, txt_cls[out.neg_txt]).kept
-        hard_image = model.encode_image(prefix[out.neg_img], txt_cls).kept
+        txt_cls = model.text_query(
+            model.text_states(batch.caption_ids, batch.caption_mask), batch.caption_mask
+        )
+        hard_text = model.image_tokens(prefix, txt_cls[out.neg_txt]).kept
+        hard_image = model.image_tokens(prefix[out.neg_img], txt_cls).kept
     assert out.itm_kept.shape[0] == 2 * b  # positives + one negative per row, not 3B
     neg = out.itm_kept[b:]
     assert torch.equal(neg[0::2], hard_text[0::2]) and torch.equal(neg[1::2], hard_image[1::2])

@@ -238,8 +238,9 @@ def test_shared_prefix_itm_equals_full_pairs():
     pt = torch.tensor([0, 1, 2, 1, 3, 0, 2, 3, 4, 4])
     with torch.no_grad():
         shared = itm_scores_shared_prefix(model, images, ids, mask, pi, pt, batch_size=4)
-        logits = model.itm(model(images[pi], ids[pt], mask[pt]).cls)
-        kept = model.encode_image(model.image_prefix(images[pi]), model.encode_query(ids[pt], mask[pt])).kept
+        logits = model.itm_logits(model(images[pi], ids[pt], mask[pt]))
+        query = model.text_query(model.text_states(ids[pt], mask[pt]), mask[pt])
+        kept = model.image_tokens(model.image_prefix(images[pi]), query).kept
     full = logits[:, 1] - logits[:, 0]
     assert shared.shape == (10,)
     assert torch.allclose(shared, full, atol=1e-5), (shared - full).abs().max()
@@ -260,7 +261,7 @@ def test_higher_resolution_resizes_position_table(micro_init, synth_dir, tmp_pat
     assert again.cfg.vision.image_size == 48 and again.cfg.select.keep_ratios == [0.25]
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        assert torch.equal(again.image_embedding(x), model.eval().image_embedding(x))
+        assert torch.equal(again.encode_image(x), model.eval().encode_image(x))
 
 
 def test_rank_candidates_layout_matches_one_by_one():

@@ -173,11 +173,10 @@ def test_pta_logits_rank_the_patches(micro_model):
     from copa.evaluation import with_selector
 
     m = with_selector(micro_model, "tome")
-    sel, block = m.vision.selectors[0], m.vision.blocks[m.vision.prefix_depth]
     with torch.no_grad():
         prefix = m.image_prefix(torch.randn(2, 3, 32, 32))
-        logits = sel(prefix, None, block)
-        out = m.encode_image(prefix)
+        logits = m.selector_logits(prefix, None)
+        out = m.image_tokens(prefix)
     assert logits.shape == (2, 16) and logits.min() >= 0 and logits.max() == 1
     assert torch.equal(out.kept, logits.topk(8, dim=1).indices)
 

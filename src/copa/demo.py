@@ -664,7 +664,7 @@ class Demo:
             )
             if rows:
                 pics["kept_patches"] = kept_patches_figure(
-                    self.out / "kept_patches.png", rows, model.vision.grid, cfg.model.vision.image_size
+                    self.out / "kept_patches.png", rows, model.grid, cfg.model.vision.image_size
                 ).name
             self.results.setdefault("pictures", {}).update(pics)
 

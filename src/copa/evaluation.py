@@ -3,17 +3,14 @@ kept patches for chosen texts."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from copa.config import Config
 from copa.model.copa import COPAModel
-from copa.model.selection import make_selector
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +28,7 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
     Used for ablations at the same keep ratio (``ABLATION_SELECTORS``)."""
     if selector == "tpd":
         return model
-    sel = make_selector(
-        selector,
-        model.cfg.vision.width,
-        model.cfg.text.width,
-        model.cfg.select.tpd_hidden,
-        model.cfg.select.tpd_form,
-    )
-    fresh = [] if sel is None else [copy.deepcopy(sel) for _ in model.cfg.select.layers]
-    return _selecting_with(model, nn.ModuleList(fresh))
-
-
-def _selecting_with(model: COPAModel, selectors: nn.ModuleList) -> COPAModel:
-    """A shallow view of ``model``: every module shared except the ViT's ``selectors``."""
-    vit = copy.copy(model.vision)
-    vit._modules = dict(model.vision._modules)
-    vit.selectors = selectors
-    vit.keep_ratios = list(model.vision.keep_ratios)
-    out = copy.copy(model)
-    out._modules = dict(model._modules)
-    out.vision = vit
-    return out
+    return model.with_selectors(model.new_selectors(selector))
 
 
 def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
@@ -60,7 +37,7 @@ def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
     evaluated with another row's selection, no fine-tune of its own."""
     if model.cfg.select != donor.cfg.select:
         raise ValueError(f"selection configs differ: {model.cfg.select} vs {donor.cfg.select}")
-    return _selecting_with(model, copy.deepcopy(donor.vision.selectors))
+    return model.with_selectors(donor.selectors_copy())
 
 
 def eval_loader(cfg: Config, split: str, max_images: int | None = None, batch_size: int = 32) -> Any:
@@ -92,7 +69,7 @@ def pta_eval(
     from copa.train.pta_metrics import PTAMeter
     from copa.train.trainer import pta_batch
 
-    if not len(model.vision.selectors):
+    if not model.has_selectors:
         return {"recall_phrase": 1.0, "recall_agnostic": 1.0, "keep_ratio": 1.0}
     model.eval()
     meter = PTAMeter(keep_ratio)
@@ -129,12 +106,12 @@ def kept_for_texts(
         prefix = model.image_prefix(x)
         texts = phrases[:2]
         tok = model.tokenizer(texts, padding=True, return_tensors="pt")
-        q = model.encode_query(tok.input_ids, tok.attention_mask)
+        q = model.text_query(model.text_states(tok.input_ids, tok.attention_mask), tok.attention_mask)
         views = []
         for i, t in enumerate(texts):
-            kept = model.encode_image(prefix, q[i : i + 1]).kept
+            kept = model.image_tokens(prefix, q[i : i + 1]).kept
             views.append((f'"{t}"', [] if kept is None else kept[0].tolist()))
-        kept = model.encode_image(prefix).kept
+        kept = model.image_tokens(prefix).kept
         views.append(("text-agnostic query", [] if kept is None else kept[0].tolist()))
         rows.append((rec.image, views))
         if len(rows) >= n_images:

@@ -47,84 +47,13 @@ from torch import Tensor, nn
 
 from copa.config import to_dict
 from copa.model.copa import COPAModel
+from copa.model.parts import Fusion, Heads, ImagePrefix, TextEncoder, VisionAgnostic, VisionSuffix
 from copa.model.selection import num_keep
-from copa.model.text import pool_text
 
 log = logging.getLogger(__name__)
 
 PARTS = ("image_prefix", "text_encoder", "vision_suffix", "vision_agnostic", "fusion", "heads")
 TRACE_BATCH, CHECK_BATCH, TEXT_LEN = 2, 3, 12
-
-
-# ------------------------------------------------------------------ the parts as modules
-class ImagePrefix(nn.Module):
-    """Each part holds only the submodules it runs, so its saved program carries only their weights."""
-
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.vision = model.vision
-
-    def forward(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> prefix (B, 1+N, Dv)"""
-        return self.vision.forward_prefix(images)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.text, self.itc, self.pooling = model.text, model.itc, model.cfg.text.pooling
-
-    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """ids, mask (B, L) -> text states (B, L, Dt), pooled query (B, Dt), ITC embedding (B, E)"""
-        txt = self.text(ids, mask)
-        query = pool_text(txt, mask, self.pooling)
-        return txt, query, self.itc.text(query)
-
-
-class VisionSuffix(nn.Module):
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.vision = model.vision
-
-    def forward(self, prefix: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
-        """prefix (B, 1+N, Dv), query (B, Dt) -> tokens (B, T, Dv), kept patch indices (B, K)"""
-        vis = self.vision.forward_suffix(prefix, query)
-        return vis.tokens, vis.patch_index
-
-
-class VisionAgnostic(nn.Module):
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.vision, self.itc = model.vision, model.itc
-
-    def forward(self, prefix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """prefix (B, 1+N, Dv) -> tokens (B, T, Dv), kept (B, K), ITC image embedding (B, E)"""
-        vis = self.vision.forward_suffix(prefix, None)
-        return vis.tokens, vis.patch_index, self.itc.image(vis.cls)
-
-
-class Fusion(nn.Module):
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.fusion = model.fusion
-
-    def forward(self, tokens: Tensor, txt: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L)
-        -> fused image (B, T, Dt), text (B, L, Dt)"""
-        return self.fusion(tokens, txt, mask)
-
-
-class Heads(nn.Module):
-    def __init__(self, model: COPAModel) -> None:
-        super().__init__()
-        self.itm, self.box_head = model.itm, model.box_head
-        self.grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
-
-    def forward(self, fused_image: Tensor, fused_cls: Tensor, kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """fused image (B, T, Dt), fused [CLS] (B, Dt) = ``fused_text[:, 0]``, kept (B, K) -> ITM logits
-        (B, 2), box (B, 4) normalised cxcywh, per-patch box scores (B, K)"""
-        g = self.box_head(fused_image[:, 1 : 1 + kept.shape[1]], fused_cls, kept, self.grid)
-        return self.itm(fused_cls), g.box, g.scores
 
 
 # ------------------------------------------------------------------ specification
@@ -161,10 +90,11 @@ def part_specs(
         mask[-1, length // 2 :] = 0  # a padded row, so the mask is really used
         with torch.no_grad():
             prefix = model.image_prefix(images)
-            txt = model.encode_text(ids, mask)
+            txt = model.text_states(ids, mask)
             query = model.text_query(txt, mask)
-            vis = model.encode_image(prefix, query)
-            fi, ft = model.fusion(vis.tokens, txt, mask)
+            vis = model.image_tokens(prefix, query)
+            fused = model.fuse(vis, txt, mask)
+            fi, ft = fused.image, fused.text
         return {
             "images": images,
             "ids": ids,
@@ -305,10 +235,10 @@ def export_model(
     model = model.eval().cpu()
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
-    ratios = list(model.vision.keep_ratios)
-    n = model.vision.num_patches
+    ratios = model.keep_ratios
+    n = model.num_patches
     k = n
-    for r in ratios if model.vision.pruning else []:
+    for r in ratios if model.pruning else []:
         k = num_keep(k, r)
     report: dict[str, dict[str, Any]] = {}
     for spec in part_specs(model):
@@ -357,10 +287,10 @@ def export_model(
         "check_batch": CHECK_BATCH,
         "trace_batch": TRACE_BATCH,
         "keep_ratios": ratios,
-        "pruning": model.vision.pruning,
+        "pruning": model.pruning,
         "num_patches": n,
         "kept_patches": k,
-        "visual_tokens": 1 + k + (1 if model.vision.pruning and model.cfg.select.fuse_dropped else 0),
+        "visual_tokens": 1 + k + (1 if model.pruning and model.cfg.select.fuse_dropped else 0),
         "image_size": model.cfg.vision.image_size,
         "patch_size": model.cfg.vision.patch_size,
         "preprocess": to_dict(model.cfg.preprocess),

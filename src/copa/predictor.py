@@ -192,7 +192,7 @@ class Predictor:
             return
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
-        saved = list(self.model.vision.keep_ratios)
+        saved = self.model.keep_ratios
         self.model.set_keep_ratio(ratio)
         try:
             yield
@@ -325,8 +325,9 @@ class Predictor:
     def _kept(self, prefix: Tensor, texts: list[str] | None, n: int) -> list[list[int]]:
         query = None
         if texts is not None:
-            query = self.model.encode_query(*self._tokens(texts))
-        kept = self.model.encode_image(prefix, query).kept
+            ids, mask = self._tokens(texts)
+            query = self.model.text_query(self.model.text_states(ids, mask), mask)
+        kept = self.model.image_tokens(prefix, query).kept
         if kept is None:
             return [list(range(n)) for _ in range(prefix.shape[0])]
         return kept.tolist()
@@ -352,11 +353,9 @@ class Predictor:
         weight = self.options.itc_weight if itc_weight is None else itc_weight
         with self.inference(keep_ratio):
             img = torch.cat(
-                [self.model.image_embedding(prep.pixels[s]).float() for s in self._chunks(len(prep.sizes))]
+                [self.model.encode_image(prep.pixels[s]).float() for s in self._chunks(len(prep.sizes))]
             )
-            txt = torch.cat(
-                [self.model.text_embedding(ids[s], mask[s]).float() for s in self._chunks(len(ts))]
-            )
+            txt = torch.cat([self.model.encode_text(ids[s], mask[s]).float() for s in self._chunks(len(ts))])
             sim = (img @ txt.t()).cpu()
             cand = rerank_candidates(sim, itm_topk)
             itm = torch.zeros(cand.pairs.shape[0])

@@ -16,7 +16,8 @@ Extra rules for a small shared machine:
 What is measured, per keep setting (``none`` = unpruned, ``"6:0.5"``, ``"4:0.7,8:0.5"`` = selection
 before blocks 4 and 8 keeping 70 % then 50 % of the patches entering each stage):
 
-- ViT alone: ``model.vision(images, text_cls, ratios)`` -> images/s (text [CLS] precomputed);
+- ViT alone: ``model.image_tokens(model.image_prefix(images), text_cls)`` -> images/s (text [CLS]
+  precomputed);
 - whole model, VQA-style: text encoder + ViT with text-aware selection + fusion (+ one decoder step
   with ``--decode``) -> image-text pairs/s;
 - FLOPs of both (``torch.utils.flop_counter``; CPU SDPA counted too, see ``_sdpa_cpu_flops``),

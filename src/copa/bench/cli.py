@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         result["matmul_peak"] = {}
         measure_peaks(result["matmul_peak"], peaks, device, args.peak_size, args.min_util, dtypes, peak_cap)
     model = build_bench_model(cfg, args.image_size, device, args.seed)
-    result["patches"] = model.vision.num_patches
+    result["patches"] = model.num_patches
     result["parameters"] = model.num_parameters()
     mem = PeakMemory(device)
     result["memory_method"] = mem.method

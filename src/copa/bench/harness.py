@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,10 @@ from torch import Tensor, nn
 from copa.bench.keep import BenchError, KeepSetting
 from copa.bench.memory import PeakMemory
 from copa.config import Config, SelectConfig
+
+if TYPE_CHECKING:
+    from copa.model.copa import COPAModel
+    from copa.model.vit import SelectionState
 
 log = logging.getLogger(__name__)
 
@@ -26,69 +31,57 @@ class SelectionSwitch:
 
     Each pruned setting gets its own selector modules (one per stage, a fixed seed per setting, the
     ViT's init; the setting's selector or else the config's); ``apply`` swaps them in with the
-    selection layers and ratios. The unpruned setting has no selector, exactly the ``selector: none``
-    model.
+    selection layers and ratios (``COPAModel.swap_selection``). The unpruned setting has no selector,
+    exactly the ``selector: none`` model.
     """
 
-    def __init__(self, model: nn.Module, settings: list[KeepSetting], seed: int = 0) -> None:
-        from copa.model.selection import make_selector
-        from copa.model.vit import _init_weights
-
-        vit = model.vision
+    def __init__(self, model: COPAModel, settings: list[KeepSetting], seed: int = 0) -> None:
         self.model = model
-        self.base_select: SelectConfig = vit.select_cfg
-        self._saved = (vit.select_cfg, vit.selectors, list(vit.keep_ratios))
+        self.base_select: SelectConfig = model.cfg.select
+        self._saved: SelectionState | None = None
         self.selectors: dict[KeepSetting, nn.ModuleList] = {}
-        p = next(vit.parameters())
+        depth = model.cfg.vision.layers
         for i, s in enumerate(settings):
             if not s.layers:
                 self.selectors[s] = nn.ModuleList()
                 continue
-            if s.layers[-1] >= len(vit.blocks):
-                raise BenchError(f"keep setting {s.name!r}: the ViT has only {len(vit.blocks)} blocks")
+            if s.layers[-1] >= depth:
+                raise BenchError(f"keep setting {s.name!r}: the ViT has only {depth} blocks")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1000 + i)
-                sel = self.base_select
-                width, text_width = vit.cfg.width, model.cfg.text.width
-                name = s.selector or sel.selector
-                mods = [
-                    make_selector(name, width, text_width, sel.tpd_hidden, sel.tpd_form) for _ in s.layers
-                ]
-                mods = [m for m in mods if m is not None]
-                for m in mods:
-                    m.apply(_init_weights)
-            if not mods:
+                mods = model.new_selectors(s.selector or self.base_select.selector, len(s.layers))
+            if not len(mods):
                 raise BenchError(
                     f"keep setting {s.name!r} needs a selector, but the config has selector "
                     f"{self.base_select.selector!r}; set model.select.selector=tpd (or another selector) "
                     f"or name one in the setting, e.g. 'tpd@{s.name}'"
                 )
-            self.selectors[s] = nn.ModuleList(mods).to(device=p.device, dtype=p.dtype)
+            self.selectors[s] = mods
 
     def to(self, dtype: torch.dtype) -> None:
         for mods in self.selectors.values():
             mods.to(dtype=dtype)
 
     def apply(self, s: KeepSetting) -> None:
-        vit = self.model.vision
         if s.layers:
-            vit.select_cfg = dataclasses.replace(
+            select = dataclasses.replace(
                 self.base_select,
                 layers=list(s.layers),
                 keep_ratios=list(s.ratios),
                 selector=s.selector or self.base_select.selector,
             )
-            vit.keep_ratios = list(s.ratios)
         else:
             n = len(self.base_select.layers)
-            vit.select_cfg = dataclasses.replace(self.base_select, selector="none", keep_ratios=[1.0] * n)
-            vit.keep_ratios = [1.0] * n
-        vit.selectors = self.selectors[s]
+            select = dataclasses.replace(self.base_select, selector="none", keep_ratios=[1.0] * n)
+        saved = self.model.swap_selection(self.selectors[s], select)
+        if self._saved is None:  # the model's own, from before the first setting
+            self._saved = saved
 
     def restore(self) -> None:
         """Put the model's own selection config and selectors back."""
-        vit = self.model.vision
-        vit.select_cfg, vit.selectors, vit.keep_ratios = self._saved[0], self._saved[1], list(self._saved[2])
+        if self._saved is not None:
+            self.model.restore_selection(self._saved)
+            self._saved = None
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for mods in self.selectors.values():

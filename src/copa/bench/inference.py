@@ -30,7 +30,7 @@ def _vit_call(
 
     def f() -> Any:
         switch.apply(s)
-        return model.vision(images, query)
+        return model.image_tokens(model.image_prefix(images), query)
 
     return f
 
@@ -46,7 +46,6 @@ def _e2e_call(
 ) -> Callable[[], Any]:
     """The whole VQA-style forward under setting ``s`` (text encoder, ViT with text-aware selection,
     fusion; with ``decode`` also the decoder's first step from [CLS] and its LM head)."""
-    from copa.model.layers import KVCache
 
     def f() -> Any:
         switch.apply(s)
@@ -54,8 +53,8 @@ def _e2e_call(
         if not decode:
             return fused
         ctx, cmask = fused.context()
-        h = model.decode(ids[:, :1], None, ctx, cmask, KVCache(len(model.decoder.layers)), 0)
-        return model.lm_head(h[:, -1])
+        h = model.decode(ids[:, :1], None, ctx, cmask, model.new_decoder_cache(), 0)
+        return model.lm_logits(h[:, -1])
 
     return f
 
@@ -104,7 +103,7 @@ def bench_inference(
         ids, mask = inputs["ids"], inputs["mask"]
         amp = autocast(device, dtype) if use_amp else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            query = model.encode_text(ids, mask)[:, 0]  # the ViT-alone runs take a fixed text [CLS]
+            query = model.text_states(ids, mask)[:, 0]  # the ViT-alone runs take a fixed text [CLS]
 
             vit_fn = functools.partial(_vit_call, model, switch, images, query)
             e2e_fn = functools.partial(_e2e_call, model, switch, images, ids, mask, decode)
@@ -112,7 +111,7 @@ def bench_inference(
             tokens = {}
             for i, s in enumerate(settings):
                 switch.apply(s)
-                tokens[s] = int(model.vision(images[:1], query[:1]).tokens.shape[1])
+                tokens[s] = int(model.image_tokens(model.image_prefix(images[:1]), query[:1]).tokens.shape[1])
                 if s not in flops:  # FLOPs do not depend on the precision
                     log.info("%s: counting FLOPs of setting %s (%d/%d)", pname, s.name, i + 1, len(settings))
                     flops[s] = (count_flops(e2e_fn(s)), count_flops(vit_fn(s)))

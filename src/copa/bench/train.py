@@ -32,7 +32,7 @@ def synthetic_batch(
     if batch < 2:
         raise BenchError("the training step needs a batch of at least 2 (ITM samples hard negatives)")
     g = torch.Generator().manual_seed(seed)
-    size, n = model.cfg.vision.image_size, model.vision.num_patches
+    size, n = model.cfg.vision.image_size, model.num_patches
     vocab = model.cfg.text.vocab_size
     lo = min(1000, vocab - 1)
 

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from copa.model.convert import load_from_local, load_vision_weights, preprocess_from_local
+    from copa.model.convert import load_from_local, preprocess_from_local
     from copa.model.copa import COPAModel
 
     vcfg, state = load_from_local(args.vision)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     )
     cfg.model.preprocess = preprocess_from_local(args.vision)  # the normalisation its weights expect
     model = COPAModel(cfg.model)
-    report = load_vision_weights(model.vision, state)
+    report = model.load_vision_weights(state)
     model.save_pretrained(
         args.out, extra={"provenance": {"vision": str(args.vision), "text": cfg.model.text.pretrained}}
     )

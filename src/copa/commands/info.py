@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     info = {
         "config": to_dict(cfg),
         "parameters": model.num_parameters(),
-        "patches": model.vision.num_patches,
+        "patches": model.num_patches,
         "keep_ratios": cfg.model.select.keep_ratios,
     }
     print(json.dumps(info, indent=2))

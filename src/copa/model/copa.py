@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_model, save_file, save_model
@@ -28,7 +30,10 @@ from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
 from copa.model.text import TextEncoder, load_tokenizer, pool_text
-from copa.model.vit import VisionOutput, VisionTransformer
+from copa.model.vit import SelectionState, VisionOutput, VisionTransformer
+
+if TYPE_CHECKING:
+    from copa.model.convert import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,11 @@ class FusedOutput:
 
 
 class COPAModel(nn.Module):
+    """The whole model. Code outside ``copa.model`` uses its methods and properties only, never its
+    submodules: images -> ``image_prefix`` -> ``image_tokens`` (selection) -> ``fuse`` -> heads
+    (``itm_logits``, ``mlm_logits``, ``ground``) or ``decode`` -> ``lm_logits``; ``encode_image`` /
+    ``encode_text`` are the ITC embeddings (the open_clip meaning)."""
+
     def __init__(self, cfg: ModelConfig, load_text_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
@@ -104,35 +114,65 @@ class COPAModel(nn.Module):
 
         return ImageTransform.from_config(self.cfg)
 
-    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids, mask: (B, L) -> (B, L, Dt)"""
+    def text_states(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The text encoder's states: ids, mask (B, L) -> (B, L, Dt)."""
         return self.text(ids, mask)
 
     def text_query(self, txt: Tensor, mask: Tensor) -> Tensor:
-        """The pooled text vector (B, Dt) that queries the TPD and feeds ITC (``model.text.pooling``).
-
-        txt: (B, L, Dt) encoder states, mask: (B, L).
-        """
+        """The pooled text vector (B, Dt) that queries the selectors and feeds ITC
+        (``model.text.pooling``). txt: (B, L, Dt) from ``text_states``, mask: (B, L)."""
         return pool_text(txt, mask, self.cfg.text.pooling)
-
-    def encode_query(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids, mask: (B, L) -> pooled text query (B, Dt)."""
-        return self.text_query(self.encode_text(ids, mask), mask)
 
     def image_prefix(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> text-independent ViT prefix (B, 1+N, Dv); compute once per image."""
         return self.vision.forward_prefix(images)
 
-    def encode_image(
+    def image_tokens(
         self, prefix: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
     ) -> VisionOutput:
-        """prefix (B, 1+N, Dv), query (B, Dt) pooled text (``text_query``) or None (text-agnostic)
-        -> VisionOutput"""
+        """The selection and the remaining ViT blocks: prefix (B, 1+N, Dv) from ``image_prefix``
+        (index it to pair one image with several texts), query (B, Dt) from ``text_query`` or None
+        (text-agnostic) -> VisionOutput with tokens (B, T, Dv)."""
         return self.vision.forward_suffix(prefix, query, keep_ratios)
 
+    def selector_logits(self, prefix: Tensor, query: Tensor | None) -> Tensor:
+        """The first selection stage's per-patch logits (B, N), what PTA trains and measures:
+        prefix (B, 1+N, Dv) from ``image_prefix``, query (B, Dt) or None (text-agnostic)."""
+        return self.vision.first_stage_logits(prefix, query)
+
+    def itc_image(self, cls: Tensor) -> Tensor:
+        """ITC image embedding: the vision [CLS] (B, Dv) of ``image_tokens(prefix)`` -> (B, E) unit."""
+        return self.itc.image(cls)
+
+    def itc_text(self, query: Tensor) -> Tensor:
+        """ITC text embedding: ``text_query`` (B, Dt) -> (B, E) unit vectors."""
+        return self.itc.text(query)
+
+    @property
+    def itc_scale(self) -> Tensor:
+        """The learnt ITC logit scale (1,), clamped at 100."""
+        return self.itc.scale
+
     def fuse(self, vision: VisionOutput, txt: Tensor, txt_mask: Tensor) -> FusedOutput:
+        """Visual tokens (B, T, Dv) with text states (B, L, Dt) and mask (B, L) -> FusedOutput."""
         img, t = self.fusion(vision.tokens, txt, txt_mask)
         return FusedOutput(img, t, txt_mask, vision)
+
+    def itm_logits(self, fused: FusedOutput) -> Tensor:
+        """Image-text matching logits (B, 2) (column 1: the pair matches) from the fused [CLS]."""
+        return self.itm(fused.cls)
+
+    def mlm_logits(self, x: Tensor) -> Tensor:
+        """Masked-token logits: fused text states (..., Dt) -> (..., V)."""
+        return self.mlm_head(x)
+
+    def lm_logits(self, h: Tensor) -> Tensor:
+        """Next-token logits: decoder states (..., Dt) from ``decode`` -> (..., V)."""
+        return self.lm_head(h)
+
+    def new_decoder_cache(self) -> KVCache:
+        """An empty KV cache for ``decode`` (one entry per decoder layer)."""
+        return self.decoder.new_cache()
 
     def embed_tokens(self, ids: Tensor, start: int = 0) -> Tensor:
         """Decoder input embeddings (shared with the text encoder). ids: (B, L) -> (B, L, D)"""
@@ -159,8 +199,8 @@ class COPAModel(nn.Module):
 
         images: (B, 3, H, W); ids, mask: (B, L) -> FusedOutput
         """
-        txt = self.encode_text(ids, mask)
-        vision = self.encode_image(self.image_prefix(images), self.text_query(txt, mask), keep_ratios)
+        txt = self.text_states(ids, mask)
+        vision = self.image_tokens(self.image_prefix(images), self.text_query(txt, mask), keep_ratios)
         return self.fuse(vision, txt, mask)
 
     def ground(self, fused: FusedOutput) -> GroundingOutput:
@@ -170,16 +210,123 @@ class COPAModel(nn.Module):
         grid = math.isqrt(v.num_patches)
         return self.box_head(fused.image[:, 1 : 1 + index.shape[1]], fused.cls, index, grid)
 
-    def image_embedding(self, images: Tensor) -> Tensor:
-        """Text-agnostic ITC embedding (B, E) for retrieval."""
-        return self.itc.image(self.encode_image(self.image_prefix(images)).cls)
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> text-agnostic ITC embedding (B, E), unit vectors (retrieval)."""
+        return self.itc_image(self.image_tokens(self.image_prefix(images)).cls)
 
-    def text_embedding(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ITC text embedding (B, E)."""
-        return self.itc.text(self.encode_query(ids, mask))
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Texts ids, mask (B, L) -> ITC embedding (B, E), unit vectors (retrieval)."""
+        return self.itc_text(self.text_query(self.text_states(ids, mask), mask))
+
+    # ------------------------------------------------------------------ live state
+    @property
+    def keep_ratios(self) -> list[float]:
+        """The keep ratio of each selection stage now in use (a copy; ``set_keep_ratio`` changes it)."""
+        return list(self.vision.keep_ratios)
+
+    @property
+    def pruning(self) -> bool:
+        """Whether the selection drops patches now (a selector and a keep ratio below 1)."""
+        return self.vision.pruning
+
+    @property
+    def has_selectors(self) -> bool:
+        """Whether selection modules are in place (False for ``selector: none``)."""
+        return len(self.vision.selectors) > 0
+
+    @property
+    def num_patches(self) -> int:
+        """N, the patches of an input at the model's image size."""
+        return self.vision.num_patches
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of an input at the model's image size."""
+        return self.vision.grid
+
+    def selector_parameters(self) -> list[nn.Parameter]:
+        """The first selection stage's parameters (what PTA trains); empty without a selector."""
+        return list(self.vision.selectors[0].parameters()) if self.has_selectors else []
 
     def set_keep_ratio(self, ratio: float | list[float]) -> None:
+        """One keep ratio for every stage, or one per stage."""
         self.vision.set_keep_ratios(ratio)
+
+    def set_input_size(self, image_size: int) -> bool:
+        """Take ``image_size`` px inputs: the ViT's position table is resized once (bicubic) and the
+        config updated, so a saved model is consistent. Returns True when something changed."""
+        return self.vision.set_input_size(image_size)
+
+    def new_selectors(self, selector: str, count: int | None = None) -> nn.ModuleList:
+        """``count`` (default: one per selection layer) fresh ``selector`` modules for
+        ``swap_selection``; ``none`` gives an empty list."""
+        return self.vision.new_selectors(selector, len(self.cfg.select.layers) if count is None else count)
+
+    def swap_selection(self, selectors: nn.ModuleList, select: SelectConfig | None = None) -> SelectionState:
+        """Select with other selector modules (and, with ``select``, its layers, options and keep
+        ratios), every other weight shared; the config the model saves is not changed. Returns the
+        previous state, for ``restore_selection``. See ``VisionTransformer.swap_selection``."""
+        return self.vision.swap_selection(selectors, select)
+
+    def restore_selection(self, state: SelectionState) -> None:
+        """Put back a state that ``swap_selection`` returned."""
+        self.vision.swap_selection(state.selectors, state.select, state.keep_ratios)
+
+    @contextlib.contextmanager
+    def selecting_with(
+        self, selectors: nn.ModuleList, select: SelectConfig | None = None
+    ) -> Iterator[COPAModel]:
+        """``swap_selection`` for the block, restored after."""
+        saved = self.swap_selection(selectors, select)
+        try:
+            yield self
+        finally:
+            self.restore_selection(saved)
+
+    def with_selectors(self, selectors: nn.ModuleList) -> COPAModel:
+        """A shallow view of this model sharing every module except the selectors, which are
+        ``selectors`` (ablations and selector transplants; the model itself is unchanged)."""
+        vit = copy.copy(self.vision)
+        vit._modules = dict(self.vision._modules)
+        vit.swap_selection(selectors)
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.vision = vit
+        return view
+
+    def selectors_copy(self) -> nn.ModuleList:
+        """A deep copy of the selector modules (to select with them in another model of the same
+        selection config, ``with_selectors``)."""
+        return copy.deepcopy(self.vision.selectors)
+
+    # ------------------------------------------------------------------ training hooks
+    @staticmethod
+    def param_group(name: str) -> str:
+        """Which learning-rate group a parameter (its ``named_parameters`` name) is in: ``vit`` (the
+        backbone), ``text`` (the pretrained text encoder), ``selector``, or ``rest``."""
+        if name.startswith("vision.selectors"):
+            return "selector"
+        if name.startswith("vision."):
+            return "vit"
+        if name.startswith("text."):
+            return "text"
+        return "rest"
+
+    def transformer_layers(self) -> list[nn.Module]:
+        """Every transformer layer (ViT, text encoder, fusion, decoder): FSDP's sharding units."""
+        return [*self.vision.blocks, *self.text.bert.encoder.layer, *self.fusion.layers, *self.decoder.layers]
+
+    def methods_outside_forward(self) -> list[tuple[nn.Module, str]]:
+        """(module, method name) of the methods that run a layer's weights outside its forward: the
+        attention selectors and token merging call a ViT block's query/key projections."""
+        return [(b, name) for b in self.vision.blocks for name in ("attention_scores", "attention_keys")]
+
+    def load_vision_weights(self, state: Mapping[str, Tensor]) -> LoadReport:
+        """Load a converted CLIP/ViT state dict into the ViT (``copa.model.convert.load_vision_weights``:
+        position table resized to the model's grid, selectors left at their init)."""
+        from copa.model.convert import load_vision_weights
+
+        return load_vision_weights(self.vision, state)
 
     def set_selection(self, select: SelectConfig) -> None:
         """Use another selection config (layers, keep ratios, selector); see

@@ -9,6 +9,7 @@ phrases and retrieval candidates. ``forward`` is the composition of both.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from copa.config import SelectConfig, VisionConfig
 from copa.model.layers import ViTBlock
 from copa.model.selection import Selection, make_selector, num_keep, select_and_fuse
+
+log = logging.getLogger(__name__)
 
 
 def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
@@ -62,6 +65,16 @@ class VisionOutput:
             return self.selections[-1].kept
         b = self.tokens.shape[0]
         return torch.arange(self.num_patches, device=self.tokens.device).expand(b, -1)
+
+
+@dataclass
+class SelectionState:
+    """What ``VisionTransformer.swap_selection`` replaces and returns, so it can be put back: the
+    selection config (layers, selector options), the selector modules and the live keep ratios."""
+
+    select: SelectConfig
+    selectors: nn.ModuleList
+    keep_ratios: list[float]
 
 
 class VisionTransformer(nn.Module):
@@ -129,6 +142,68 @@ class VisionTransformer(nn.Module):
                 self.selectors = fresh
         self.select_cfg = select
         self.set_keep_ratios(list(select.keep_ratios))
+
+    def swap_selection(
+        self,
+        selectors: nn.ModuleList,
+        select: SelectConfig | None = None,
+        keep_ratios: list[float] | None = None,
+    ) -> SelectionState:
+        """Select with ``selectors`` (one per stage, or none: unpruned) and, when given, ``select``'s
+        layers and options and ``keep_ratios`` (default: ``select``'s, else the current ones); every
+        other weight stays. The one way the selection is swapped (ablation views, the benchmark's keep
+        settings). Returns the previous state: ``swap_selection(**vars(state))`` puts it back."""
+        saved = SelectionState(self.select_cfg, self.selectors, list(self.keep_ratios))
+        if select is not None:
+            self.select_cfg = select
+        self.selectors = selectors
+        if keep_ratios is None:
+            keep_ratios = select.keep_ratios if select is not None else saved.keep_ratios
+        self.keep_ratios = list(keep_ratios)
+        return saved
+
+    def new_selectors(self, name: str, count: int) -> nn.ModuleList:
+        """``count`` fresh ``name`` selectors (``none``: an empty list) for this ViT's widths and
+        selection options, initialised as the ViT's own and on its device and dtype."""
+        s = self.select_cfg
+        built = [
+            make_selector(name, self.cfg.width, self.text_dim, s.tpd_hidden, s.tpd_form) for _ in range(count)
+        ]
+        mods = nn.ModuleList([m for m in built if m is not None])
+        mods.apply(_init_weights)
+        p = self.pos_embed
+        return mods.to(device=p.device, dtype=p.dtype)
+
+    def first_stage_logits(self, prefix: Tensor, query: Tensor | None) -> Tensor:
+        """The first selection stage's per-patch logits (B, N), what PTA trains: prefix (B, 1+N, D)
+        from ``forward_prefix``, query (B, Dt) or None (text-agnostic). Needs a selector."""
+        if not len(self.selectors):
+            raise ValueError("the model has no selector (select.selector: none)")
+        return self.selectors[0](prefix, query, self.blocks[self.prefix_depth])
+
+    def set_input_size(self, image_size: int) -> bool:
+        """Resize the stored position table for ``image_size`` px inputs and record the size in the
+        config (shared with the model's, so a saved model is consistent). Returns True when something
+        changed; raises ``ValueError`` when the size is not a multiple of the patch size."""
+        v = self.cfg
+        if image_size == v.image_size:
+            return False
+        if image_size % v.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {v.patch_size}")
+        grid = image_size // v.patch_size
+        with torch.no_grad():
+            table = resize_pos_embed(self.pos_embed.detach(), (grid, grid))
+        self.pos_embed = nn.Parameter(table.contiguous())
+        self.grid = grid
+        log.info(
+            "resolution %d -> %d px: position table resized to a %dx%d grid",
+            v.image_size,
+            image_size,
+            grid,
+            grid,
+        )
+        v.image_size = image_size
+        return True
 
     def freeze_backbone(self) -> None:
         """Stop training everything but the selectors; autograd then records no backward through

@@ -118,8 +118,8 @@ class Service:
         base = self.models.base
         return {
             "models": self.models.describe(),
-            "keep_ratio": base.model.vision.keep_ratios[0],
-            "pruning": base.model.vision.pruning,
+            "keep_ratio": base.model.keep_ratios[0],
+            "pruning": base.model.pruning,
             "grid": base.grid,
             "image_size": base.model.cfg.vision.image_size,
             "examples": sorted(self.examples),
@@ -166,7 +166,7 @@ class Service:
     ) -> dict[str, Any]:
         m = self.models
         base, grounding = m.base, m.for_task("grounding")
-        ratio = keep_ratio if keep_ratio is not None else base.model.vision.keep_ratios[0]
+        ratio = keep_ratio if keep_ratio is not None else base.model.keep_ratios[0]
         prep = base.prepare(image)
         texts: list[str | None] = [*phrases, None]
         kept = base.kept_patches(prep, texts, keep_ratio=ratio)

@@ -20,7 +20,6 @@ _EXPORTS = {
     "run_evaluation": "finetune",
     "evaluate_checkpoint": "finetune",
     "prepare_model": "finetune",
-    "set_resolution": "finetune",
     "RetrievalTask": "retrieval",
     "itm_scores_shared_prefix": "retrieval",
     "VQATask": "vqa",

@@ -195,11 +195,11 @@ def warm_up(model: COPAModel, env: EvalEnv, runs: int | None = None, text_len: i
     mask = torch.ones_like(ids)
     for _ in range(env.ev.warmup_runs if runs is None else runs):
         with env.autocast():
-            model.image_embedding(images)
+            model.encode_image(images)
             fused = model(images, ids, mask)
-            model.itm(fused.cls)
+            model.itm_logits(fused)
             model.ground(fused)
-            model.lm_head(model.decode(ids[:, :4], None, *fused.context()))
+            model.lm_logits(model.decode(ids[:, :4], None, *fused.context()))
 
 
 def throughput(n: int, seconds: float) -> dict[str, float]:

@@ -48,9 +48,9 @@ class CaptionTask(Task):
     def context(self, model: COPAModel, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (B, 3, H, W) -> decoder context (B, S, D) and mask (B, S) from the prompt."""
         b = images.shape[0]
-        vision = model.encode_image(model.image_prefix(images), None)  # text-agnostic query
+        vision = model.image_tokens(model.image_prefix(images), None)  # text-agnostic query
         ids, mask = tokenize(model, [self.options.prompt], images.device)
-        txt = model.encode_text(ids, mask)  # the prompt is the same for every image: encode it once
+        txt = model.text_states(ids, mask)  # the prompt is the same for every image: encode it once
         return model.fuse(vision, txt.expand(b, -1, -1), mask.expand(b, -1)).context()
 
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:

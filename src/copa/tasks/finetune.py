@@ -11,8 +11,8 @@ log ``OUT/train_log.csv`` and ``OUT/summary.json``, then evaluates on a split in
 ratio, precision, device) and ``OUT/predictions.jsonl`` (one readable JSON object per sample).
 
 Resolution: fine-tuning runs at ``cfg.model.vision.image_size``. When it differs from the loaded
-model's, the stored position table is resized once (bicubic, ``resize_pos_embed``) and the model
-config updated, so the saved model is consistent (the patch size must not change).
+model's, the stored position table is resized once (bicubic, ``COPAModel.set_input_size``) and the
+model config updated, so the saved model is consistent (the patch size must not change).
 Keep ratio: fine-tuning uses ``cfg.model.select.keep_ratios``; evaluation the ``keep_ratio``
 argument (CLI ``--keep-ratio``), else ``cfg.eval.keep_ratio``, else the model's own (1.0 = unpruned).
 """
@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from copa.config import Config, to_dict, with_model
 from copa.errors import UserError
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
-from copa.model.vit import resize_pos_embed
 from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
 from copa.train.loop import NonFiniteLossError, RunLog, TrainLoop, all_finite, full_state, is_sharded, wrap
@@ -68,29 +66,6 @@ def saved_meta(path: str | Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def set_resolution(model: COPAModel, image_size: int) -> bool:
-    """Resize the ViT's stored position table for ``image_size`` and update the model config.
-
-    Returns True when something changed. Raises when the size is not a multiple of the patch size.
-    """
-    v = model.cfg.vision
-    if image_size == v.image_size:
-        return False
-    if image_size % v.patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {v.patch_size}")
-    grid = image_size // v.patch_size
-    vit = model.vision
-    with torch.no_grad():
-        table = resize_pos_embed(vit.pos_embed.detach(), (grid, grid))
-    vit.pos_embed = nn.Parameter(table.contiguous())
-    vit.grid = grid
-    log.info(
-        "resolution %d -> %d px: position table resized to a %dx%d grid", v.image_size, image_size, grid, grid
-    )
-    v.image_size = image_size  # the ViT shares this config object, so both stay consistent
-    return True
-
-
 def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
     """Load ``init`` (or build ``cfg.model`` from scratch) and adapt resolution and keep ratios."""
     if init:
@@ -98,7 +73,7 @@ def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
     else:
         log.warning("no --init: fine-tuning from a freshly initialised model")
         model = COPAModel(cfg.model)
-    set_resolution(model, cfg.model.vision.image_size)
+    model.set_input_size(cfg.model.vision.image_size)
     ratios = list(cfg.model.select.keep_ratios)
     if len(ratios) == len(model.cfg.select.layers):
         model.set_keep_ratio(ratios)
@@ -213,7 +188,7 @@ def finetune(
         "world_size": D.world_size(),
         "precision": str(dtype).replace("torch.", ""),
         "image_size": v.image_size,
-        "keep_ratios": model.vision.keep_ratios,
+        "keep_ratios": model.keep_ratios,
         "train_samples": len(dataset),
         "data_report": dataset.report.summary(),
     }
@@ -274,7 +249,7 @@ def run_evaluation(
     are restored afterwards."""
     device = next(model.parameters()).device
     ratio = keep_ratio if keep_ratio is not None else cfg.eval.keep_ratio
-    saved = list(model.vision.keep_ratios)
+    saved = model.keep_ratios
     was_training = model.training
     if ratio is not None:
         model.set_keep_ratio(ratio)
@@ -292,10 +267,8 @@ def run_evaluation(
                 "task": task.name,
                 "split": split,
                 "data": getattr(cfg.data, split),
-                "keep_ratio": model.vision.keep_ratios[0]
-                if len(set(model.vision.keep_ratios)) == 1
-                else model.vision.keep_ratios,
-                "pruning": model.vision.pruning,
+                "keep_ratio": model.keep_ratios[0] if len(set(model.keep_ratios)) == 1 else model.keep_ratios,
+                "pruning": model.pruning,
                 "selector": model.cfg.select.selector,
                 "image_size": v.image_size,
                 "precision": str(dtype).replace("torch.", ""),

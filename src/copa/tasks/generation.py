@@ -39,7 +39,7 @@ def token_logprobs(
     -> (logp (B, L-1) with 0 on padding, labels (B, L-1))."""
     dec_in, dec_mask, labels = shift(ids, mask)
     h = model.decode(dec_in, dec_mask, ctx, ctx_mask)
-    logits = model.lm_head(h).float()
+    logits = model.lm_logits(h).float()
     valid = labels != -100
     logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp * valid, labels
@@ -51,13 +51,13 @@ def lm_loss(model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: 
     dec_in, dec_mask, labels = shift(ids, mask)
     h = model.decode(dec_in, dec_mask, ctx, ctx_mask)
     valid = labels != -100
-    return F.cross_entropy(model.lm_head(h[valid]).float(), labels[valid])
+    return F.cross_entropy(model.lm_logits(h[valid]).float(), labels[valid])
 
 
 def _step(model: COPAModel, ctx: Tensor, ctx_mask: Tensor):
     def step(tokens: Tensor, cache, start: int) -> Tensor:
         h = model.decode(tokens, None, ctx, ctx_mask, cache=cache, start=start)
-        return model.lm_head(h[:, -1])
+        return model.lm_logits(h[:, -1])
 
     return step
 
@@ -79,7 +79,7 @@ def generate(
     if mode == "greedy" or beam <= 1:
         out = greedy_search(
             _step(model, ctx, ctx_mask),
-            model.decoder.new_cache(),
+            model.new_decoder_cache(),
             bos,
             max_new,
             tok.sep_token_id,
@@ -90,7 +90,7 @@ def generate(
         step = _step(model, ctx.repeat_interleave(beam, 0), ctx_mask.repeat_interleave(beam, 0))
         out = beam_search(
             step,
-            model.decoder.new_cache(),
+            model.new_decoder_cache(),
             bos.repeat_interleave(beam, 0),
             max_new,
             tok.sep_token_id,

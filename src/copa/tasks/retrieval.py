@@ -122,14 +122,14 @@ def itm_scores_shared_prefix(
     """
     prefix = model.image_prefix(images)  # (M, 1+N, D): the text-independent blocks, once per image
     texts, inverse = pair_text.unique(return_inverse=True)
-    txt = model.encode_text(ids[texts], mask[texts])  # (U, L, D): once per distinct text
+    txt = model.text_states(ids[texts], mask[texts])  # (U, L, D): once per distinct text
     txt_mask = mask[texts]
     query = model.text_query(txt, txt_mask)
     out = []
     for s in range(0, pair_image.shape[0], batch_size):
         pi, ti = pair_image[s : s + batch_size], inverse[s : s + batch_size]
-        vis = model.encode_image(prefix[pi], query[ti])  # text-aware selection per pair
-        logits = model.itm(model.fuse(vis, txt[ti], txt_mask[ti]).cls).float()
+        vis = model.image_tokens(prefix[pi], query[ti])  # text-aware selection per pair
+        logits = model.itm_logits(model.fuse(vis, txt[ti], txt_mask[ti])).float()
         out.append(logits[:, 1] - logits[:, 0])
     return torch.cat(out) if out else torch.zeros(0, device=images.device)
 
@@ -187,11 +187,11 @@ class RetrievalTask(Task):
         with torch.no_grad():
             for _, x in self._images(data, my_img, env):
                 with env.watch, env.autocast():
-                    img_parts.append(model.image_embedding(x).float().cpu())
+                    img_parts.append(model.encode_image(x).float().cpu())
             for s in range(0, len(my_txt), env.ev.batch_size):
                 t = torch.tensor(my_txt[s : s + env.ev.batch_size], device=env.device)
                 with env.watch, env.autocast():
-                    txt_parts.append(model.text_embedding(ids[t], mask[t]).float().cpu())
+                    txt_parts.append(model.encode_text(ids[t], mask[t]).float().cpu())
         e = model.cfg.embed_dim
         local = (
             my_img,

@@ -46,11 +46,10 @@ def shard_fsdp(objective: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     m = objective.model
-    for layer in [*m.vision.blocks, *m.text.bert.encoder.layer, *m.fusion.layers, *m.decoder.layers]:
+    for layer in m.transformer_layers():
         fully_shard(layer)
-    for block in m.vision.blocks:
-        register_fsdp_forward_method(block, "attention_scores")
-        register_fsdp_forward_method(block, "attention_keys")
+    for module, method in m.methods_outside_forward():
+        register_fsdp_forward_method(module, method)
     fully_shard(objective)
     return objective
 

@@ -223,15 +223,15 @@ class PretrainObjective(nn.Module):
         losses: dict[str, Tensor] = {}
         ids, mask = batch.caption_ids, batch.caption_mask
         prefix = m.image_prefix(batch.images)  # (B, 1+N, D): once per image per step
-        txt = m.encode_text(ids, mask)
+        txt = m.text_states(ids, mask)
         txt_cls = m.text_query(txt, mask)
         sim = neg_txt = neg_img = itm_kept = None
         events: dict[str, int] = {}
 
         if w["itc"] or w["itm"]:
-            img_feat = m.itc.image(m.encode_image(prefix).cls)  # text-agnostic query
-            txt_feat = m.itc.text(txt_cls)
-            losses["itc"], sim = self.itc_loss(img_feat, txt_feat, m.itc.scale, batch.image_ids)
+            img_feat = m.itc_image(m.image_tokens(prefix).cls)  # text-agnostic query
+            txt_feat = m.itc_text(txt_cls)
+            losses["itc"], sim = self.itc_loss(img_feat, txt_feat, m.itc_scale, batch.image_ids)
 
         if w["itm"]:
             b = ids.shape[0]
@@ -250,33 +250,33 @@ class PretrainObjective(nn.Module):
                 even = ar % 2 == 0
                 img_idx = torch.cat([ar, torch.where(even, ar, neg_img)])
                 txt_idx = torch.cat([ar, torch.where(even, neg_txt, ar)])
-            vis = m.encode_image(prefix[img_idx], txt_cls[txt_idx])
+            vis = m.image_tokens(prefix[img_idx], txt_cls[txt_idx])
             fused = m.fuse(vis, txt[txt_idx], mask[txt_idx])
             itm_kept = vis.kept
             n_neg = img_idx.shape[0] - b
             labels = torch.cat([torch.ones(b), torch.zeros(n_neg)]).long().to(ids.device)
-            losses["itm"] = F.cross_entropy(m.itm(fused.cls).float(), labels) * (0.0 if skip_itm else 1.0)
+            losses["itm"] = F.cross_entropy(m.itm_logits(fused).float(), labels) * (0.0 if skip_itm else 1.0)
 
         if w["mlm"]:
             mids, mlabels = mask_tokens(
                 ids, mask, self.vocab, self.mask_id, self._special(ids), self.mlm_prob
             )
-            mtxt = m.encode_text(mids, mask)
-            fused = m.fuse(m.encode_image(prefix, m.text_query(mtxt, mask)), mtxt, mask)
+            mtxt = m.text_states(mids, mask)
+            fused = m.fuse(m.image_tokens(prefix, m.text_query(mtxt, mask)), mtxt, mask)
             chosen = mlabels != -100  # the vocabulary projection runs on masked positions only
-            logits = m.mlm_head(fused.text[chosen])
+            logits = m.mlm_logits(fused.text[chosen])
             losses["mlm"] = F.cross_entropy(logits.float(), mlabels[chosen])
 
         if w["prefix_lm"]:
             pids, pmask, dec_in, dec_mask, target = split_prefix(
                 ids, mask, self.cls_id, self.sep_id, self.pad_id
             )
-            ptxt = m.encode_text(pids, pmask)
-            fused = m.fuse(m.encode_image(prefix, m.text_query(ptxt, pmask)), ptxt, pmask)
+            ptxt = m.text_states(pids, pmask)
+            fused = m.fuse(m.image_tokens(prefix, m.text_query(ptxt, pmask)), ptxt, pmask)
             ctx, cmask = fused.context()
             h = m.decode(dec_in, dec_mask, ctx, cmask)
             valid = target != -100
-            logits = m.lm_head(h[valid])
+            logits = m.lm_logits(h[valid])
             losses["prefix_lm"] = F.cross_entropy(logits.float(), target[valid])
 
         if w["pta"]:
@@ -291,27 +291,45 @@ class PretrainObjective(nn.Module):
         """BCE of first-stage selector logits vs patch labels, for phrase queries and the
         text-agnostic query (union of boxes). Zero (with a graph) when no sample carries boxes or the
         selector has no parameters to train."""
-        m = self.model
-        selectors = m.vision.selectors
         zero = prefix.sum() * 0.0
-        if len(selectors) == 0 or not any(p.requires_grad for p in selectors[0].parameters()):
+        if not any(p.requires_grad for p in self.model.selector_parameters()):
             return zero
-        sel, block = selectors[0], m.vision.blocks[m.vision.prefix_depth]
+        out = pta_logits(self.model, prefix, batch)
         parts = []
-        if batch.phrase_ids.shape[0] > 0:
-            ph = m.encode_query(batch.phrase_ids, batch.phrase_mask)
-            logits = sel(prefix[batch.phrase_image], ph, block)
+        if out.phrase is not None:
             weight = other_object_weight(
                 batch.phrase_labels, batch.union_labels[batch.phrase_image], self.pta_other_weight
             )
-            loss = bce_patch_loss(logits, batch.phrase_labels, self.pta_pos_weight, weight)
+            loss = bce_patch_loss(out.phrase, batch.phrase_labels, self.pta_pos_weight, weight)
             if self.pta_contrast:
                 loss = loss + self.pta_contrast * phrase_contrast_loss(
-                    logits, batch.phrase_labels, batch.phrase_image
+                    out.phrase, batch.phrase_labels, batch.phrase_image
                 )
             parts.append(loss)
-        boxed = batch.has_boxes.nonzero().squeeze(1)
-        if boxed.numel() > 0:
-            logits = sel(prefix[boxed], None, block)
-            parts.append(bce_patch_loss(logits, batch.union_labels[boxed], self.pta_pos_weight))
+        if out.agnostic is not None:
+            parts.append(bce_patch_loss(out.agnostic, batch.union_labels[out.boxed], self.pta_pos_weight))
         return sum(parts) / len(parts) if parts else zero
+
+
+@dataclass
+class PTALogits:
+    """First-stage selector logits for one batch's PTA targets: ``phrase`` (P, N), each phrase on
+    its own image (None without phrases); ``agnostic`` (Bb, N), the text-agnostic query on the
+    ``boxed`` (Bb,) images that carry boxes (None when none does)."""
+
+    phrase: Tensor | None
+    agnostic: Tensor | None
+    boxed: Tensor
+
+
+def pta_logits(model: COPAModel, prefix: Tensor, batch) -> PTALogits:
+    """The selector logits PTA scores (``pta_loss``) and measures (``trainer.pta_batch``):
+    prefix (B, 1+N, D) from ``model.image_prefix(batch.images)``. The model must have selectors."""
+    phrase = agnostic = None
+    if batch.phrase_ids.shape[0] > 0:
+        q = model.text_query(model.text_states(batch.phrase_ids, batch.phrase_mask), batch.phrase_mask)
+        phrase = model.selector_logits(prefix[batch.phrase_image], q)
+    boxed = batch.has_boxes.nonzero().squeeze(1)
+    if boxed.numel() > 0:
+        agnostic = model.selector_logits(prefix[boxed], None)
+    return PTALogits(phrase, agnostic, boxed)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from copa.config import TrainConfig
+from copa.model.copa import COPAModel
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,7 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if name.startswith("vision.") and not name.startswith("vision.selectors"):
-            part = "vit"
-        elif name.startswith("text."):
-            part = "text"
-        elif name.startswith("vision.selectors"):
-            part = "selector"
-        else:
-            part = "rest"
+        part = COPAModel.param_group(name)
         decay = p.ndim >= 2 and "embed" not in name and "token" not in name
         groups.setdefault((part, decay), []).append(p)
     return [

@@ -88,7 +88,7 @@ def train_selector(
     ``train.lr_selector`` (else ``train.lr``)."""
     from copa.train.trainer import build_datasets
 
-    if not len(model.vision.selectors) or not any(p.numel() for p in model.vision.selectors[0].parameters()):
+    if not any(p.numel() for p in model.selector_parameters()):
         raise UserError(f"selector {model.cfg.select.selector!r} has no parameters: nothing for PTA to train")
     if steps <= 0:
         raise UserError(f"the selector stage needs a positive number of steps, got {steps}")
@@ -96,11 +96,11 @@ def train_selector(
     dataset = build_datasets(cfg, ("train",))["train"]
     loader = boxed_loader(dataset, cfg, batch_size)
     boxed = sum(1 for r in dataset.records if r.objects)
-    selector = model.vision.selectors[0]
+    params = model.selector_parameters()
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in selector.parameters():
+    for p in params:
         p.requires_grad_(True)
     # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
     model.eval()
@@ -114,7 +114,7 @@ def train_selector(
     # one group, decay on every tensor, Adam's default β2 and warm-up then a constant rate (floor 1):
     # the recipe this stage was tuned with (BENCHMARKS.md)
     group = {
-        "params": list(selector.parameters()),
+        "params": params,
         "lr": lr or t.lr_selector or t.lr,
         "weight_decay": t.weight_decay,
     }
@@ -154,7 +154,7 @@ def run_stage(
 
     model = load(init)
     cfg = dataclasses.replace(cfg, model=model.cfg)
-    keep = model.vision.keep_ratios[0]
+    keep = model.keep_ratios[0]
     before = pta_eval(model, cfg, "val", keep)
     res = train_selector(model, cfg, steps, batch_size, lr)
     after = pta_eval(model, cfg, "val", keep)

@@ -41,7 +41,7 @@ from copa.train.loop import (
     shard_fsdp,
     wrap,
 )
-from copa.train.losses import LOSS_NAMES, PretrainObjective
+from copa.train.losses import LOSS_NAMES, PretrainObjective, pta_logits
 from copa.train.optim import for_training, lr_lambda, param_groups
 from copa.train.pta_metrics import PTAMeter
 from copa.train.sampler import BoxedMixSampler, EpochSeeded, ResumableSampler, loader_generator
@@ -175,7 +175,7 @@ def validate(
     model = objective.model
     was_training = model.training
     model.eval()
-    meter = PTAMeter(model.vision.keep_ratios[0])
+    meter = PTAMeter(model.keep_ratios[0])
     sums: dict[str, float] = {}
     n: Counter[str] = Counter()
     skipped = 0
@@ -206,18 +206,13 @@ def validate(
 
 def pta_batch(model: COPAModel, batch: Any, meter: PTAMeter) -> None:
     """First-stage selector logits for each phrase and for the text-agnostic query vs. labels."""
-    if not len(model.vision.selectors):
+    if not model.has_selectors:
         return
-    sel, block = model.vision.selectors[0], model.vision.blocks[model.vision.prefix_depth]
-    prefix = model.image_prefix(batch.images)
-    if batch.phrase_ids.shape[0]:
-        q = model.encode_query(batch.phrase_ids, batch.phrase_mask)
-        meter.add(
-            "phrase", sel(prefix[batch.phrase_image], q, block), batch.phrase_labels, batch.phrase_image
-        )
-    boxed = batch.has_boxes.nonzero().squeeze(1)
-    if boxed.numel():
-        meter.add("agnostic", sel(prefix[boxed], None, block), batch.union_labels[boxed])
+    out = pta_logits(model, model.image_prefix(batch.images), batch)
+    if out.phrase is not None:
+        meter.add("phrase", out.phrase, batch.phrase_labels, batch.phrase_image)
+    if out.agnostic is not None:
+        meter.add("agnostic", out.agnostic, batch.union_labels[out.boxed])
 
 
 # ------------------------------------------------------------------------------ pre-training
