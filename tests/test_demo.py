@@ -59,6 +59,8 @@ def _fake_outputs(args: argparse.Namespace) -> None:
             "blind_accuracy": 1.5,
         }
         (out / "metrics.json").write_text(json.dumps(metrics))
+        units = [{"unit": float(i % 2), "group": i // 3} for i in range(6)]
+        (out / "predictions.jsonl").write_text("".join(json.dumps(u) + "\n" for u in units))
     elif cmd == "bench":
         keeps = ["none", *args.keep]
         rec = {
