@@ -289,8 +289,14 @@ def describe(
 def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Record]:
     """One random scene: (size, size, 3) uint8 image and its record (``image`` left empty)."""
     img, objs = render_scene(sample_specs(size, rng), size, rng)
+    return img, scene_record(objs, size, rng)
+
+
+def scene_record(objs: list[Any], size: int, rng: np.random.Generator) -> Record:
+    """The record of a rendered (size, size) scene of ``objs`` (captions, boxes, questions, refs);
+    ``image`` left empty. Both scene styles describe their scenes this way."""
     captions, qas, refs = describe(objs, size, rng)
-    rec = Record(
+    return Record(
         image="",
         captions=captions,
         objects=[Obj(o.box, o.phrase) for o in objs],
@@ -299,7 +305,6 @@ def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Record]
         width=size,
         height=size,
     )
-    return img, rec
 
 
 # ------------------------------------------------------------------------------------------ files

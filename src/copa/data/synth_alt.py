@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from copa.data.records import Obj, Record
-from copa.data.synth import SHAPES, SceneObj, _dump, _overlap_share, coco_dicts, describe, shape_mask
+from copa.data.records import Record
+from copa.data.synth import SHAPES, SceneObj, _dump, _overlap_share, coco_dicts, scene_record, shape_mask
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,7 @@ def make_alt_scene(rng: np.random.Generator) -> tuple[np.ndarray, Record]:
     """One random scene of the alternative style: (S, S, 3) uint8 image and its record."""
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     img, objs = render_alt_scene(sample_alt_specs(size, rng), size, rng)
-    captions, qas, refs = describe(objs, size, rng)
-    rec = Record(
-        image="",
-        captions=captions,
-        objects=[Obj(o.box, o.phrase) for o in objs],
-        questions=qas,
-        refs=refs,
-        width=size,
-        height=size,
-    )
-    return img, rec
+    return img, scene_record(objs, size, rng)
 
 
 def write_synth_alt(out: str | Path, seed: int = 0, n_test: int = 60) -> dict[str, Any]:

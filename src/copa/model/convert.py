@@ -144,20 +144,25 @@ def vision_config_from_clip(hf_cfg: CLIPVisionConfig | CLIPConfig) -> VisionConf
     CLIP's ViT differs from the classic one in three ways our ViT makes configurable: a LayerNorm
     after the embeddings (``pre_norm``), no bias on the patch convolution, and QuickGELU.
     """
-    cfg = getattr(hf_cfg, "vision_config", None) or hf_cfg
-    if getattr(cfg, "num_channels", 3) != 3:
-        raise ValueError(f"num_channels={cfg.num_channels}: COPA's patch embedding takes RGB images")
+    return _vision_config(getattr(hf_cfg, "vision_config", None) or hf_cfg, pre_norm=True, patch_bias=False)
+
+
+def _vision_config(hf: Any, pre_norm: bool, patch_bias: bool) -> VisionConfig:
+    """The fields an HF CLIP / ViT vision config shares -> ``VisionConfig``; the two flags are where
+    the architectures differ."""
+    if getattr(hf, "num_channels", 3) != 3:
+        raise ValueError(f"num_channels={hf.num_channels}: COPA's patch embedding takes RGB images")
     return VisionConfig(
-        image_size=_square(cfg.image_size, "image_size"),
-        patch_size=_square(cfg.patch_size, "patch_size"),
-        width=cfg.hidden_size,
-        layers=cfg.num_hidden_layers,
-        heads=cfg.num_attention_heads,
-        mlp_ratio=_mlp_ratio(cfg.hidden_size, cfg.intermediate_size),
-        act=_act(cfg.hidden_act),
-        pre_norm=True,
-        ln_eps=float(cfg.layer_norm_eps),
-        patch_bias=False,
+        image_size=_square(hf.image_size, "image_size"),
+        patch_size=_square(hf.patch_size, "patch_size"),
+        width=hf.hidden_size,
+        layers=hf.num_hidden_layers,
+        heads=hf.num_attention_heads,
+        mlp_ratio=_mlp_ratio(hf.hidden_size, hf.intermediate_size),
+        act=_act(hf.hidden_act),
+        pre_norm=pre_norm,
+        ln_eps=float(hf.layer_norm_eps),
+        patch_bias=patch_bias,
     )
 
 
@@ -220,20 +225,7 @@ def convert_clip_vision(src: Mapping[str, Tensor] | nn.Module) -> StateDict:
 def vision_config_from_vit(hf_cfg: ViTConfig) -> VisionConfig:
     """HF ``ViTConfig`` -> ``VisionConfig``: no pre-norm, biased patch conv, eps from the config
     (1e-12 by default in HF ViT, not timm's 1e-6 — the difference is visible at 1e-4 tolerance)."""
-    if getattr(hf_cfg, "num_channels", 3) != 3:
-        raise ValueError(f"num_channels={hf_cfg.num_channels}: COPA's patch embedding takes RGB images")
-    return VisionConfig(
-        image_size=_square(hf_cfg.image_size, "image_size"),
-        patch_size=_square(hf_cfg.patch_size, "patch_size"),
-        width=hf_cfg.hidden_size,
-        layers=hf_cfg.num_hidden_layers,
-        heads=hf_cfg.num_attention_heads,
-        mlp_ratio=_mlp_ratio(hf_cfg.hidden_size, hf_cfg.intermediate_size),
-        act=_act(hf_cfg.hidden_act),
-        pre_norm=False,
-        ln_eps=float(hf_cfg.layer_norm_eps),
-        patch_bias=True,
-    )
+    return _vision_config(hf_cfg, pre_norm=False, patch_bias=True)
 
 
 # Both spellings of a ViT block: the on-disk / transformers 4 names (``encoder.layer.N.attention.

@@ -136,7 +136,8 @@ def finetune(
     curve = _curve_hook(task, model, cfg, eval_split, out) if t.eval_every else None
     if curve is not None and main:
         (out / "curve.jsonl").unlink(missing_ok=True)  # a curve of this run only
-    loop = TrainLoop(
+    loop = TrainLoop.from_config(
+        t,
         wrapped,
         model,
         opt,
@@ -144,12 +145,6 @@ def finetune(
         iter(make_loader(dataset, cfg, train=True)),
         device,
         dtype,
-        steps=t.steps,
-        grad_accum=t.grad_accum,
-        clip_grad=t.clip_grad,
-        log_every=t.log_every,
-        time_budget_s=t.time_budget_s,
-        samples_per_step=t.batch_size * t.grad_accum,
         where=task.name,
         runlog=runlog,
         failure_note=lambda: ", no model written",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from copa.config import TrainConfig
 from copa.train import distributed as D
 from copa.utils.device import autocast
 
@@ -226,6 +227,38 @@ class TrainLoop:
     on_batch: Callable[[Any], None] | None = None
     after_step: Callable[[int, bool], None] | None = None
     failure_note: Callable[[], str] = lambda: ""
+
+    @classmethod
+    def from_config(
+        cls,
+        t: TrainConfig,
+        wrapped: nn.Module,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        batches: Iterator[Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        **hooks: Any,
+    ) -> TrainLoop:
+        """The loop as ``train.*`` sets it (steps, accumulation, clipping, logging, time budget);
+        ``hooks``: the remaining fields (``where``, ``runlog``, ``after_step``, ...)."""
+        return cls(
+            wrapped,
+            model,
+            opt,
+            sched,
+            batches,
+            device,
+            dtype,
+            steps=t.steps,
+            grad_accum=t.grad_accum,
+            clip_grad=t.clip_grad,
+            log_every=t.log_every,
+            time_budget_s=t.time_budget_s,
+            samples_per_step=t.batch_size * t.grad_accum,
+            **hooks,
+        )
 
     def _accumulate(self, step: int) -> tuple[float, dict[str, float]]:
         """Forward + backward of ``grad_accum`` batches: (mean loss, mean terms). Raises on a

@@ -381,7 +381,8 @@ def pretrain(
             del model_sd, opt_sd
             D.barrier()
 
-    loop = TrainLoop(
+    loop = TrainLoop.from_config(
+        t,
         wrapped,
         model,
         opt,
@@ -389,12 +390,6 @@ def pretrain(
         iter(train_loader),
         device,
         dtype,
-        steps=t.steps,
-        grad_accum=t.grad_accum,
-        clip_grad=t.clip_grad,
-        log_every=t.log_every,
-        time_budget_s=t.time_budget_s,
-        samples_per_step=per_step,
         where="pretrain",
         terms=LOSS_NAMES,
         runlog=runlog,
