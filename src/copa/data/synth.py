@@ -233,9 +233,9 @@ def extra_captions(objs: list[SceneObj], size: int) -> list[str]:
     by_x = sorted(objs, key=lambda o: o.centre[0])
     big = max(objs, key=lambda o: o.box[2] * o.box[3])
     if len(objs) == 1:
-        return [f"the only object is a {big.phrase}", f"a {big.name} {_where(big, size)} and nothing else"]
+        return [f"the only object is a {big.phrase}", f"nothing but the {big.name} {_where(big, size)}"]
     order = ", ".join(f"a {o.phrase}" for o in by_x)
-    return [f"from left to right: {order}", f"the largest of {NUMBERS[len(objs)]} objects is a {big.name}"]
+    return [f"from left to right: {order}", f"the largest of {NUMBERS[len(objs)]} objects is the {big.name}"]
 
 
 def describe(
