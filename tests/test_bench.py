@@ -366,3 +366,96 @@ def test_bench_compares_selectors_in_one_run(micro):
     assert len({r["visual_tokens"] for r in recs[1:]}) == 1
     assert recs[1]["visual_tokens"] < recs[0]["visual_tokens"]
     assert model.vision.select_cfg.selector == "tpd"  # handed back with its own selection
+
+
+RETRIEVAL_KEYS = {"hardware", "command", "date", "num_images", "num_texts", "captions_per_image", "itm_topk"}
+RETRIEVAL_KEYS |= {"results", "speedup_reuse", "speedup_pruning", "reuse_max_abs_diff", "reuse_same_r1"}
+RETRIEVAL_RECORD_KEYS = {
+    "setting",
+    "keep_ratio",
+    "prefix_reuse",
+    "itm_pairs",
+    "itc_s",
+    "itm_s",
+    "total_s",
+    "images_per_s",
+    "itm_pairs_per_s",
+    "itm_breakdown_s",
+    "i2t_r1",
+    "t2i_r1",
+    "itc_i2t_r1",
+    "speedup_reuse",
+    "speedup_pruning_itm",
+}
+
+
+@pytest.fixture(scope="module")
+def gallery_json(tmp_path_factory):
+    """20 synthetic scenes of 64 px with 5 captions each (the retrieval benchmark's shape, small)."""
+    from copa.data.synth import write_synth
+
+    out = tmp_path_factory.mktemp("gallery")
+    write_synth(out, seed=0, n_train=1, n_val=1, n_test=20, image_size=64, n_captions=5)
+    return out / "test.json"
+
+
+def test_cli_retrieval_bench(tmp_path, capsys, micro_ckpt, gallery_json):
+    from copa.cli import main
+
+    sets = [a for o in MICRO for a in ("--set", o)]
+    args = ["bench", "retrieval", "--config", "configs/tiny.yaml", *sets, "--ckpt", str(micro_ckpt)]
+    args += ["--data", str(gallery_json), "--batch", "8", "--itm-topk", "4", "--precision", "fp32"]
+    assert main([*args, "--runs", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "retrieval_bench.json").read_text())
+    assert RETRIEVAL_KEYS <= set(data) and {"cpu", "torch_threads"} <= set(data["hardware"])
+    assert (data["num_images"], data["num_texts"]) == (20, 100)
+    assert data["captions_per_image"] == {"min": 5, "mean": 5.0, "max": 5}
+    recs = data["results"]
+    assert [(r["setting"], r["prefix_reuse"]) for r in recs] == [
+        ("pruned", True),
+        ("pruned", False),
+        ("unpruned", True),
+        ("unpruned", False),
+    ]
+    for r in recs:
+        assert RETRIEVAL_RECORD_KEYS <= set(r)
+        assert (
+            r["itc_s"] > 0
+            and r["itm_s"] > 0
+            and r["images_per_s"] > 0
+            and len(r["itm_timing"]["runs_ms"]) == 2
+        )
+        assert r["itm_pairs"] >= 100 * 4  # every text query's top 4 images at least
+    assert recs[0]["keep_ratio"] == 0.5 and recs[2]["keep_ratio"] == 1.0
+    # reuse and no reuse compute the same scores, so the same recall
+    assert data["reuse_same_r1"] and max(data["reuse_max_abs_diff"].values()) < 1e-4
+    for a, b in zip(recs[::2], recs[1::2], strict=True):
+        assert (a["i2t_r1"], a["t2i_r1"], a["r_mean"]) == (b["i2t_r1"], b["t2i_r1"], b["r_mean"])
+    assert set(data["speedup_pruning"]["pruned"]) == {"itc", "itm", "total"}
+    md = (tmp_path / "retrieval_bench.md").read_text()
+    assert "| pruned (0.5) | yes |" in md and md in capsys.readouterr().out
+
+
+def test_cli_retrieval_bench_random_model_unpruned_only(tmp_path, gallery_json):
+    """The config's model with random weights; selector none: only the unpruned setting, 6 images."""
+    from copa.cli import main
+
+    sets = [a for o in [*MICRO, "model.select.selector=none"] for a in ("--set", o)]
+    args = ["bench", "retrieval", "--config", "configs/tiny.yaml", *sets, "--data", str(gallery_json)]
+    args += [
+        "--n-images",
+        "6",
+        "--itm-topk",
+        "3",
+        "--warmup",
+        "0",
+        "--json",
+        "r.json",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert (data["num_images"], data["num_texts"]) == (6, 30)
+    assert [r["setting"] for r in data["results"]] == ["unpruned", "unpruned"] and not data["speedup_pruning"]
+    assert data["reuse_same_r1"]

@@ -97,3 +97,21 @@ def test_cli_synth_and_shard(tmp_path, capsys):
     rc = main(["data", "check", "--src", str(tmp_path / "wds")])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["records"]["records_out"] == 3 and report["patch_share_positive"] > 0
+
+
+def test_five_captions_change_nothing_else(tmp_path):
+    write_synth(tmp_path / "a", seed=1, **SMALL)
+    write_synth(tmp_path / "b", seed=1, **SMALL, n_captions=5)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k.endswith(".png")} == {
+        k: v for k, v in b.items() if k.endswith(".png")
+    }
+    for split in ("train", "val", "test"):
+        ra, rb = (
+            read_records(tmp_path / "a" / f"{split}.json"),
+            read_records(tmp_path / "b" / f"{split}.json"),
+        )
+        for x, y in zip(ra, rb, strict=True):
+            assert len(x.captions) == 3 and len(y.captions) == 5 and y.captions[:3] == x.captions
+            assert len(set(y.captions)) == 5 and all(y.captions)
+            assert (x.objects, x.questions, x.refs) == (y.objects, y.questions, y.refs)

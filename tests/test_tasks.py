@@ -5,6 +5,7 @@ table consistently."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -247,6 +248,86 @@ def test_shared_prefix_itm_equals_full_pairs():
     # selection is text-aware: image 0 keeps different patches for different texts
     kept0 = {tuple(kept[j].sort().values.tolist()) for j in range(10) if pi[j] == 0}
     assert len(kept0) > 1
+
+
+def _per_pair_itm(model, images, ids, mask, pairs):
+    """The straightforward reference: one full forward per (image, text) pair -> (P,) log-odds."""
+    out = []
+    with torch.no_grad():
+        for i, t in pairs.tolist():
+            logits = model.itm_logits(model(images[i : i + 1], ids[t : t + 1], mask[t : t + 1]))
+            out.append(float(logits[0, 1] - logits[0, 0]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_itm_batched_across_queries_equals_per_pair(reuse):
+    from copa.tasks.retrieval import itm_scores_batched
+
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model).eval()
+    with torch.no_grad():  # a text-sensitive TPD, so each text really selects its own patches
+        model.vision.selectors[0].fc_text.weight.mul_(50)
+    images = torch.randn(5, 3, 32, 32)
+    ids = torch.randint(1000, model.cfg.text.vocab_size, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding, as a tokenized gallery has
+    pairs = torch.tensor(
+        [
+            [0, 0],
+            [0, 1],
+            [0, 3],
+            [1, 0],
+            [1, 2],
+            [2, 0],
+            [2, 1],
+            [2, 2],
+            [2, 3],
+            [3, 1],
+            [3, 2],
+            [4, 0],
+            [4, 3],
+        ]
+    )
+    pairs = pairs[torch.randperm(pairs.shape[0])]  # any order: the result follows ``pairs``
+    chunks = [([3, 0], images[[3, 0]]), ([1], images[[1]]), ([4, 2], images[[4, 2]])]  # uneven chunks
+    calls: list[str] = []
+
+    def region(name):
+        calls.append(name)
+        return contextlib.nullcontext()
+
+    scores = itm_scores_batched(
+        model, chunks, pairs, ids, mask, batch_size=3, reuse_prefix=reuse, region=region
+    )
+    expected = _per_pair_itm(model, images, ids, mask, pairs)
+    assert scores.shape == (pairs.shape[0],) and not scores.isnan().any()
+    assert torch.allclose(scores, expected, atol=1e-5), (scores - expected).abs().max()
+    n_texts = pairs[:, 1].unique().numel()
+    assert calls.count("text") == -(-n_texts // 3)  # every distinct text once, in batches
+    forwards = -(-pairs.shape[0] // 3)  # full batches across chunk (query) boundaries, one remainder
+    assert calls.count("prefix") == (len(chunks) if reuse else forwards)
+
+
+def test_stage2_equals_per_pair(micro_init, synth_dir):
+    """The evaluation's re-rank (image chunks from the loader, pairs batched across them) scores every
+    candidate pair as a full per-pair forward does."""
+    from copa.tasks.base import EvalEnv, Stopwatch
+    from copa.tasks.retrieval import rerank_candidates
+
+    cfg = train_config(synth_dir, "eval.batch_size=3")
+    task = make_task("retrieval")
+    model = COPAModel.from_pretrained(micro_init).eval()
+    data = task.build_dataset(cfg, "test", False, 32, 8)
+    cpu = torch.device("cpu")
+    env = EvalEnv(cfg, cpu, torch.float32, task.options, Stopwatch(cpu))
+    ids, mask = env.collator(model).tokenize(data.texts)
+    sim = torch.randn(data.num_images, len(data.texts), generator=torch.Generator().manual_seed(0))
+    pairs = rerank_candidates(sim, 3).pairs
+    scores, seconds = task._stage2(model, data, ids, mask, pairs, env)
+    images = torch.stack([data.dataset[r]["image"] for r in data.image_rows])
+    expected = _per_pair_itm(model, images, ids, mask, pairs)
+    assert seconds > 0 and torch.allclose(scores, expected, atol=1e-5), (scores - expected).abs().max()
 
 
 def test_higher_resolution_resizes_position_table(micro_init, synth_dir, tmp_path):

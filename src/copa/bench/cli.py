@@ -26,6 +26,8 @@ from copa.bench.harness import build_bench_model
 from copa.bench.inference import bench_inference
 from copa.bench.keep import BenchError, parse_keeps
 from copa.bench.memory import PeakMemory
+from copa.bench.retrieval import add_args as add_retrieval_args
+from copa.bench.retrieval import run_retrieval
 from copa.bench.tables import format_table, format_train_table
 from copa.bench.train import bench_train
 from copa.config import Config
@@ -42,11 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Benchmark COPA with and without text-aware patch selection (SPEC §5). The unpruned "
         "model is always measured in the same run with the same weights; timings are interleaved.",
     )
+    p.add_argument(
+        "mode",
+        nargs="?",
+        default="model",
+        choices=["model", "retrieval"],
+        help="model (default): FLOPs and speed of the model per keep setting on random inputs; retrieval: "
+        "the two-stage retrieval on a gallery (ITC, ITM re-rank with / without prefix reuse, pruned / "
+        "unpruned, R@1; --ckpt, --data)",
+    )
     add_common(p, out_default="runs/bench")
     p.add_argument(
         "--image-size", type=int, default=None, help="image side in pixels (default: the config's)"
     )
-    p.add_argument("--batch", type=int, default=8, help="images / image-text pairs per forward (default 8)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images / image-text pairs per forward (default 8; retrieval: eval.batch_size)",
+    )
     p.add_argument(
         "--keep",
         action="append",
@@ -57,8 +73,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config's, on the same weights; repeatable; default: the config's select.layers/"
         "keep_ratios. 'none' is always added",
     )
-    p.add_argument("--runs", type=int, default=5, help="timed runs per setting (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="discarded warm-up runs per setting")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="timed runs per setting, median reported (default 5; retrieval 1)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="discarded warm-up runs per setting (default 2; retrieval: 1 pass of one batch per path)",
+    )
     p.add_argument(
         "--precision",
         default="auto",
@@ -103,12 +129,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench.json", help="JSON file name inside --out")
+    p.add_argument(
+        "--json", default=None, help="JSON file name inside --out (default bench.json; retrieval_bench.json)"
+    )
+    add_retrieval_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
+        if args.mode == "retrieval":
+            return run_retrieval(args, cfg)
         return _run(args, cfg)
     except BenchError as e:
         log.error("%s", e)
@@ -118,6 +149,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 def _run(args: argparse.Namespace, cfg: Config) -> int:
     from copa.utils.device import default_device
 
+    args.batch = 8 if args.batch is None else args.batch
+    args.runs = 5 if args.runs is None else args.runs
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.json = args.json or "bench.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device() if args.device == "auto" else torch.device(args.device)

@@ -36,6 +36,7 @@ def cmd_synth(args: argparse.Namespace, cfg: Config) -> int:
         n_test=args.n_test,
         image_size=args.image_size,
         box_share=cfg.data.box_share if args.box_share is None else args.box_share,
+        n_captions=args.captions,
     )
     summary["out"] = str(args.out)
     _print(summary)
@@ -115,6 +116,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--box-share", type=float, default=None, help="default: data.box_share")
+    p.add_argument(
+        "--captions",
+        type=int,
+        default=3,
+        choices=(3, 4, 5),
+        help="captions per image (default 3; 5 as COCO: a retrieval gallery of 5 captions an image)",
+    )
     p.add_argument(
         "--style",
         choices=("main", "alt"),

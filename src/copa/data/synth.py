@@ -227,10 +227,22 @@ def _relation(a: SceneObj, b: SceneObj) -> str:
     return "above" if dy > 0 else "below"
 
 
+def extra_captions(objs: list[SceneObj], size: int) -> list[str]:
+    """Two more captions of a scene, drawn without the generator (so asking for them leaves every
+    other byte of the data set as it is): the objects from left to right, and the largest one."""
+    by_x = sorted(objs, key=lambda o: o.centre[0])
+    big = max(objs, key=lambda o: o.box[2] * o.box[3])
+    if len(objs) == 1:
+        return [f"the only object is a {big.phrase}", f"nothing but the {big.name} {_where(big, size)}"]
+    order = ", ".join(f"a {o.phrase}" for o in by_x)
+    return [f"from left to right: {order}", f"the largest of {NUMBERS[len(objs)]} objects is the {big.name}"]
+
+
 def describe(
-    objs: list[SceneObj], size: int, rng: np.random.Generator
+    objs: list[SceneObj], size: int, rng: np.random.Generator, n_captions: int = 3
 ) -> tuple[list[str], list[QA], list[Ref]]:
-    """Captions (3), VQA pairs (colour, shape, count, existence, position) and referring expressions."""
+    """Captions (``n_captions``, 3 to 5), VQA pairs (colour, shape, count, existence, position) and
+    referring expressions."""
     n = len(objs)
     pick = objs[int(rng.integers(n))]
     if n >= 2:
@@ -243,6 +255,7 @@ def describe(
         first = f"a {pick.phrase} {_where(pick, size)}"
         listing = f"a single {pick.phrase} on a textured background"
     captions = [first, listing, f"there is a {pick.phrase} {_where(pick, size)}"]
+    captions += extra_captions(objs, size)[: max(0, n_captions - 3)]
 
     qas = [QA("how many objects are there?", [str(n)])]
     shapes = [o.shape for o in objs]
@@ -286,16 +299,16 @@ def describe(
     return captions, qas, refs
 
 
-def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Record]:
+def make_scene(size: int, rng: np.random.Generator, n_captions: int = 3) -> tuple[np.ndarray, Record]:
     """One random scene: (size, size, 3) uint8 image and its record (``image`` left empty)."""
     img, objs = render_scene(sample_specs(size, rng), size, rng)
-    return img, scene_record(objs, size, rng)
+    return img, scene_record(objs, size, rng, n_captions)
 
 
-def scene_record(objs: list[Any], size: int, rng: np.random.Generator) -> Record:
-    """The record of a rendered (size, size) scene of ``objs`` (captions, boxes, questions, refs);
-    ``image`` left empty. Both scene styles describe their scenes this way."""
-    captions, qas, refs = describe(objs, size, rng)
+def scene_record(objs: list[Any], size: int, rng: np.random.Generator, n_captions: int = 3) -> Record:
+    """The record of a rendered (size, size) scene of ``objs`` (``n_captions`` captions, boxes,
+    questions, refs); ``image`` left empty. Both scene styles describe their scenes this way."""
+    captions, qas, refs = describe(objs, size, rng, n_captions)
     return Record(
         image="",
         captions=captions,
@@ -353,11 +366,15 @@ def write_synth(
     n_test: int = 200,
     image_size: int = 128,
     box_share: float = 0.05,
+    n_captions: int = 3,
 ) -> dict[str, Any]:
-    """Generate and write the synthetic data set (layout in the module docstring).
+    """Generate and write the synthetic data set (layout in the module docstring). ``n_captions``
+    (3 to 5) per image; 4 and 5 add captions without changing anything else.
 
     Returns a JSON-able summary: counts per split, images with boxes, seconds taken.
     """
+    if not 3 <= n_captions <= 5:
+        raise ValueError(f"n_captions must be 3, 4 or 5, got {n_captions}")
     t0 = time.perf_counter()
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
@@ -369,7 +386,7 @@ def write_synth(
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         records = []
         for i in range(sizes[split]):
-            img, rec = make_scene(image_size, rng)
+            img, rec = make_scene(image_size, rng, n_captions)
             rec.image = f"images/{split}/{i:06d}.png"
             rec.image_id = i
             Image.fromarray(img).save(out / rec.image, format="PNG", compress_level=6)

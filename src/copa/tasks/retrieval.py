@@ -12,8 +12,10 @@ Evaluation (``evaluate``):
 2. **ITM re-ranking.** For each image query its ``eval.itm_topk`` most similar texts, for each text
    query its top-k images, are re-scored by ITM with text-aware selection. The union of these
    (image, text) pairs is scored once per pair, grouped by image: each image's text-independent ViT
-   prefix runs once and is indexed for all its candidate texts; each distinct text of a chunk is
-   encoded once; the pairs run through selection + ViT suffix + fusion + ITM head in batches.
+   prefix runs once and is indexed for all its candidate texts; each distinct text is encoded once
+   for the whole stage; the pairs run through selection + ViT suffix + fusion + ITM head in
+   batches of ``eval.batch_size`` pairs that cross image and query boundaries
+   (``itm_scores_batched``), so every forward but the last is full.
 
 **Final score** of a re-ranked candidate = ITM log-odds ``logit_match - logit_nomatch`` +
 ``itc_weight`` x ITC cosine similarity (ALBEF's practice; ``itc_weight = 0`` gives pure ITM).
@@ -30,6 +32,9 @@ uniformly random ranking.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +108,118 @@ def stack_images(samples: list[dict[str, Any]]) -> Tensor:
     return torch.stack([s["image"] for s in samples])
 
 
+ImageChunk = tuple[list[int], Tensor]  # gallery indices of m images, the images (m, 3, H, W)
+Region = Callable[[str], AbstractContextManager[Any]]
+
+
+def _no_region(_name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def itm_scores_batched(
+    model: COPAModel,
+    chunks: Iterable[ImageChunk],
+    pairs: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    batch_size: int = 64,
+    reuse_prefix: bool = True,
+    region: Region = _no_region,
+) -> Tensor:
+    """ITM log-odds of (image, text) pairs, batched across queries.
+
+    chunks: the images named in ``pairs``, each exactly once, as (gallery indices, images
+    (m, 3, H, W) on the model's device); pairs: (P, 2) [gallery image, row of ``ids``]; ids, mask:
+    (T, L) the tokenized texts, on the model's device -> (P,) float32 ``logit_match -
+    logit_nomatch`` on the CPU, in the order of ``pairs``.
+
+    - Each distinct text of ``pairs`` is encoded once (text states + TPD query, in batches of
+      ``batch_size``) and kept for the whole call: (U, L, D) memory for U distinct texts.
+    - With ``reuse_prefix`` each chunk's text-independent ViT prefix runs once and is indexed per
+      pair; without it the prefix is re-run on every pair's image (what reuse saves; the same
+      scores up to float rounding).
+    - Pairs run through selection + ViT suffix + fusion + ITM head in forwards of ``batch_size``
+      pairs taken in image order across chunk (and so query) boundaries: only the very last forward
+      is smaller, so a chunk whose images have few candidates leaves no half-empty batch behind.
+
+    ``region(name)`` wraps every model call (name "text", "prefix" or "pairs"): the caller's
+    stopwatch and autocast. Equal up to float rounding to ``model(images[i], ids[t], mask[t])``
+    followed by the ITM head, pair by pair.
+    """
+    n_pairs = pairs.shape[0]
+    out = torch.full((n_pairs,), float("nan"))
+    if n_pairs == 0:
+        return out
+    device = ids.device
+    pairs = pairs.cpu()
+    by_image: dict[int, list[int]] = {}
+    for p, i in enumerate(pairs[:, 0].tolist()):
+        by_image.setdefault(i, []).append(p)
+    texts, inverse = pairs[:, 1].unique(return_inverse=True)  # inverse (P,): row in the text cache
+    states, queries = [], []
+    for s in range(0, texts.shape[0], batch_size):
+        t = texts[s : s + batch_size].to(device)
+        with region("text"):
+            st = model.text_states(ids[t], mask[t])  # (u, L, D)
+            queries.append(model.text_query(st, mask[t]))  # (u, Dq)
+        states.append(st)
+    txt, query, txt_mask = torch.cat(states), torch.cat(queries), mask[texts.to(device)]
+
+    # pending segments: (prefixes (m, 1+N, D) or images (m, 3, H, W), row per pair (n,), pair ids (n,))
+    pending: list[tuple[Tensor, Tensor, Tensor]] = []
+    results: list[tuple[Tensor, Tensor]] = []
+
+    def run(n: int) -> None:
+        """Score the first ``n`` pending pairs in one forward."""
+        segs, pids, need = [], [], n
+        while need:
+            src, rows, pid = pending[0]
+            take = min(need, rows.shape[0])
+            segs.append((src, rows[:take]))
+            pids.append(pid[:take])
+            if take == rows.shape[0]:
+                pending.pop(0)
+            else:
+                pending[0] = (src, rows[take:], pid[take:])
+            need -= take
+        p = torch.cat(pids)
+        ti = inverse[p].to(device)
+        if reuse_prefix:
+            with region("pairs"):  # indexing the shared prefixes is part of the per-pair work
+                prefix = torch.cat([src[rows] for src, rows in segs])  # (n, 1+N, D)
+        else:
+            with region("prefix"):  # the prefix again for every pair
+                prefix = model.image_prefix(torch.cat([src[rows] for src, rows in segs]))
+        with region("pairs"):
+            vis = model.image_tokens(prefix, query[ti])  # text-aware selection per pair
+            logits = model.itm_logits(model.fuse(vis, txt[ti], txt_mask[ti])).float()
+        results.append((p, logits[:, 1] - logits[:, 0]))
+
+    queued = 0
+    for gallery, x in chunks:
+        local = {int(img): j for j, img in enumerate(gallery)}
+        pid = torch.tensor([p for img in gallery for p in by_image.get(int(img), [])], dtype=torch.long)
+        if not pid.numel():
+            continue
+        rows = torch.tensor([local[i] for i in pairs[pid, 0].tolist()], device=device)
+        if reuse_prefix:
+            with region("prefix"):
+                src = model.image_prefix(x)  # (m, 1+N, D): once per image
+        else:
+            src = x
+        pending.append((src, rows, pid))
+        queued += pid.shape[0]
+        while queued >= batch_size:
+            run(batch_size)
+            queued -= batch_size
+    if queued:
+        run(queued)
+    for p, sc in results:
+        out[p] = sc.cpu()
+    return out
+
+
 @torch.no_grad()
 def itm_scores_shared_prefix(
     model: COPAModel,
@@ -116,22 +233,13 @@ def itm_scores_shared_prefix(
     """ITM log-odds of (image, text) pairs, running each image's ViT prefix and each text once.
 
     images: (M, 3, H, W) distinct images; ids, mask: (T, L) texts; pair_image (P,) rows of
-    ``images``, pair_text (P,) rows of ``ids`` -> (P,) float32 ``logit_match - logit_nomatch``.
-    Equal (up to float rounding) to ``model(images[pair_image], ids[pair_text], mask[pair_text])``
-    followed by the ITM head.
+    ``images``, pair_text (P,) rows of ``ids`` -> (P,) float32 ``logit_match - logit_nomatch`` on
+    ``images``' device. Equal (up to float rounding) to ``model(images[pair_image], ids[pair_text],
+    mask[pair_text])`` followed by the ITM head. One chunk of ``itm_scores_batched``.
     """
-    prefix = model.image_prefix(images)  # (M, 1+N, D): the text-independent blocks, once per image
-    texts, inverse = pair_text.unique(return_inverse=True)
-    txt = model.text_states(ids[texts], mask[texts])  # (U, L, D): once per distinct text
-    txt_mask = mask[texts]
-    query = model.text_query(txt, txt_mask)
-    out = []
-    for s in range(0, pair_image.shape[0], batch_size):
-        pi, ti = pair_image[s : s + batch_size], inverse[s : s + batch_size]
-        vis = model.image_tokens(prefix[pi], query[ti])  # text-aware selection per pair
-        logits = model.itm_logits(model.fuse(vis, txt[ti], txt_mask[ti])).float()
-        out.append(logits[:, 1] - logits[:, 0])
-    return torch.cat(out) if out else torch.zeros(0, device=images.device)
+    pairs = torch.stack([pair_image.cpu(), pair_text.cpu()], dim=1)
+    chunk = (list(range(images.shape[0])), images)
+    return itm_scores_batched(model, [chunk], pairs, ids, mask, batch_size).to(images.device)
 
 
 class RetrievalTask(Task):
@@ -211,25 +319,22 @@ class RetrievalTask(Task):
     def _stage2(
         self, model: COPAModel, data: RetrievalData, ids: Tensor, mask: Tensor, pairs: Tensor, env: EvalEnv
     ) -> tuple[Tensor, float]:
-        """ITM log-odds of ``pairs`` (P, 2) [image, text]; each rank scores the pairs of its images."""
+        """ITM log-odds of ``pairs`` (P, 2) [image, text]; each rank scores the pairs of its images,
+        batched across queries (``itm_scores_batched``)."""
         start = env.watch.seconds
-        by_image: dict[int, list[int]] = {}
-        for p, i in enumerate(pairs[:, 0].tolist()):
-            by_image.setdefault(i, []).append(p)
-        mine = [i for i in shard_indices(data.num_images) if i in by_image]
-        done: list[int] = []
-        scores: list[Tensor] = []
-        for chunk, x in self._images(data, mine, env):
-            local = {img: j for j, img in enumerate(chunk)}
-            sel = torch.tensor([p for img in chunk for p in by_image[img]], dtype=torch.long)
-            pi = torch.tensor([local[int(i)] for i in pairs[sel, 0]], device=env.device)
+        mine = torch.tensor(shard_indices(data.num_images), dtype=torch.long)
+        sel = torch.isin(pairs[:, 0], mine).nonzero().squeeze(1)  # this rank's pairs, in image order
+        images = pairs[sel, 0].unique().tolist()
+
+        @contextlib.contextmanager
+        def timed(_name: str) -> Iterator[None]:
             with env.watch, env.autocast():
-                s = itm_scores_shared_prefix(
-                    model, x, ids, mask, pi, pairs[sel, 1].to(env.device), env.ev.batch_size
-                )
-            done += sel.tolist()
-            scores.append(s.float().cpu())
-        local_res = (done, torch.cat(scores) if scores else torch.zeros(0), env.watch.seconds - start)
+                yield
+
+        scores = itm_scores_batched(
+            model, self._images(data, images, env), pairs[sel], ids, mask, env.ev.batch_size, region=timed
+        )
+        local_res = (sel.tolist(), scores, env.watch.seconds - start)
         out = torch.full((pairs.shape[0],), float("nan"))
         seconds = 0.0
         for idx, sc, sec in D.gather_objects(local_res):  # collective 2 of 2
