@@ -54,7 +54,7 @@ class DemoPlan:
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     finetune_steps: dict[str, int] = field(
-        default_factory=lambda: {"retrieval": 20, "vqa": 170, "caption": 30, "grounding": 60}
+        default_factory=lambda: {"retrieval": 20, "vqa": 140, "caption": 30, "grounding": 120}
     )
     finetune_lr: float = 3e-4
     itm_topk: int = 4
