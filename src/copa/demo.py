@@ -53,6 +53,9 @@ class DemoPlan:
     eval_images: int = 60
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    # grounding learns nothing in 60 steps (patch CE at ln K) and ~22% in 120; VQA gives up 30 of its
+    # steps for that and the whole demo stays inside 15 minutes on the AVX2 machine (BENCHMARKS.md,
+    # "Learning curves" and "The demo now")
     finetune_steps: dict[str, int] = field(
         default_factory=lambda: {"retrieval": 20, "vqa": 140, "caption": 30, "grounding": 120}
     )

@@ -180,19 +180,37 @@ def _overlap_share(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def sample_specs(size: int, rng: np.random.Generator) -> list[tuple[str, str, str, float, float]]:
     """1–4 objects with distinct (colour, shape); overlaps allowed up to 25% of the smaller box so
     every object stays recognisable and the spatial words stay true."""
-    n = int(rng.integers(1, 5))
+    return place_objects(size, rng, 4, COLOURS, SIZES, large_share=0.4, max_overlap=0.25, tries=20)
+
+
+def place_objects(
+    size: int,
+    rng: np.random.Generator,
+    max_objects: int,
+    colours: dict[str, Any],
+    sizes: dict[str, tuple[float, float]],
+    large_share: float,
+    max_overlap: float,
+    tries: int,
+    canvas: float = 1.0,
+) -> list[tuple[str, str, str, float, float]]:
+    """1..``max_objects`` (shape, colour, size name, cx, cy) with distinct (colour, shape), each box
+    (``sizes[name][1] * size * canvas`` wide) overlapping the others by at most ``max_overlap`` of the
+    smaller; an object that finds no place in ``tries`` draws is left out. Both scene styles place
+    their objects this way (the draws, in this order, are what makes a seed's scenes)."""
+    n = int(rng.integers(1, max_objects + 1))
     specs: list[tuple[str, str, str, float, float]] = []
     boxes: list[tuple[float, ...]] = []
     used: set[tuple[str, str]] = set()
     for _ in range(n):
-        for _try in range(20):
+        for _try in range(tries):
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-            sname = "large" if rng.random() < 0.4 else "small"
-            half = SIZES[sname][1] * size / 2
+            colour = list(colours)[int(rng.integers(len(colours)))]
+            sname = "large" if rng.random() < large_share else "small"
+            half = sizes[sname][1] * size * canvas / 2
             cx, cy = rng.uniform(half, size - half, size=2)
             box = (cx - half, cy - half, 2 * half, 2 * half)
-            if (colour, shape) in used or any(_overlap_share(box, b) > 0.25 for b in boxes):
+            if (colour, shape) in used or any(_overlap_share(box, b) > max_overlap for b in boxes):
                 continue
             specs.append((shape, colour, sname, float(cx), float(cy)))
             boxes.append(box)

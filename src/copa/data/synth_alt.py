@@ -27,7 +27,14 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from copa.data.records import Record
-from copa.data.synth import SHAPES, SceneObj, _dump, _overlap_share, coco_dicts, scene_record, shape_mask
+from copa.data.synth import (
+    SceneObj,
+    _dump,
+    coco_dicts,
+    place_objects,
+    scene_record,
+    shape_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +121,11 @@ def render_alt_scene(
 
 
 def sample_alt_specs(size: int, rng: np.random.Generator) -> list[tuple[str, str, str, float, float]]:
-    """1–5 objects with distinct (colour, shape), overlapping at most 15% of the smaller box."""
-    n = int(rng.integers(1, 6))
-    specs: list[tuple[str, str, str, float, float]] = []
-    boxes: list[tuple[float, ...]] = []
-    used: set[tuple[str, str]] = set()
-    for _ in range(n):
-        for _try in range(30):
-            shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            colour = list(ALT_COLOURS)[int(rng.integers(len(ALT_COLOURS)))]
-            sname = "large" if rng.random() < 0.35 else "small"
-            half = ALT_SIZES[sname][1] * size * 1.2 / 2  # a tilted shape's canvas is up to ~1.2x wider
-            cx, cy = rng.uniform(half, size - half, size=2)
-            box = (cx - half, cy - half, 2 * half, 2 * half)
-            if (colour, shape) in used or any(_overlap_share(box, b) > 0.15 for b in boxes):
-                continue
-            specs.append((shape, colour, sname, float(cx), float(cy)))
-            boxes.append(box)
-            used.add((colour, shape))
-            break
-    return specs
+    """1–5 objects with distinct (colour, shape), overlapping at most 15% of the smaller box; a
+    tilted shape's canvas is up to ~1.2x wider than the shape."""
+    return place_objects(
+        size, rng, 5, ALT_COLOURS, ALT_SIZES, large_share=0.35, max_overlap=0.15, tries=30, canvas=1.2
+    )
 
 
 def make_alt_scene(rng: np.random.Generator) -> tuple[np.ndarray, Record]:
