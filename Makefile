@@ -1,4 +1,6 @@
 # The two commands: `make demo` and `make test`. Each builds .venv from nothing when it is missing.
+# extra arguments for the demo targets, e.g. make demo ARGS="--set train.precision=fp32"
+ARGS ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,10 +13,10 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m copa demo --out runs/demo
+	$(PY) -m copa demo --out runs/demo $(ARGS)
 
 demo-quick: $(STAMP)
-	$(PY) -m copa demo --quick --out runs/demo-quick
+	$(PY) -m copa demo --quick --out runs/demo-quick $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
