@@ -137,6 +137,27 @@ def _num_layers(state: Mapping[str, Tensor], pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def _block_param(
+    m: re.Match[str],
+    t: torch.Tensor,
+    key: str,
+    qkv_names: dict[str, str],
+    block_names: dict[str, str],
+    qkv: dict[int, dict[str, torch.Tensor]],
+    out: dict[str, torch.Tensor],
+    ignored: list[str],
+) -> None:
+    """One transformer-block tensor (``m``: block index, HF sub-name, weight/bias) into COPA's names:
+    q/k/v parts into ``qkv`` (fused later), the rest into ``out``, anything else into ``ignored``."""
+    i, name, kind = int(m.group(1)), m.group(2), m.group(3)
+    if name in qkv_names:
+        qkv.setdefault(i, {})[f"{qkv_names[name]}.{kind}"] = t
+    elif name in block_names:
+        out[f"blocks.{i}.{block_names[name]}.{kind}"] = t
+    else:
+        ignored.append(key)
+
+
 # ------------------------------------------------------------------------------------------ CLIP
 def vision_config_from_clip(hf_cfg: CLIPVisionConfig | CLIPConfig) -> VisionConfig:
     """HF ``CLIPVisionConfig`` (or a full ``CLIPConfig``: its ``vision_config`` is used) -> ``VisionConfig``.
@@ -207,13 +228,7 @@ def convert_clip_vision(src: Mapping[str, Tensor] | nn.Module) -> StateDict:
         elif k.startswith("post_layernorm."):
             out["norm." + k.split(".", 1)[1]] = t
         elif m := block_re.match(k):
-            i, name, kind = int(m.group(1)), m.group(2), m.group(3)
-            if name in _CLIP_QKV:
-                qkv.setdefault(i, {})[f"{_CLIP_QKV[name]}.{kind}"] = t
-            elif name in _CLIP_BLOCK:
-                out[f"blocks.{i}.{_CLIP_BLOCK[name]}.{kind}"] = t
-            else:
-                ignored.append(key)
+            _block_param(m, t, key, _CLIP_QKV, _CLIP_BLOCK, qkv, out, ignored)
         else:
             ignored.append(key)  # e.g. embeddings.position_ids (a buffer in older transformers)
     _fuse_qkv(out, qkv, out["cls_token"].shape[-1])
@@ -280,13 +295,7 @@ def convert_hf_vit(src: Mapping[str, Tensor] | nn.Module) -> StateDict:
         elif k.startswith("layernorm."):
             out["norm." + k.split(".", 1)[1]] = t
         elif m := block_re.match(k):
-            i, name, kind = int(m.group(1)), m.group(2), m.group(3)
-            if name in _VIT_QKV:
-                qkv.setdefault(i, {})[f"{_VIT_QKV[name]}.{kind}"] = t
-            elif name in _VIT_BLOCK:
-                out[f"blocks.{i}.{_VIT_BLOCK[name]}.{kind}"] = t
-            else:
-                ignored.append(key)
+            _block_param(m, t, key, _VIT_QKV, _VIT_BLOCK, qkv, out, ignored)
         else:
             ignored.append(key)  # pooler.*, embeddings.mask_token
     if "patch_embed.bias" not in out and "patch_embed.weight" in out:
