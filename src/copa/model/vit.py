@@ -94,11 +94,7 @@ class VisionTransformer(nn.Module):
             ViTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, drop_path=r) for r in rates
         )
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
-        sel = [
-            make_selector(select.selector, d, text_dim, select.tpd_hidden, select.tpd_form)
-            for _ in select.layers
-        ]
-        self.selectors = nn.ModuleList([s for s in sel if s is not None])
+        self.selectors = _build_selectors(select, select.selector, d, text_dim, len(select.layers))
         self.keep_ratios = list(select.keep_ratios)
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -136,8 +132,7 @@ class VisionTransformer(nn.Module):
         """
         _check_select(select, len(self.blocks))
         if select != self.select_cfg:
-            # built by the constructor itself, so every selector option is honoured as at load time
-            fresh = VisionTransformer(self.cfg, select, self.text_dim).selectors.to(self.pos_embed.device)
+            fresh = self.new_selectors(select.selector, len(select.layers), select)
             if _signature(fresh) != _signature(self.selectors):
                 self.selectors = fresh
         self.select_cfg = select
@@ -162,14 +157,11 @@ class VisionTransformer(nn.Module):
         self.keep_ratios = list(keep_ratios)
         return saved
 
-    def new_selectors(self, name: str, count: int) -> nn.ModuleList:
-        """``count`` fresh ``name`` selectors (``none``: an empty list) for this ViT's widths and
-        selection options, initialised as the ViT's own and on its device and dtype."""
-        s = self.select_cfg
-        built = [
-            make_selector(name, self.cfg.width, self.text_dim, s.tpd_hidden, s.tpd_form) for _ in range(count)
-        ]
-        mods = nn.ModuleList([m for m in built if m is not None])
+    def new_selectors(self, name: str, count: int, select: SelectConfig | None = None) -> nn.ModuleList:
+        """``count`` fresh ``name`` selectors (``none``: an empty list) for this ViT's widths and the
+        selector options of ``select`` (default: the current ones), initialised as the constructor
+        initialises them and on the ViT's device and dtype."""
+        mods = _build_selectors(select or self.select_cfg, name, self.cfg.width, self.text_dim, count)
         mods.apply(_init_weights)
         p = self.pos_embed
         return mods.to(device=p.device, dtype=p.dtype)
@@ -289,6 +281,13 @@ def _check_select(select: SelectConfig, depth: int) -> None:
         raise ValueError("select.layers and select.keep_ratios must have the same length")
     if sorted(select.layers) != list(select.layers) or any(not 0 < i < depth for i in select.layers):
         raise ValueError(f"select.layers must increase within (0, {depth}): {select.layers}")
+
+
+def _build_selectors(select: SelectConfig, name: str, width: int, text_dim: int, count: int) -> nn.ModuleList:
+    """``count`` ``name`` selectors with ``select``'s options (``none``: an empty list), not yet
+    initialised (the constructor initialises the whole ViT, ``new_selectors`` its own)."""
+    built = [make_selector(name, width, text_dim, select.tpd_hidden, select.tpd_form) for _ in range(count)]
+    return nn.ModuleList([m for m in built if m is not None])
 
 
 def _signature(selectors: nn.ModuleList) -> list[tuple[type, list[tuple[str, tuple[int, ...]]]]]:
