@@ -39,6 +39,10 @@ class VisionConfig:
     pre_norm: bool = False  # CLIP's ln_pre after the embeddings
     ln_eps: float = 1e-6
     patch_bias: bool = True  # CLIP's patch embedding has no bias
+    # "patch": one p x p convolution (the ViT's); "conv": early convolutions (log2 p stride-2 3x3 convs,
+    # copa.model.vit.ConvStem), for ViTs trained from scratch: they see shape and converge far sooner
+    # (BENCHMARKS.md, "What the trunk needs"); pretrained CLIP/ViT checkpoints have a patch embedding
+    stem: str = "patch"
     drop_path: float = 0.0
 
 
@@ -148,6 +152,7 @@ class DataConfig:
 
 # ------------------------------------------------------------------------------------------ train
 DISTRIBUTED = ("ddp", "fsdp")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -406,6 +411,9 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.select.selector: {e}") from None
     _choice("model.text.pooling", m.text.pooling, POOLINGS)
     _choice("model.vision.act", v.act, ACTIVATIONS)
+    _choice("model.vision.stem", v.stem, STEMS)
+    if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
+        raise ConfigError(f"model.vision.stem 'conv' needs a power-of-two patch_size, got {v.patch_size}")
     for name in ("image_size", "patch_size", "width", "layers", "heads"):
         _positive(f"model.vision.{name}", getattr(v, name))
     if v.image_size % v.patch_size:
