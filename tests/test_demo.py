@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from copa import cli
 from copa.config import load_config
@@ -130,6 +131,13 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         assert ft.train.steps == plan.finetune_steps[ns.task]
         assert ns.meteor is (False if quick else None) and ns.eval_split == "none"
         assert ft.train.freeze_vit  # the pre-trained ViT is not fine-tuned (BENCHMARKS.md)
+        # grounding's head trains on every patch; every other task through COPA's selection
+        assert (ft.model.select.keep_ratios == [1.0]) is (ns.task in plan.finetune_unpruned)
+    # ... and every task's "pruned" evaluation still runs at the recommended keep ratio
+    pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
+    assert pruned == set(plan.finetune_steps)
+    assert all(ns.keep_ratio < 1.0 for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned"))
+    assert res["finetune_unpruned"] == list(plan.finetune_unpruned) and "fine-tuned on every patch" in report
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
     # (the second scene style's VQA evaluation reads its own test split, with the blind control)
     alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]
@@ -249,3 +257,27 @@ def test_evaluate_with_swapped_selectors_equals_the_library_call(micro_ckpt, syn
         str(tmp_path / "x"),
     ]
     assert cli.main(both) == 2
+
+
+def test_selectors_from_another_row_ignore_keep_ratios_not_shapes():
+    """A head fine-tuned unpruned (keep 1.0) evaluates with a pruned row's selectors; selectors of
+    another shape are refused."""
+    from copa.evaluation import with_selectors_of
+    from copa.model.copa import COPAModel
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    unpruned = COPAModel(micro_config("model.select.keep_ratios=[1.0]").model).eval()
+    donor = COPAModel(micro_config().model).eval()
+    view = with_selectors_of(unpruned, donor)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            view.selectors_copy().state_dict().values(),
+            donor.selectors_copy().state_dict().values(),
+            strict=True,
+        )
+    )
+    other = COPAModel(micro_config("model.select.tpd_hidden=16").model).eval()
+    with pytest.raises(ValueError, match="selection configs differ"):
+        with_selectors_of(unpruned, other)

@@ -4,6 +4,7 @@ kept patches for chosen texts."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,10 @@ def with_selector(model: COPAModel, selector: str) -> COPAModel:
 def with_selectors_of(model: COPAModel, donor: COPAModel) -> COPAModel:
     """A view of ``model`` sharing all its weights but selecting with ``donor``'s selectors (same
     selector type and shapes, e.g. another pre-training row of the same trunk): a fine-tuned model
-    evaluated with another row's selection, no fine-tune of its own."""
-    if model.cfg.select != donor.cfg.select:
+    evaluated with another row's selection, no fine-tune of its own. The keep ratios are the
+    evaluation's, not the selectors': a head fine-tuned unpruned takes a pruned row's selectors."""
+    mine, theirs = (replace(m.cfg.select, keep_ratios=[]) for m in (model, donor))
+    if mine != theirs:
         raise ValueError(f"selection configs differ: {model.cfg.select} vs {donor.cfg.select}")
     return model.with_selectors(donor.selectors_copy())
 
