@@ -2,9 +2,10 @@
 
 For every object of the synthetic scenes (COCO instances of a ``copa data synth`` directory) it takes
 the ViT's output token (after the final norm, unpruned: what the fusion reads) at the patch under the
-object's centre, trains one linear classifier per attribute (colour, shape, size) on the objects of
-the first training images (``train_all_boxes.json``: every object boxed) and reports validation accuracy beside the majority class. It costs seconds, so trunk
-variants can be compared without a VQA fine-tune (BENCHMARKS.md, "What the trunk needs to see shape").
+object's centre, trains a linear and an MLP classifier per attribute (colour, shape, size) on the
+objects of the first training images (``train_all_boxes.json``: every object boxed) and reports
+validation accuracy beside the majority class. It costs seconds, so trunk variants can be compared
+without a VQA fine-tune (BENCHMARKS.md, "Why VQA stops at ~40%: the trunk never learns shape").
 
     python scripts/feature_probe.py --data runs/demo/data --model runs/demo/pretrain/model
 """
@@ -69,7 +70,9 @@ def probe(
     d = xtr.shape[1]
     lin: torch.nn.Module = torch.nn.Linear(d, len(classes))
     if hidden:
-        lin = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, len(classes)))
+        lin = torch.nn.Sequential(
+            torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, len(classes))
+        )
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-2)
     for _ in range(300):
         opt.zero_grad()

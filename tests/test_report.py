@@ -58,3 +58,14 @@ def test_targets_table_marks_each_comparison_from_the_run() -> None:
     assert bad["validation ITC (end of pre-training)"] == "MISSED"
     assert bad["vqa: pruned (keep 0.5) - unpruned, 95% interval"] == "MISSED"
     assert _target_blocks({**_results(0.55, 2.2, 0.0), "quick": True}) == []
+
+
+def test_task_table_says_which_heads_were_fine_tuned_unpruned() -> None:
+    from copa.report import _task_blocks
+
+    res = _results(0.55, 2.2, 0.0)
+    res["tasks"]["grounding"] = {"pruned (keep 0.5)": {"metric": 40.0, "baseline": 0.0}}
+    assert "fine-tuned on every patch" not in to_markdown(_task_blocks(res))
+    res["finetune_unpruned"] = ["grounding", "caption"]  # caption did not run: not named
+    md = to_markdown(_task_blocks(res))
+    assert "grounding: the head was fine-tuned on every patch" in md and "caption" not in md

@@ -297,6 +297,16 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             ),
         ),
     ]
+    unpruned = [t for t in res.get("finetune_unpruned", []) if t in tasks]
+    if unpruned:
+        out.append(
+            (
+                "p",
+                f"{', '.join(unpruned)}: the head was fine-tuned on every patch (keep 1.0) and is evaluated "
+                "pruned with COPA's selector like the other tasks (fine-tuned through the selection it "
+                "did not learn; BENCHMARKS.md).",
+            )
+        )
     if behind:
         out.append(
             (
