@@ -40,8 +40,8 @@ class VisionConfig:
     ln_eps: float = 1e-6
     patch_bias: bool = True  # CLIP's patch embedding has no bias
     # "patch": one p x p convolution (the ViT's); "conv": early convolutions (log2 p stride-2 3x3 convs,
-    # copa.model.vit.ConvStem), for ViTs trained from scratch: they see shape and converge far sooner
-    # (BENCHMARKS.md, "What the trunk needs"); pretrained CLIP/ViT checkpoints have a patch embedding
+    # copa.model.vit.ConvStem), for ViTs trained from scratch: they converge several times sooner
+    # (BENCHMARKS.md, session 7); pretrained CLIP/ViT checkpoints have a patch embedding
     stem: str = "patch"
     drop_path: float = 0.0
 
