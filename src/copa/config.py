@@ -412,8 +412,13 @@ def check_model_config(m: ModelConfig) -> None:
     _choice("model.text.pooling", m.text.pooling, POOLINGS)
     _choice("model.vision.act", v.act, ACTIVATIONS)
     _choice("model.vision.stem", v.stem, STEMS)
-    if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
-        raise ConfigError(f"model.vision.stem 'conv' needs a power-of-two patch_size, got {v.patch_size}")
+    if v.stem == "conv":
+        from copa.model.vit import conv_stem_depth
+
+        try:  # the stem owns the rule
+            conv_stem_depth(v.patch_size)
+        except ValueError as e:
+            raise ConfigError(f"model.vision.stem 'conv': {e}") from None
     for name in ("image_size", "patch_size", "width", "layers", "heads"):
         _positive(f"model.vision.{name}", getattr(v, name))
     if v.image_size % v.patch_size:

@@ -77,6 +77,15 @@ class SelectionState:
     keep_ratios: list[float]
 
 
+def conv_stem_depth(patch_size: int) -> int:
+    """Stride-2 convolutions a conv stem needs for ``patch_size`` (log2 of it); ``ValueError`` when it
+    is not a power of two of at least 2."""
+    n = patch_size.bit_length() - 1
+    if n < 1 or 1 << n != patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+    return n
+
+
 class ConvStem(nn.Module):
     """Early convolutions in place of the patch embedding (Xiao et al. 2021, "Early Convolutions Help
     Transformers See Better"): log2(p) stride-2 3x3 convolutions, channels doubling up to ``width``,
@@ -89,9 +98,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, width: int, patch_size: int) -> None:
         super().__init__()
-        n = patch_size.bit_length() - 1
-        if n < 1 or 1 << n != patch_size:
-            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        n = conv_stem_depth(patch_size)
         chans = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:], strict=True):
