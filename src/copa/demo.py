@@ -49,10 +49,15 @@ class DemoPlan:
     # 180 steps with the conv stem (validation ITC ~1.5) pay for the stem's cost; 230 with the patch
     # embedding reached 2.3
     pretrain_steps: int = 180
-    # specificity comes late: on the conv-stem trunk validation specificity@0.25 was 0.39 after 250 steps
-    # and 0.62 after 300 (BENCHMARKS.md)
-    selector_steps: int = 300
+    # specificity comes late and the stage's steps are cheap: every step past the first views' batches
+    # replays their frozen inputs (~8x cheaper). Validation specificity@0.25 on the two seeds' trunks:
+    # 0.66 | 0.52 after 300 fresh steps, 0.66 | 0.61 after 600 replayed ones over 8 views, in a third
+    # of the time; 1,000 add nothing (BENCHMARKS.md, session 8)
+    selector_steps: int = 600
     selector_batch: int = 16
+    # augmented views of each boxed image the stage computes once, by row: COPA's 100 boxed images
+    # 8 times; with boxes on all 2,000 images, each once
+    selector_views: dict[str, int] = field(default_factory=lambda: {"pta_copa": 8, "pta_all_boxes": 1})
     ablation_rows: bool = True
     eval_images: int = 60
     picture_images: int = 4
@@ -327,6 +332,8 @@ class Demo:
                 p.selector_steps,
                 "--batch",
                 p.selector_batch,
+                "--views",
+                p.selector_views.get(name, 0),
             )
             self.results[name] = self.read_json(out / "summary.json")
         return out / "model"

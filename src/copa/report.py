@@ -46,6 +46,11 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
             f": COPA's for {stage['steps']} steps on the {stage['boxed_images']} training images that carry "
             f"boxes, {stage['wall_s']:.0f} s"
         )
+        if stage.get("views"):
+            text += (
+                f" ({stage['views']} augmented views of each, their frozen ViT prefix and phrase text "
+                f"computed once for {stage['distinct_batches']} batches and replayed)"
+            )
     return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
 
 

@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--steps", type=int, default=300, help="selector updates (default 300)")
     q.add_argument("--batch", type=int, default=16, help="boxed images per step (default 16)")
     q.add_argument("--lr", type=float, default=None, help="default: train.lr_selector, else train.lr")
+    q.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="augmented views of each boxed image, their frozen ViT prefix and phrase text computed "
+        "once and replayed (a step then costs only the selector); 0 (default): a fresh augmentation "
+        "every epoch, recomputed every step",
+    )
     q.set_defaults(func=run_pta_stage)
 
     r = sub.add_parser(
@@ -66,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.selector_stage import run_stage
 
-    print(json.dumps(run_stage(args.init, cfg, args.out, args.steps, args.batch, args.lr), indent=2))
+    summary = run_stage(args.init, cfg, args.out, args.steps, args.batch, args.lr, args.views)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -287,14 +287,15 @@ class PretrainObjective(nn.Module):
         total = sum(w[k] * v for k, v in losses.items())
         return StepOutput(total, losses, sim, neg_txt, neg_img, itm_kept, events)
 
-    def pta_loss(self, prefix: Tensor, batch) -> Tensor:
+    def pta_loss(self, prefix: Tensor, batch, phrase_query: Tensor | None = None) -> Tensor:
         """BCE of first-stage selector logits vs patch labels, for phrase queries and the
         text-agnostic query (union of boxes). Zero (with a graph) when no sample carries boxes or the
-        selector has no parameters to train."""
+        selector has no parameters to train. ``phrase_query`` (P, Dt): the phrases' pooled text,
+        when the caller already has it (a frozen text encoder); else computed here."""
         zero = prefix.sum() * 0.0
         if not any(p.requires_grad for p in self.model.selector_parameters()):
             return zero
-        out = pta_logits(self.model, prefix, batch)
+        out = pta_logits(self.model, prefix, batch, phrase_query)
         parts = []
         if out.phrase is not None:
             weight = other_object_weight(
@@ -322,12 +323,18 @@ class PTALogits:
     boxed: Tensor
 
 
-def pta_logits(model: COPAModel, prefix: Tensor, batch) -> PTALogits:
+def phrase_queries(model: COPAModel, batch) -> Tensor:
+    """The pooled text (P, Dt) of a batch's P phrases, the selector's queries in PTA."""
+    return model.text_query(model.text_states(batch.phrase_ids, batch.phrase_mask), batch.phrase_mask)
+
+
+def pta_logits(model: COPAModel, prefix: Tensor, batch, phrase_query: Tensor | None = None) -> PTALogits:
     """The selector logits PTA scores (``pta_loss``) and measures (``trainer.pta_batch``):
-    prefix (B, 1+N, D) from ``model.image_prefix(batch.images)``. The model must have selectors."""
+    prefix (B, 1+N, D) from ``model.image_prefix(batch.images)``; ``phrase_query`` (P, Dt) from
+    ``phrase_queries`` (computed here when None). The model must have selectors."""
     phrase = agnostic = None
     if batch.phrase_ids.shape[0] > 0:
-        q = model.text_query(model.text_states(batch.phrase_ids, batch.phrase_mask), batch.phrase_mask)
+        q = phrase_queries(model, batch) if phrase_query is None else phrase_query
         phrase = model.selector_logits(prefix[batch.phrase_image], q)
     boxed = batch.has_boxes.nonzero().squeeze(1)
     if boxed.numel() > 0:
