@@ -137,7 +137,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
     assert pruned == set(plan.finetune_steps)
     assert all(ns.keep_ratio < 1.0 for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned"))
-    assert res["finetune_unpruned"] == list(plan.finetune_unpruned) and "fine-tuned on every patch" in report
+    assert res["finetune_unpruned"] == list(plan.finetune_unpruned)
+    assert ("fine-tuned on every patch" in report) is bool(plan.finetune_unpruned)
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
     # (the second scene style's VQA evaluation reads its own test split, with the blind control)
     alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]

@@ -424,13 +424,18 @@ def test_eval_every_writes_a_learning_curve_and_trains_the_same_weights(micro_in
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(micro_init, synth_dir, tmp_path):
-    """``train.freeze_vit``: the ViT backbone leaves fine-tuning bit-identical, the fusion does not,
-    and the selectors stay trainable (PTA still reaches them)."""
+@pytest.mark.parametrize("selector", [None, "false"])
+def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(
+    micro_init, synth_dir, tmp_path, selector
+):
+    """``train.freeze_vit``: the ViT backbone leaves fine-tuning bit-identical, the fusion does not.
+    The selectors (``train.freeze_selector``): by default a task fine-tune leaves them as PTA trained
+    them; ``false`` lets the task loss move them."""
     from safetensors.torch import load_file
 
     out = tmp_path / "frozen"
-    sets = _sets(synth_dir, "train.steps=2", "train.freeze_vit=true")
+    extra = [] if selector is None else [f"train.freeze_selector={selector}"]
+    sets = _sets(synth_dir, "train.steps=2", "train.freeze_vit=true", *extra)
     assert (
         main(
             [
@@ -456,9 +461,13 @@ def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(micro_init, 
     vit = [k for k in before if k.startswith("vision.") and not k.startswith("vision.selectors")]
     assert vit and all(torch.equal(before[k], after[k]) for k in vit)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fusion."))
+    sel = [k for k in before if k.startswith("vision.selectors.")]
+    assert sel and all(torch.equal(before[k], after[k]) for k in sel) is (selector is None)
     model = COPAModel(micro_config().model)
     model.freeze(vit=True)
     assert all(p.requires_grad for p in model.vision.selectors.parameters())
     assert not any(
         p.requires_grad for n, p in model.vision.named_parameters() if not n.startswith("selectors.")
     )
+    model.freeze(selector=True)
+    assert not any(p.requires_grad for p in model.vision.parameters())

@@ -171,6 +171,12 @@ class TrainConfig:
     # a ViT pre-trained only briefly at the fusion's LR collapses its image tokens to one vector and
     # the tasks answer blind (BENCHMARKS.md, "What made the fusion read the image")
     freeze_vit: bool = False
+    # freeze the selectors (TPD). None: frozen in task fine-tuning, trained in pre-training. A task
+    # fine-tune has no PTA labels: the task loss reaches the selector only through the fused token,
+    # and AdamW turns that into full-size steps that undo PTA (VQA's fine-tune took specificity 0.62 ->
+    # 0.18 and phrase recall 0.95 -> 0.55, i.e. random; grounding through the drifting selector learnt
+    # nothing: BENCHMARKS.md, session 8). false: the task loss trains it (see select.straight_through)
+    freeze_selector: bool | None = None
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1

@@ -298,7 +298,9 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             (
                 "`with another image`: VQA's questions answered with another test image (same model): "
                 "what it scores without looking. Close to `value` means the model answers from the "
-                "question alone."
+                "question alone. Each task fine-tunes its fusion and head through COPA's selection at "
+                "the recommended keep ratio; the ViT and the selector stay as pre-training left them "
+                "(`train.freeze_vit`, `train.freeze_selector`)."
             ),
         ),
     ]
@@ -308,8 +310,8 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             (
                 "p",
                 f"{', '.join(unpruned)}: the head was fine-tuned on every patch (keep 1.0) and is evaluated "
-                "pruned with COPA's selector like the other tasks (fine-tuned through the selection it "
-                "did not learn; BENCHMARKS.md).",
+                "pruned with COPA's selector like the other tasks: it learns more from every patch than "
+                "from the kept ones (`DemoPlan.finetune_unpruned`; BENCHMARKS.md).",
             )
         )
     if behind:

@@ -337,13 +337,17 @@ class COPAModel(nn.Module):
         self.vision.set_selection(select)
         self.cfg.select = select  # the same object as the ViT's, so the saved config is what runs
 
-    def freeze(self, text_layers: int = 0, vit: bool = False) -> None:
+    def freeze(self, text_layers: int = 0, vit: bool = False, selector: bool = False) -> None:
         """Freeze the text encoder's embeddings and first ``text_layers`` layers (-1: all of it; 0:
-        none) and, with ``vit``, the ViT backbone (its selectors still train)."""
+        none), with ``vit`` the ViT backbone and with ``selector`` the selectors (each independent of
+        the other)."""
         if text_layers:
             self.text.freeze(text_layers)
         if vit:
             self.vision.freeze_backbone()
+        if selector:
+            for p in self.vision.selectors.parameters():
+                p.requires_grad_(False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.grad_checkpointing = enable

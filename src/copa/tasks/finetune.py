@@ -122,7 +122,9 @@ def finetune(
     model = prepare_model(cfg, init)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit)
+    t = cfg.train
+    # no PTA labels here: by default the selector stays as pre-training left it (config.freeze_selector)
+    model.freeze(t.freeze_text_layers, t.freeze_vit, True if t.freeze_selector is None else t.freeze_selector)
     model.to(device).train()
     cfg = with_model(cfg, model.cfg)  # the loader tokenizes and normalises as the model expects
     dtype = resolve_precision(cfg.train.precision, device)

@@ -281,7 +281,7 @@ def pretrain(
     if init:
         _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
-    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit)
+    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit, bool(cfg.train.freeze_selector))
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device).train()
