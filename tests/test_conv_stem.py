@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from copa.config import ConfigError
+from copa.errors import UserError
 from copa.model.copa import COPAModel, load
 from copa.model.vit import ConvStem
 from tests.conftest import micro_config
@@ -69,3 +70,44 @@ def test_frozen_conv_stem_stays_as_it_is_in_training_mode():
 def test_stem_config_errors(sets, match):
     with pytest.raises(ConfigError, match=match):
         micro_config(*sets)
+
+
+def test_adapt_statistics_are_the_new_images_own_and_nothing_else_moves():
+    """AdaBN: every BatchNorm's running mean / variance become those of the new images (one average
+    over all batches); weights, the mode and the other buffers stay; no image changes nothing."""
+    model = _model("conv").eval()
+    stem = model.vision.patch_embed
+    weights = {k: v.clone() for k, v in stem.state_dict().items() if "running" not in k}
+    shifted = [torch.randn(4, 3, 32, 32) * 2.0 + 1.5 for _ in range(2)]
+    assert model.adapt_stem_statistics(iter(shifted)) == 8
+    conv0, bn0 = stem.layers[0], stem.layers[1]
+    with torch.no_grad():
+        ys = [conv0(x) for x in shifted]
+    # BatchNorm's cumulative average: of the batches' means and (unbiased) variances
+    assert torch.allclose(bn0.running_mean, torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0), atol=1e-5)
+    assert torch.allclose(bn0.running_var, torch.stack([y.var((0, 2, 3)) for y in ys]).mean(0), rtol=1e-4)
+    assert all(torch.equal(v, stem.state_dict()[k]) for k, v in weights.items())
+    assert not stem.training
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    with pytest.raises(UserError, match="no image"):
+        model.adapt_stem_statistics(iter([]))
+    assert all(torch.equal(v, stem.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(UserError, match="only a conv stem"):
+        _model("patch").adapt_stem_statistics(iter(shifted))
+
+
+def test_cli_adapt_stem_writes_a_model_with_the_new_statistics(synth_dir, tmp_path):
+    from copa.cli import main
+
+    model = _model("conv").eval()
+    model.save_pretrained(tmp_path / "m")
+    sets = ["--set", f"data.train={synth_dir}/train.json"]
+    out = tmp_path / "adapted"
+    assert (
+        main(["adapt-stem", *sets, "--ckpt", str(tmp_path / "m"), "--max-images", "6", "--out", str(out)])
+        == 0
+    )
+    adapted = load(out)
+    a, b = adapted.state_dict(), model.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all("running_" in k for k in moved), sorted(moved)[:4]

@@ -142,7 +142,16 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
     # (the second scene style's VQA evaluation reads its own test split, with the blind control)
     alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]
-    assert [(ns.task, "eval.blind_control=true" in ns.overrides) for ns in alt] == [("vqa", True)]
+    assert [(ns.task, "eval.blind_control=true" in ns.overrides) for ns in alt] == [("vqa", True)] * 2
+    # ... once as fine-tuned, once with the conv stem's statistics of other, unlabelled alt scenes
+    adapt = by_cmd["adapt-stem"]
+    assert [Path(ns.ckpt).parts[-2:] for ns in adapt] == [("pta_copa", "model"), ("vqa", "model")]
+    for ns in adapt:
+        cfg = load_config(ns.config, ns.overrides)
+        assert cfg.data.train.endswith("data_alt_unlabelled/test.json") and ns.split == "train"
+    demo = tmp_path / "demo"
+    assert {str(ns.ckpt) for ns in alt} == {str(demo / "tasks" / "vqa" / "model"), str(adapt[1].out)}
+    assert "copa adapt-stem" in report and res["other_style"]["vqa_adapted"]
     for ns in by_cmd["evaluate"]:
         ev = load_config(ns.config, ns.overrides)
         assert ev.eval.itm_topk == plan.itm_topk
@@ -152,6 +161,12 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     swaps = {(ns.task, ns.selector or "", bool(ns.selectors_from)) for ns in by_cmd["evaluate"]}
     assert ("vqa", "tome", False) in swaps and ("grounding", "random", False) in swaps
     assert (("grounding", "", True) in swaps) is (not quick)  # the other pre-training rows' selectors
+    # grounding's selector swaps again at the tighter keep ratio, a column of the ablation table
+    tight = plan.tight_ablation["grounding"]
+    at_tight = {ns.selector for ns in by_cmd["evaluate"] if ns.task == "grounding" and ns.keep_ratio == tight}
+    assert {"random", "tome", "cls_attn", "text_attn"} <= at_tight
+    assert f"grounding acc@0.5 (%) at keep {tight}" in report
+    assert res["ablation_tight_keep"] == {"grounding": tight}
     (bench,) = by_cmd["bench"]
     assert (bench.precision, bench.warmup, bench.device, bench.batch) == ("fp32", 1, "cpu", 8)
     assert len(by_cmd["pta-stage"]) == (1 if quick else 2)

@@ -21,6 +21,7 @@ log = logging.getLogger("copa")
 COMMAND_MODULES = [
     "copa.commands.info",
     "copa.commands.convert",
+    "copa.commands.adapt",
     "copa.data.cli",
     "copa.train.cli",
     "copa.tasks.cli",

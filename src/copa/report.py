@@ -135,6 +135,9 @@ def _pta_blocks(res: dict[str, Any]) -> list[Block]:
     return out
 
 
+TIGHT_LABELS = {"vqa": "VQA acc (%)", "grounding": "grounding acc@0.5 (%)"}
+
+
 def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     ab = res.get("ablation_pta")
     if not ab:
@@ -148,9 +151,11 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
         "recall (text-agnostic)",
         "AP (phrase)",
     ]
+    tight = res.get("ablation_tight_keep", {})
     extra_cols = [
         ("vqa_metric", "VQA acc (%)"),
         ("grounding_metric", "grounding acc@0.5 (%)"),
+        *[(f"{t}_tight_metric", f"{TIGHT_LABELS.get(t, t)} at keep {r}") for t, r in tight.items()],
         ("retrieval_metric", "retrieval mean R (%)"),
         ("vqa_sps", "VQA samples/s"),
     ]
@@ -184,6 +189,11 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
         "selection scores "
         "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split."
     )
+    if tight:
+        note += (
+            " The `at keep` columns: the same swap at a tighter keep ratio, where a selector must choose "
+            "between the objects, not just keep them all."
+        )
     out: list[Block] = [
         ("h2", "Ablation: selectors at the same keep ratio"),
         ("p", note),
@@ -481,6 +491,25 @@ def _other_style_blocks(res: dict[str, Any]) -> list[Block]:
                 f"{_fmt(v.get('blind_accuracy'))}%, majority answer {_fmt(v.get('baseline_accuracy'))}%."
             ),
         ),
+        *_adapted_blocks(o),
+    ]
+
+
+def _adapted_blocks(o: dict[str, Any]) -> list[Block]:
+    a = o.get("vqa_adapted")
+    if not a:
+        return []
+    return [
+        (
+            "p",
+            (
+                f"`copa adapt-stem` row: the same models with the conv stem's BatchNorm statistics "
+                f"re-estimated on {o['adapted_images']} other, unlabelled scenes of this style (AdaBN; no "
+                "label, no weight changed). The training statistics shift every feature downstream on a "
+                f"new look. VQA with them: {_fmt(a.get('accuracy'))}%, with another image "
+                f"{_fmt(a.get('blind_accuracy'))}%."
+            ),
+        )
     ]
 
 

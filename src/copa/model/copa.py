@@ -7,7 +7,7 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from copa.config import (
     model_config_from_dict,
     to_dict,
 )
-from copa.errors import CheckpointError, CheckpointNotFoundError
+from copa.errors import CheckpointError, CheckpointNotFoundError, UserError
 from copa.model.decoder import Decoder
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
@@ -348,6 +348,23 @@ class COPAModel(nn.Module):
         if selector:
             for p in self.vision.selectors.parameters():
                 p.requires_grad_(False)
+
+    def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:
+        """AdaBN for a conv stem: its BatchNorm statistics re-estimated on ``images`` ((B, 3, H, W)
+        batches, normalised as the model expects) of a new domain, no label and no weight touched
+        (``copa adapt-stem``). Returns the number of images read."""
+        from copa.model.vit import ConvStem
+
+        stem = self.vision.patch_embed
+        if not isinstance(stem, ConvStem):
+            raise UserError(
+                f"model.vision.stem is {self.cfg.vision.stem!r}: only a conv stem has normalisation "
+                "statistics to adapt"
+            )
+        n = stem.adapt_statistics(images)
+        if n == 0:
+            raise UserError("no image to re-estimate the stem's statistics on")
+        return n
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.grad_checkpointing = enable

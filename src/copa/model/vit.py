@@ -9,7 +9,9 @@ phrases and retrieval candidates. ``forward`` is the composition of both.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +118,28 @@ class ConvStem(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D, H/p, W/p)"""
         return self.layers(images)
+
+    @torch.no_grad()
+    def adapt_statistics(self, batches: Iterable[Tensor]) -> int:
+        """Replace every BatchNorm's running mean and variance by those of ``batches`` ((B, 3, H, W)
+        images of a new domain; one average over all of them) and return how many images were read.
+        Weights and the module's mode are unchanged; nothing changes when there is no image."""
+        probe = copy.deepcopy(self)
+        norms = [m for m in probe.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average, the same whatever the batch order
+            m.train()
+        n = 0
+        for images in batches:
+            probe.layers(images)
+            n += images.shape[0]
+        if n:
+            own = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+            for mine, new in zip(own, norms, strict=True):
+                mine.running_mean.copy_(new.running_mean)
+                mine.running_var.copy_(new.running_var)
+        return n
 
 
 def make_stem(cfg: VisionConfig) -> nn.Module:
