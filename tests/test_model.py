@@ -268,3 +268,17 @@ def test_selection_swap_is_restored_and_views_leave_the_model_alone(micro_model)
         view = m.with_selectors(m.new_selectors("random"))
         assert view.image_tokens(prefix).tokens.shape == before.shape
         assert torch.equal(m.image_tokens(prefix).tokens, before)  # the model keeps its own selectors
+
+
+def test_swapped_in_selectors_do_not_depend_on_the_global_rng():
+    """A selector swapped in for an ablation stays untrained (text_attn's projection when the text
+    and ViT widths differ): its weights must be the same in every process, or so are not the
+    ablation's numbers."""
+    model = COPAModel(micro_config("model.text.width=48", "model.text.heads=4").model)
+    torch.manual_seed(1)
+    a = model.new_selectors("text_attn")
+    torch.manual_seed(2)
+    b = model.new_selectors("text_attn")
+    wa, wb = (dict(m.named_parameters()) for m in (a, b))
+    assert wa and all(torch.equal(v, wb[k]) for k, v in wa.items())
+    assert all(v.std() > 0 for k, v in wa.items() if k.endswith("weight"))

@@ -234,7 +234,12 @@ class VisionTransformer(nn.Module):
         selector options of ``select`` (default: the current ones), initialised as the constructor
         initialises them and on the ViT's device and dtype."""
         mods = _build_selectors(select or self.select_cfg, name, self.cfg.width, self.text_dim, count)
-        mods.apply(_init_weights)
+        # from a fixed seed, not the global RNG: a selector swapped in for an ablation stays untrained
+        # (text_attn's text->vision projection), and drawn from the global RNG the same model and data
+        # gave grounding 4% in one process and 28% in the next (BENCHMARKS.md, session 8)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mods.apply(_init_weights)
         p = self.pos_embed
         return mods.to(device=p.device, dtype=p.dtype)
 
