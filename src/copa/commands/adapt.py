@@ -18,10 +18,9 @@ import json
 import logging
 
 from copa.config import Config
+from copa.data.synth import SPLITS
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

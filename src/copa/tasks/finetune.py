@@ -123,8 +123,8 @@ def finetune(
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     t = cfg.train
-    # no PTA labels here: by default the selector stays as pre-training left it (config.freeze_selector)
-    model.freeze(t.freeze_text_layers, t.freeze_vit, True if t.freeze_selector is None else t.freeze_selector)
+    # no PTA labels here: unless told otherwise the selector stays as pre-training left it
+    model.freeze(t.freeze_text_layers, t.freeze_vit, t.freeze_selector is not False)
     model.to(device).train()
     cfg = with_model(cfg, model.cfg)  # the loader tokenizes and normalises as the model expects
     dtype = resolve_precision(cfg.train.precision, device)

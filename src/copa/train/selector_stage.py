@@ -71,11 +71,11 @@ class SelectorStageResult:
 class StepInputs:
     """The frozen inputs of the selector stage's steps: ``next()`` -> (batch, prefix (B, 1+N, D),
     phrase queries (P, Dt)). The first ``distinct`` batches come from ``batches`` and are computed
-    once; later steps replay them, each pass in its own seeded order. ``distinct`` 0 or None: every
-    step is a new batch (nothing kept)."""
+    once; later steps replay them, each pass in its own seeded order. ``distinct`` None: every step
+    is a new batch (nothing kept)."""
 
     def __init__(self, model: COPAModel, batches: Iterator[Any], distinct: int | None, seed: int) -> None:
-        self.model, self.batches, self.distinct, self.seed = model, batches, distinct or None, seed
+        self.model, self.batches, self.distinct, self.seed = model, batches, distinct, seed
         self.kept: list[tuple[Any, Tensor, Tensor]] = []
         self.order: list[int] = []
         self.passes = 0
