@@ -55,6 +55,17 @@ def micro_model():
     return COPAModel(micro_config().model).eval()
 
 
+@pytest.fixture(scope="module")
+def micro_init(tmp_path_factory):
+    """A saved micro COPA model (random weights) to fine-tune from."""
+    from copa.model.copa import COPAModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("init") / "model"
+    COPAModel(micro_config().model).save_pretrained(path)
+    return path
+
+
 TRAIN_MICRO = [
     "train.batch_size=4",
     "train.warmup=2",

@@ -51,15 +51,6 @@ TASK_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def micro_init(tmp_path_factory) -> Path:
-    """A saved micro COPA model (random weights) to fine-tune from."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("init") / "model"
-    COPAModel(micro_config().model).save_pretrained(path)
-    return path
-
-
 def _sets(synth_dir, *extra: str) -> list[str]:
     sets = [
         *MICRO,

@@ -26,6 +26,7 @@ from copa.config import (
 )
 from copa.errors import CheckpointError, CheckpointNotFoundError, UserError
 from copa.model.decoder import Decoder
+from copa.model.feature_cache import FrozenFeatureCache
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
@@ -200,8 +201,7 @@ class COPAModel(nn.Module):
         images: (B, 3, H, W); ids, mask: (B, L) -> FusedOutput
         """
         txt = self.text_states(ids, mask)
-        vision = self.image_tokens(self.image_prefix(images), self.text_query(txt, mask), keep_ratios)
-        return self.fuse(vision, txt, mask)
+        return self.fuse(self.vision(images, self.text_query(txt, mask), keep_ratios), txt, mask)
 
     def ground(self, fused: FusedOutput) -> GroundingOutput:
         """Box of the object a pair's text refers to, from the fused patch states (grounding)."""
@@ -212,7 +212,7 @@ class COPAModel(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> text-agnostic ITC embedding (B, E), unit vectors (retrieval)."""
-        return self.itc_image(self.image_tokens(self.image_prefix(images)).cls)
+        return self.itc_image(self.vision(images).cls)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Texts ids, mask (B, L) -> ITC embedding (B, E), unit vectors (retrieval)."""
@@ -303,9 +303,12 @@ class COPAModel(nn.Module):
     @staticmethod
     def param_group(name: str) -> str:
         """Which learning-rate group a parameter (its ``named_parameters`` name) is in: ``vit`` (the
-        backbone), ``text`` (the pretrained text encoder), ``selector``, or ``rest``."""
+        backbone), ``text`` (the pretrained text encoder), ``selector``, ``head`` (the task heads that
+        start from scratch: box, ITM), or ``rest``."""
         if name.startswith("vision.selectors"):
             return "selector"
+        if name.startswith(("box_head.", "itm.")):
+            return "head"
         if name.startswith("vision."):
             return "vit"
         if name.startswith("text."):
@@ -348,6 +351,11 @@ class COPAModel(nn.Module):
         if selector:
             for p in self.vision.selectors.parameters():
                 p.requires_grad_(False)
+
+    def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
+        """Serve the frozen ViT's text-independent outputs from ``cache`` (None: stop caching); raises
+        ``ValueError`` unless the ViT backbone is frozen (``copa.model.feature_cache``)."""
+        self.vision.use_feature_cache(cache)
 
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:
         """AdaBN for a conv stem: its BatchNorm statistics re-estimated on ``images`` ((B, 3, H, W)

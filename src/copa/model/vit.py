@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from copa.config import SelectConfig, VisionConfig
+from copa.model.feature_cache import FrozenFeatureCache
 from copa.model.layers import ViTBlock
 from copa.model.selection import Selection, make_selector, num_keep, select_and_fuse
 
@@ -169,6 +170,7 @@ class VisionTransformer(nn.Module):
         self.selectors = _build_selectors(select, select.selector, d, text_dim, len(select.layers))
         self.keep_ratios = list(select.keep_ratios)
         self.grad_checkpointing = False
+        self.feature_cache: FrozenFeatureCache | None = None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -183,7 +185,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def pruning(self) -> bool:
-        return len(self.selectors) > 0 and any(r < 1.0 for r in self.keep_ratios)
+        return self.selects()
 
     def set_keep_ratios(self, ratios: float | list[float]) -> None:
         if isinstance(ratios, (int, float)):
@@ -282,6 +284,29 @@ class VisionTransformer(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)  # a conv stem's BatchNorm goes to eval mode now, not at the next train()
 
+    def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
+        """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
+        ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
+        function of the pixels."""
+        if cache is not None:
+            trainable = [
+                n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("selectors.")
+            ]
+            if trainable:
+                raise ValueError(f"only a frozen ViT can cache its features; trainable: {trainable[:3]}")
+        self.feature_cache = cache
+
+    def _cached(self) -> FrozenFeatureCache | None:
+        """The cache, while the backbone is deterministic (stochastic depth draws anew in training)."""
+        if self.feature_cache is None or (self.training and self.cfg.drop_path > 0):
+            return None
+        return self.feature_cache
+
+    def selects(self, keep_ratios: list[float] | None = None) -> bool:
+        """Whether any stage drops patches at ``keep_ratios`` (default: the live ones)."""
+        ratios = self.keep_ratios if keep_ratios is None else keep_ratios
+        return len(self.selectors) > 0 and any(r < 1.0 for r in ratios)
+
     # ------------------------------------------------------------------ forward
     def _run(self, x: Tensor, start: int, stop: int) -> Tensor:
         for blk in self.blocks[start:stop]:
@@ -304,6 +329,12 @@ class VisionTransformer(nn.Module):
 
     def forward_prefix(self, images: Tensor) -> Tensor:
         """Text-independent part. images: (B, 3, H, W) -> (B, 1+N, D) after the first k blocks."""
+        cache = self._cached()
+        if cache is not None:
+            return cache.lookup(f"prefix{self.prefix_depth}", images, self._prefix)
+        return self._prefix(images)
+
+    def _prefix(self, images: Tensor) -> Tensor:
         return self._run(self.embed(images), 0, self.prefix_depth)
 
     def forward_suffix(
@@ -351,6 +382,12 @@ class VisionTransformer(nn.Module):
         self, images: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
     ) -> VisionOutput:
         """images: (B, 3, H, W), query: (B, Dt) or None -> VisionOutput"""
+        cache = self._cached()
+        if cache is not None and not self.selects(keep_ratios):  # then the whole output is text-free
+            tokens = cache.lookup(
+                "tokens", images, lambda x: self.forward_suffix(self._prefix(x), None, keep_ratios).tokens
+            )
+            return VisionOutput(tokens, [], tokens.shape[1] - 1)
         return self.forward_suffix(self.forward_prefix(images), query, keep_ratios)
 
 

@@ -32,6 +32,7 @@ import torch
 from copa.config import Config, to_dict, with_model
 from copa.errors import UserError
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
+from copa.model.feature_cache import FrozenFeatureCache
 from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.train import distributed as D
 from copa.train.loop import NonFiniteLossError, RunLog, TrainLoop, all_finite, full_state, is_sharded, wrap
@@ -131,6 +132,10 @@ def finetune(
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
     fsdp = is_sharded(t.distributed)
+    # under FSDP the ViT's units must run for their shards to be gathered: no cache there
+    cached = t.freeze_vit and t.feature_cache_mb > 0 and not fsdp
+    cache = FrozenFeatureCache(t.feature_cache_mb * 2**20) if cached else None
+    model.use_feature_cache(cache)
     wrapped = wrap(TaskObjective(model, task), t.distributed, device)
     opt, sched = for_training(model, t)  # after wrapping: FSDP replaces parameters with sharded ones
     torch.manual_seed(cfg.seed * 1000 + D.rank() + 1)  # from here on each rank draws its own randomness
@@ -156,6 +161,7 @@ def finetune(
         res = loop.run()
     finally:
         runlog.close()
+        model.use_feature_cache(None)  # evaluation reads each image once: nothing to reuse
     step, losses = res.steps, res.losses
     model.eval()
     meta = {
@@ -188,6 +194,7 @@ def finetune(
         "keep_ratios": model.keep_ratios,
         "train_samples": len(dataset),
         "data_report": dataset.report.summary(),
+        "feature_cache": cache.stats.as_dict() if cache is not None else None,
     }
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

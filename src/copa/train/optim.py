@@ -32,11 +32,13 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
     pretrained sentence structure within a few dozen steps: every caption maps to nearly the same
     vector and ITC sits at chance (ln B) for ~100 steps; at 3e-5 ITC learns from the start (BENCHMARKS.md).
     """
-    rates = {"vit": t.lr_vit, "text": t.lr, "selector": t.lr, "rest": t.lr}
+    rates = {"vit": t.lr_vit, "text": t.lr, "selector": t.lr, "head": t.lr, "rest": t.lr}
     if t.lr_text is not None:
         rates["text"] = t.lr_text
     if t.lr_selector is not None:
         rates["selector"] = t.lr_selector
+    if t.lr_head is not None:
+        rates["head"] = t.lr_head
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():

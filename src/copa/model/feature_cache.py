@@ -1,0 +1,108 @@
+"""A content-addressed cache of what a frozen ViT computes from an image alone.
+
+When the ViT is frozen (``train.freeze_vit``, the default of every fine-tune in the demo), its
+text-independent outputs are a fixed function of the input pixels: the prefix (every block before
+the first selection) always, and the whole encoder's tokens when no stage selects (keep 1.0, e.g.
+grounding's unpruned fine-tune). A fine-tune sees each image many times — once per question or
+referring expression, and again every epoch in each of its few augmentations (resize + flip) — so
+it recomputes the same tensors over and over. This cache keys them by a hash of the input tensor's
+bytes (and the autocast dtype), so a hit returns exactly what the ViT would have computed: the
+training is the same, only cheaper (``tests/test_feature_cache.py`` checks the losses and gradients
+are identical). Nothing about the data pipeline needs to know: any augmentation that reproduces a
+view's pixels hits, one that never repeats (a random crop) simply misses.
+
+Entries live on the device of the features; ``max_bytes`` caps the total, after which new views are
+computed and not stored (counted as ``skipped``). Hashing needs the images on the host: on a GPU the
+copy costs more than it saves at small sizes, and the cache is meant for CPU-bound fine-tunes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    skipped: int = 0  # misses not stored: the cache was full
+    entries: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        looked = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "skipped": self.skipped,
+            "entries": self.entries,
+            "mb": round(self.bytes / 2**20, 1),
+            "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
+        }
+
+
+def image_keys(images: Tensor, tag: str) -> list[bytes]:
+    """One key per image of ``images`` (B, ...): ``tag`` and a 128-bit hash of its bytes."""
+    flat = images.detach().to("cpu").contiguous().reshape(images.shape[0], -1)
+    raw = flat.view(torch.uint8).numpy() if flat.numel() else flat.numpy()
+    head = f"{tag}|{tuple(images.shape[1:])}|{images.dtype}|".encode()
+    return [head + hashlib.blake2b(row, digest_size=16).digest() for row in raw]
+
+
+class FrozenFeatureCache:
+    """``lookup(kind, images, compute)`` -> ``compute(images)``, computed only for the images not seen
+    before under ``kind`` (module docstring)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.store: dict[bytes, Tensor] = {}
+        self.stats = CacheStats()
+        self._warned_full = False
+
+    def lookup(self, kind: str, images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """images (B, ...) -> compute's output (B, ...), rows of known images taken from the store."""
+        dtype = (
+            torch.get_autocast_dtype(images.device.type)
+            if torch.is_autocast_enabled(images.device.type)
+            else None
+        )
+        keys = image_keys(images, f"{kind}|{dtype}")
+        rows: dict[bytes, int] = {}  # each unseen image once, even when a batch holds it twice
+        for i, k in enumerate(keys):
+            if k not in self.store and k not in rows:
+                rows[k] = i
+        self.stats.hits += len(keys) - len(rows)
+        self.stats.misses += len(rows)
+        fresh: dict[bytes, Tensor] = {}
+        if rows:
+            with torch.no_grad():
+                computed = compute(images[list(rows.values())] if len(rows) < len(keys) else images)
+            for j, k in enumerate(rows):
+                fresh[k] = computed[j]
+                self._store(k, computed[j])
+        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
+
+    def _store(self, key: bytes, value: Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if self.stats.bytes + size > self.max_bytes:
+            self.stats.skipped += 1
+            if not self._warned_full:
+                log.warning(
+                    "frozen-feature cache full at %.0f MB: further image views are computed, not stored",
+                    self.max_bytes / 2**20,
+                )
+                self._warned_full = True
+            return
+        self.store[key] = value.detach().clone()  # not a view into the batch's tensor
+        self.stats.entries += 1
+        self.stats.bytes += size

@@ -1,0 +1,121 @@
+"""The frozen-ViT feature cache (``copa.model.feature_cache``): a hit returns what the ViT computes,
+the training it serves is the one without it, and it refuses or bypasses a ViT that is not fixed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from copa.cli import main
+from copa.model.copa import COPAModel
+from copa.model.feature_cache import FrozenFeatureCache, image_keys
+from tests.conftest import micro_config
+from tests.test_tasks import _sets
+
+
+def _frozen(*overrides: str) -> COPAModel:
+    torch.manual_seed(0)
+    model = COPAModel(micro_config(*overrides).model)
+    model.freeze(vit=True, selector=True)
+    return model.train()
+
+
+def _pairs(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)[torch.arange(n) % 3]  # each image twice
+    ids = torch.randint(1, 100, (n, 7), generator=g)
+    return images, ids, torch.ones_like(ids)
+
+
+def test_keys_tell_images_apart_and_match_copies():
+    x = torch.randn(3, 3, 8, 8)
+    keys = image_keys(torch.cat([x, x.clone()]), "prefix")
+    assert keys[:3] == keys[3:] and len(set(keys[:3])) == 3
+    assert image_keys(x, "tokens") != image_keys(x, "prefix")
+    y = x.clone()
+    y[1, 0, 0, 0] += 1e-6
+    assert image_keys(y, "prefix")[1] != keys[1]
+
+
+def test_lookup_computes_only_unseen_images_and_respects_the_cap():
+    calls: list[int] = []
+
+    def compute(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x.flatten(1).sum(1, keepdim=True) * torch.ones(x.shape[0], 4)
+
+    x = torch.randn(4, 3, 8, 8)
+    cache = FrozenFeatureCache(max_bytes=2**20)
+    first = cache.lookup("k", x, compute)
+    again = cache.lookup("k", torch.cat([x[2:], torch.randn(1, 3, 8, 8)]), compute)
+    assert calls == [4, 1]
+    assert torch.equal(again[:2], first[2:]) and torch.equal(first, compute(x))
+    assert cache.stats.as_dict()["hits"] == 2 and cache.stats.misses == 5 and cache.stats.entries == 5
+    tiny = FrozenFeatureCache(max_bytes=2 * 4 * 4)  # room for two rows of four floats
+    out = tiny.lookup("k", x, compute)
+    assert torch.equal(out, compute(x)) and tiny.stats.entries == 2 and tiny.stats.skipped == 2
+    with pytest.raises(ValueError):
+        FrozenFeatureCache(0)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_cached_forward_and_gradients_equal_the_uncached(keep):
+    """Pruned, the prefix is cached (the selection still reads the text); unpruned, every token."""
+    images, ids, mask = _pairs()
+    losses, grads = [], []
+    for cache in (None, FrozenFeatureCache(2**24)):
+        model = _frozen()
+        model.set_keep_ratio(keep)
+        model.use_feature_cache(cache)
+        for _ in range(2):  # the second pass is served from the cache
+            model.zero_grad()
+            out = model.ground(model(images, ids, mask))
+            loss = out.scores.logsumexp(1).mean() + out.boxes.square().mean()
+            loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if cache is not None:
+            assert cache.stats.hits == 3 + 6 and cache.stats.misses == 3  # 3 distinct images, each twice
+            kinds = {k.split(b"|")[0] for k in cache.store}
+            assert kinds == ({b"tokens"} if keep == 1.0 else {b"prefix2"})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_trainable_vit_cannot_cache_and_stochastic_depth_bypasses_it():
+    model = COPAModel(micro_config().model)
+    with pytest.raises(ValueError, match="frozen"):
+        model.use_feature_cache(FrozenFeatureCache(2**20))
+    model = _frozen("model.vision.drop_path=0.2")
+    cache = FrozenFeatureCache(2**20)
+    model.use_feature_cache(cache)
+    images, ids, mask = _pairs()
+    model(images, ids, mask)
+    assert cache.stats.misses == 0 and not cache.store  # training mode draws the drop-path anew
+    model.eval()
+    model(images, ids, mask)
+    assert cache.stats.misses == 3 and cache.stats.hits == 3 and len(cache.store) == 3
+
+
+@pytest.mark.parametrize("task", ["grounding", "vqa"])
+def test_finetune_with_the_cache_trains_as_without_it(micro_init, synth_dir, tmp_path, task):
+    from safetensors.torch import load_file
+
+    weights, summaries = [], []
+    for mb in (0, 64):
+        out = tmp_path / f"mb{mb}"
+        sets = _sets(synth_dir, "train.steps=6", "train.freeze_vit=true", f"train.feature_cache_mb={mb}")
+        args = ["finetune", task, "--config", "configs/tiny.yaml", *sets, "--init", str(micro_init)]
+        assert main([*args, "--eval-split", "none", "--out", str(out)]) == 0
+        weights.append(load_file(str(out / "model" / "model.safetensors")))
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert summaries[0]["feature_cache"] is None
+    stats = summaries[1]["feature_cache"]
+    assert stats["hits"] > 0 and stats["misses"] > 0 and stats["entries"] == stats["misses"]
+    torch.testing.assert_close(summaries[0]["last_loss"], summaries[1]["last_loss"], rtol=1e-4, atol=1e-5)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
