@@ -88,3 +88,17 @@ def test_param_groups_split_rates_and_decay(micro_model):
     assert groups["vit_nodecay"]["weight_decay"] == 0.0 and groups["vit"]["weight_decay"] == t.weight_decay
     n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == sum(p.numel() for p in micro_model.parameters() if p.requires_grad)
+
+
+def test_lr_head_reaches_exactly_the_heads_trained_from_scratch(micro_model):
+    from tests.conftest import micro_config
+
+    t = micro_config("train.lr=1e-3", "train.lr_head=3e-3").train
+    groups = {g["name"]: g for g in optim.param_groups(micro_model, t)}
+    heads = {id(p) for m in (micro_model.box_head, micro_model.itm) for p in m.parameters()}
+    in_head = {id(p) for name in ("head", "head_nodecay") for p in groups[name]["params"]}
+    assert in_head == heads and groups["head"]["lr"] == 3e-3 and groups["rest"]["lr"] == 1e-3
+    default = {
+        g["name"]: g["lr"] for g in optim.param_groups(micro_model, micro_config("train.lr=1e-3").train)
+    }
+    assert default["head"] == default["rest"] == 1e-3
