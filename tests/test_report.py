@@ -69,3 +69,34 @@ def test_task_table_says_which_heads_were_fine_tuned_unpruned() -> None:
     res["finetune_unpruned"] = ["grounding", "caption"]  # caption did not run: not named
     md = to_markdown(_task_blocks(res))
     assert "grounding: the head was fine-tuned on every patch" in md and "caption" not in md
+
+
+def test_margin_table_gives_each_interval_and_says_which_rows_copa_beats() -> None:
+    from copa.report import _ablation_blocks
+
+    res = _results(0.55, 2.2, 0.0)
+    copa, rows = "tpd + PTA, boxes on ~5% (COPA)", ("random", "tome", "tpd without PTA")
+    res["ablation_pta"]["rows"].update({r: {"specificity@0.25": 0.0} for r in rows[:2]})
+    res["ablation_pta"]["keep_ratio"] = 0.5
+    res["ablation_tight_keep"] = {"grounding": 0.25}
+    res["ablation_tasks"] = {
+        copa: {"grounding_metric": 45.0, "grounding_tight_metric": 41.0},
+        "random": {"grounding_metric": 30.0, "grounding_tight_metric": 17.0},
+        "tome": {"grounding_metric": 44.0, "grounding_tight_metric": 43.0},
+        "tpd without PTA": {"grounding_metric": 45.5, "grounding_tight_metric": 33.0},
+    }
+
+    def iv(low: float, high: float) -> dict:
+        return {"diff": (low + high) / 2, "low": low, "high": high, "groups": 60}
+
+    res["ablation_margins"] = {
+        "grounding": {"random": iv(8, 22), "tome": iv(-3, 5), "tpd without PTA": iv(-4, 3)},
+        "grounding_tight": {"random": iv(15, 33), "tome": iv(-6, -0.5), "tpd without PTA": iv(2, 14)},
+    }
+    md = to_markdown(_ablation_blocks(res))
+    assert "+15.000 [+8.0, +22.0]" in md and "-2.000 [-6.0, -0.5]" in md
+    assert (
+        "grounding at the recommended keep: COPA beats random; within the interval of tome, tpd without PTA"
+        in md
+    )
+    assert "grounding at keep 0.25: COPA beats random, tpd without PTA; loses to tome" in md

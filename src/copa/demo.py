@@ -69,6 +69,9 @@ class DemoPlan:
         default_factory=lambda: {"retrieval": 20, "vqa": 140, "caption": 30, "grounding": 120}
     )
     finetune_lr: float = 3e-4
+    # the heads trained from scratch (grounding's box head, ITM) at 10x the fusion's rate: grounding
+    # after 120 steps 45.7 -> 47.5 | 46.6 -> 48.1 on validation (seeds 0 | 1; BENCHMARKS.md, session 9)
+    finetune_lr_head: float = 3e-3
     # tasks whose head is fine-tuned on every patch (keep 1.0) and then evaluated pruned like the others.
     # Grounding: its head learns more from all 64 patches than from the 32 COPA keeps; evaluated at keep
     # 0.5 with COPA's selector, 45.7% on validation / 41.8% on test against 43.4% / 34.1% fine-tuned
@@ -427,6 +430,7 @@ class Demo:
                 f"train.time_budget_s={p.safety_factor * p.planned_finetune_step_s * steps:.0f}",
                 f"train.warmup={max(1, steps // 10)}",
                 f"train.lr={p.finetune_lr:g}",
+                f"train.lr_head={p.finetune_lr_head:g}",
                 # the pre-trained ViT stays as it is: fine-tuned at this LR its tokens collapse to one
                 # vector within 200 steps and the model answers blind (BENCHMARKS.md)
                 "train.freeze_vit=true",
@@ -498,11 +502,15 @@ class Demo:
                             copa_tight = self.evaluate(name, out, sets, f"keep{tight:g}", tight).get(key)
                         record(COPA_ROW, name, {key: copa_tight}, key, "_tight")
                     for ratio, suffix in ratios:
+                        # COPA minus each row on the same test samples, with its 95% interval: whether a
+                        # win (or a loss) is more than the test set's noise
+                        copa_dir = out / ("test_pruned" if ratio == keep else f"test_keep{ratio:g}")
                         # parameter-free selectors, same fine-tuned weights
                         for sel in TASK_ABLATION_SELECTORS:
                             tag = f"selector_{sel}{suffix}"
                             m = self.evaluate(name, out, sets, tag, ratio, "--selector", sel)
                             record(sel, name, m, key, suffix)
+                            self.margin(name + suffix, sel, copa_dir, out / f"test_{tag}")
                         # the other pre-training rows differ from COPA's in the selector only: same weights
                         for row, label_row in (("no_pta", "tpd without PTA"), ("all_boxes", ALL_BOXES_ROW)):
                             if row in models:
@@ -516,7 +524,17 @@ class Demo:
                                     models[row],
                                 )
                                 record(label_row, name, m, key, suffix)
+                                self.margin(
+                                    name + suffix, label_row, copa_dir, out / f"test_selectors_{row}{suffix}"
+                                )
                 torch.set_grad_enabled(True)
+
+    def margin(self, column: str, row: str, copa: Path, other: Path) -> None:
+        """COPA's evaluation minus ``row``'s on the same test samples, with its bootstrap 95% interval,
+        into ``results["ablation_margins"][column][row]``."""
+        self.results.setdefault("ablation_margins", {}).setdefault(column, {})[row] = paired_difference(
+            copa, other
+        )
 
     def evaluate(
         self,

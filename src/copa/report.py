@@ -201,15 +201,19 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     ]
     copa_name = next((n for n in ab["rows"] if "COPA" in n), None)
     if copa_name:
+        intervals = res.get("ablation_margins", {})
 
-        def margin(a: Any, b: Any) -> str:
+        def margin(a: Any, b: Any, col: str, row: str) -> str:
             ok = all(isinstance(v, (int, float)) and not math.isnan(v) for v in (a, b))
-            return f"{a - b:+.3f}" if ok else "—"
+            if not ok:
+                return "—"
+            iv = intervals.get(col.removesuffix("_metric"), {}).get(row)
+            return f"{a - b:+.3f}" + (f" [{iv['low']:+.1f}, {iv['high']:+.1f}]" if iv else "")
 
         mcols = [("specificity@0.25", "specificity @0.25")] + [c for c in present if c[0].endswith("_metric")]
         copa = {**ab["rows"][copa_name], **tasks.get(copa_name, {})}
         mrows = [
-            [name] + [margin(copa.get(c), {**r, **tasks.get(name, {})}.get(c)) for c, _ in mcols]
+            [name] + [margin(copa.get(c), {**r, **tasks.get(name, {})}.get(c), c, name) for c, _ in mcols]
             for name, r in ab["rows"].items()
             if name != copa_name
         ]
@@ -217,6 +221,8 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
             ("h3", "COPA's margin over each row (COPA minus the row; > 0: COPA is better)"),
             ("table", (["row"] + [label for _, label in mcols], mrows)),
         ]
+        if intervals:
+            out.append(("p", _verdicts(intervals, tight)))
     sweep = res.get("pta_vs_keep")
     if sweep:
         out += [
@@ -334,6 +340,31 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             )
         )
     return out
+
+
+def _verdicts(intervals: dict[str, dict[str, dict[str, float]]], tight: dict[str, float]) -> str:
+    """One sentence per task column: the rows COPA beats, loses to, or ties with on the test samples
+    (bracketed: the paired bootstrap 95% interval of COPA minus the row, over resampled test images)."""
+    parts = []
+    for col, rows in intervals.items():
+        task = col.removesuffix("_tight")
+        where = (
+            f"{task} at keep {tight[task]}"
+            if col != task and task in tight
+            else f"{task} at the recommended keep"
+        )
+        won = [r for r, iv in rows.items() if iv["low"] > 0]
+        lost = [r for r, iv in rows.items() if iv["high"] < 0]
+        tied = [r for r in rows if r not in won and r not in lost]
+        parts.append(
+            f"{where}: COPA beats {', '.join(won) or 'no row'}"
+            + (f"; loses to {', '.join(lost)}" if lost else "")
+            + (f"; within the interval of {', '.join(tied)}" if tied else "")
+        )
+    return (
+        "Brackets: the 95% interval of COPA minus the row on the same test samples (paired bootstrap over "
+        "test images). " + ". ".join(parts) + "."
+    )
 
 
 # the learning issue's targets for the full demo: (label, how to read it from results, target, baseline label)
