@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from copa.model.heads import PatchBoxHead
@@ -37,7 +38,7 @@ def test_loss_trains_the_patch_nearest_the_true_centre():
     tokens = torch.randn(1, 3, 8, requires_grad=True)
     out = head(tokens, torch.randn(1, 8), index, grid)
     target = torch.tensor([[0.6, 0.7, 0.2, 0.2]])
-    parts = patch_box_loss(out, target, torch.tensor([True]))
+    parts = patch_box_loss(out, target, torch.tensor([True]), targets="centre")
     assert math.isclose(
         float(parts["patch_ce"].detach()), float(-out.scores.detach().log_softmax(1)[0, 1]), rel_tol=1e-5
     )
@@ -47,7 +48,7 @@ def test_loss_trains_the_patch_nearest_the_true_centre():
     assert bool((g > 0).all())
     # a dropped true-centre patch hands the job to the nearest kept one: patch 15, centre (0.875, 0.875)
     out2 = head(tokens.detach(), torch.randn(1, 8), torch.tensor([[0, 5, 15]]), grid)
-    p2 = patch_box_loss(out2, target, torch.tensor([True]))
+    p2 = patch_box_loss(out2, target, torch.tensor([True]), targets="centre")
     assert math.isclose(float(p2["patch_ce"]), float(-out2.scores.log_softmax(1)[0, 2]), rel_tol=1e-5)
 
 
@@ -62,3 +63,56 @@ def test_ground_on_pruned_and_unpruned_model(micro_model):
     n = m.vision.num_patches
     assert full.scores.shape == (2, n) and pruned.scores.shape[1] < n
     assert bool(((pruned.box >= -0.5) & (pruned.box <= 1.5)).all())
+
+
+def test_inside_targets_train_every_patch_inside_the_box_centre_weighted():
+    torch.manual_seed(0)
+    head = PatchBoxHead(8)
+    grid = 4
+    index = torch.arange(16)[None]  # every patch of a 4x4 grid
+    tokens = torch.randn(1, 16, 8, requires_grad=True)
+    out = head(tokens, torch.randn(1, 8), index, grid)
+    # a box over the 2x2 patches 5, 6, 9, 10 (centres 0.375 / 0.625), its centre nearer patch 10
+    target = torch.tensor([[0.55, 0.55, 0.5, 0.5]])
+    parts = patch_box_loss(out, target, torch.tensor([True]), targets="inside")
+    inside = [5, 6, 9, 10]
+    # the box regression reaches exactly the patches inside; the others get the scores' gradient only
+    box_only = (
+        torch.autograd.grad(parts["l1"] + parts["giou"], out.boxes, retain_graph=True)[0].abs().sum(-1)[0]
+    )
+    parts["loss"].backward()
+    g = tokens.grad.abs().sum(-1)[0]
+    assert set(torch.nonzero(box_only).flatten().tolist()) == set(inside) and bool((g > 0).all())
+    # the soft target: centre-weighted over the four, nearest the centre weighs most
+    logp = out.scores.detach().log_softmax(1)[0]
+    d = (out.centres[0, inside] - target[0, :2]).abs() / 0.25
+    q = torch.exp(-d.square().sum(-1))
+    q = q / q.sum()
+    assert math.isclose(float(parts["patch_ce"]), float(-(q * logp[inside]).sum()), rel_tol=1e-5)
+    assert int(q.argmax()) == inside.index(10)
+    # a box smaller than a patch, between centres: the nearest patch alone, as with "centre"
+    small = torch.tensor([[0.5, 0.5, 0.05, 0.05]])
+    a = patch_box_loss(out, small, torch.tensor([True]), targets="inside")
+    b = patch_box_loss(out, small, torch.tensor([True]), targets="centre")
+    for key in ("patch_ce", "l1", "giou"):
+        assert math.isclose(float(a[key]), float(b[key]), rel_tol=1e-5), key
+
+
+def test_box_targets_flag_reaches_the_task_and_is_stored_with_the_model(tmp_path):
+    import argparse
+
+    from copa.tasks.base import TaskOptions
+    from copa.tasks.cli import _options
+
+    flags = {"prompt": None, "decode": None, "answer_list": None, "itc_weight": None, "meteor": None}
+    args = argparse.Namespace(**flags, random_crop=None, box_targets="centre")
+    assert _options(args).box_targets == "centre" and TaskOptions().box_targets == "inside"
+    none = argparse.Namespace(**flags, random_crop=None, box_targets=None)
+    assert _options(none, {"box_targets": "centre"}).box_targets == "centre"  # what the model was tuned with
+    with pytest.raises(ValueError, match="box targets"):
+        patch_box_loss(
+            PatchBoxHead(8)(torch.randn(1, 2, 8), torch.randn(1, 8), torch.tensor([[0, 1]]), 2),
+            torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+            torch.tensor([True]),
+            targets="corner",
+        )

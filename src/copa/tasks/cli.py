@@ -54,6 +54,12 @@ def _task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-crop", action="store_true", default=None, help="random resized crop when fine-tuning"
     )
+    p.add_argument(
+        "--box-targets",
+        choices=["centre", "inside"],
+        default=None,
+        help="grounding: train every patch inside the box (default) or the one nearest its centre",
+    )
 
 
 def _options(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
@@ -68,6 +74,7 @@ def _options(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> A
         "itc_weight": args.itc_weight,
         "meteor": args.meteor,
         "random_crop": args.random_crop,
+        "box_targets": args.box_targets,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     return TaskOptions(**values)

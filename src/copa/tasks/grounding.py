@@ -1,9 +1,10 @@
 """Visual grounding: the referring expression is the TPD query; the patch-anchored box head
 (``copa.model.heads.PatchBoxHead``) scores every kept patch for holding the object's centre and
 regresses a normalised (cx, cy, w, h) box from it. Loss, on samples whose box survived the
-transform: cross-entropy of the patch scores against the kept patch nearest the true centre, plus
-L1 + GIoU of that patch's box. Metric: accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box
-centred on the image (``CENTRE_BOX``, half its width and height).
+transform (``patch_box_loss``): cross-entropy of the patch scores against the kept patches inside the
+true box (centre-weighted; or the one nearest its centre), plus L1 + GIoU of their boxes. Metric:
+accuracy at IoU >= 0.5 and mean IoU; baseline: a fixed box centred on the image (``CENTRE_BOX``,
+half its width and height).
 
 Input: JSON records with ``refs: [{"phrase", "box": [x, y, w, h] pixels}]``; each ref becomes one
 (image, expression) sample.
@@ -36,6 +37,7 @@ from copa.tasks.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from copa.tasks.metrics import grounding_metrics
 
 CENTRE_BOX = (0.5, 0.5, 0.5, 0.5)  # cx, cy, w, h of the baseline box
+BOX_TARGETS = ("centre", "inside")  # which patches a box trains (``patch_box_loss``)
 
 
 def box_loss(
@@ -47,24 +49,48 @@ def box_loss(
     return {"l1": l1, "giou": giou, "loss": l1_weight * l1 + giou_weight * giou}
 
 
-def patch_box_loss(out: GroundingOutput, target: Tensor, valid: Tensor) -> dict[str, Tensor]:
+def patch_box_loss(
+    out: GroundingOutput, target: Tensor, valid: Tensor, targets: str = "inside"
+) -> dict[str, Tensor]:
     """Loss of the patch-anchored head. target: (B, 4) normalised cxcywh; valid: (B,) bool.
 
-    The responsible patch is the kept patch whose centre is nearest the true box centre (the
-    patch holding it, unless the selector dropped that one): its score is trained by
+    ``targets="centre"``: the responsible patch is the kept patch whose centre is nearest the true
+    box centre (the patch holding it, unless the selector dropped that one): its score is trained by
     cross-entropy over the kept patches, its box by L1 + GIoU.
+    ``targets="inside"`` (FCOS-style): every kept patch whose centre lies inside the true box is a
+    positive too, weighted by closeness to the box centre (exp(-(dx/(w/2))^2 - (dy/(h/2))^2)): the
+    scores learn a soft target over the object's patches and every positive regresses the box, so a
+    sample supervises 1-4 patches instead of one and the target does not flip between two patches
+    when the centre sits on their border.
     """
+    if targets not in BOX_TARGETS:
+        raise ValueError(f"box targets must be one of {BOX_TARGETS}, got {targets!r}")
     scores, boxes, centres, target = (
         out.scores[valid],
         out.boxes[valid],
         out.centres[valid],
         target[valid].float(),
     )
-    resp = (centres - target[:, None, :2]).square().sum(-1).argmin(1)  # (B,)
-    ce = F.cross_entropy(scores, resp)
-    chosen = boxes.gather(1, resp[:, None, None].expand(-1, 1, 4)).squeeze(1)
-    parts = box_loss(chosen, target)
-    return {"patch_ce": ce, "l1": parts["l1"], "giou": parts["giou"], "loss": ce + parts["loss"]}
+    offset = centres - target[:, None, :2]  # (B, K, 2)
+    resp = offset.square().sum(-1).argmin(1)  # (B,)
+    if targets == "centre":
+        ce = F.cross_entropy(scores, resp)
+        chosen = boxes.gather(1, resp[:, None, None].expand(-1, 1, 4)).squeeze(1)
+        parts = box_loss(chosen, target)
+        return {"patch_ce": ce, "l1": parts["l1"], "giou": parts["giou"], "loss": ce + parts["loss"]}
+    half = (target[:, None, 2:] / 2).clamp_min(1e-6)
+    positive = (offset.abs() < half).all(-1) | F.one_hot(resp, scores.shape[1]).bool()
+    weight = torch.exp(-(offset / half).square().sum(-1)) * positive
+    q = weight / weight.sum(1, keepdim=True)  # (B, K), a distribution over the positives
+    ce = -(q * scores.log_softmax(1)).sum(1).mean()
+    b, k = q.shape
+    flat_target = target[:, None].expand(-1, k, -1).reshape(-1, 4)
+    l1 = (boxes - target[:, None]).abs().mean(-1)  # (B, K)
+    giou = 1.0 - generalized_box_iou(cxcywh_to_xyxy(boxes.reshape(-1, 4)), cxcywh_to_xyxy(flat_target)).view(
+        b, k
+    )
+    l1, giou = (q * l1).sum(1).mean(), (q * giou).sum(1).mean()
+    return {"patch_ce": ce, "l1": l1, "giou": giou, "loss": ce + l1 + giou}
 
 
 def ground_pairs(model: COPAModel, images: Tensor, ids: Tensor, mask: Tensor) -> GroundingOutput:
@@ -95,7 +121,7 @@ class GroundingTask(Task):
         if not bool(valid.any()):  # every box cropped away: a zero loss that keeps the graph
             zero = out.scores.sum() * 0.0 + out.boxes.sum() * 0.0
             return {"patch_ce": zero, "l1": zero, "giou": zero, "loss": zero}
-        return patch_box_loss(out, batch.ref_boxes, valid)
+        return patch_box_loss(out, batch.ref_boxes, valid, self.options.box_targets)
 
     @torch.no_grad()
     def evaluate(self, model: COPAModel, dataset: Any, env: EvalEnv) -> EvalResult:
