@@ -10,7 +10,7 @@ import torch
 
 from copa.cli import main
 from copa.model.copa import COPAModel
-from copa.model.feature_cache import FrozenFeatureCache, image_keys
+from copa.model.feature_cache import FrozenFeatureCache, row_keys
 from tests.conftest import micro_config
 from tests.test_tasks import _sets
 
@@ -31,12 +31,12 @@ def _pairs(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_keys_tell_images_apart_and_match_copies():
     x = torch.randn(3, 3, 8, 8)
-    keys = image_keys(torch.cat([x, x.clone()]), "prefix")
+    keys = row_keys(torch.cat([x, x.clone()]), "prefix")
     assert keys[:3] == keys[3:] and len(set(keys[:3])) == 3
-    assert image_keys(x, "tokens") != image_keys(x, "prefix")
+    assert row_keys(x, "tokens") != row_keys(x, "prefix")
     y = x.clone()
     y[1, 0, 0, 0] += 1e-6
-    assert image_keys(y, "prefix")[1] != keys[1]
+    assert row_keys(y, "prefix")[1] != keys[1]
 
 
 def test_lookup_computes_only_unseen_images_and_respects_the_cap():
@@ -86,10 +86,12 @@ def test_cached_forward_and_gradients_equal_the_uncached(keep):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_trainable_vit_cannot_cache_and_stochastic_depth_bypasses_it():
+def test_a_trainable_encoder_is_not_cached_and_stochastic_depth_bypasses_it():
     model = COPAModel(micro_config().model)
+    model.use_feature_cache(FrozenFeatureCache(2**20))  # nothing frozen: nothing served from it
+    assert model.vision.feature_cache is None and model.text.feature_cache is None
     with pytest.raises(ValueError, match="frozen"):
-        model.use_feature_cache(FrozenFeatureCache(2**20))
+        model.vision.use_feature_cache(FrozenFeatureCache(2**20))
     model = _frozen("model.vision.drop_path=0.2")
     cache = FrozenFeatureCache(2**20)
     model.use_feature_cache(cache)
@@ -119,3 +121,29 @@ def test_finetune_with_the_cache_trains_as_without_it(micro_init, synth_dir, tmp
     torch.testing.assert_close(summaries[0]["last_loss"], summaries[1]["last_loss"], rtol=1e-4, atol=1e-5)
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_frozen_text_encoder_caches_its_states_exactly():
+    """Token rows repeat (the same question or expression on another image); the padding is part of
+    the key. A text encoder with any trainable layer computes as always."""
+    images, ids, mask = _pairs()
+    ids[3:] = ids[:3]  # every text twice, each time with another image
+    mask[:, -2:] = torch.tensor([1, 0])  # padded rows
+    losses = []
+    for cache in (None, FrozenFeatureCache(2**24)):
+        model = _frozen()
+        model.text.freeze(-1)
+        model.use_feature_cache(cache)
+        out = model.ground(model(images, ids, mask))
+        losses.append(out.scores.logsumexp(1).mean() + out.boxes.square().mean())
+        if cache is not None:
+            texts = [k for k in cache.store if k.startswith(b"text")]
+            assert len(texts) == 3 and cache.stats.hits == 3 + 3  # 3 repeated texts, 3 repeated images
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    model = _frozen("model.text.layers=2", "train.freeze_text_layers=1")
+    model.text.freeze(1)  # the top layer still trains
+    cache = FrozenFeatureCache(2**24)
+    model.use_feature_cache(cache)
+    assert model.text.feature_cache is None and model.vision.feature_cache is cache
+    with pytest.raises(ValueError, match="frozen"):
+        model.text.use_feature_cache(cache)

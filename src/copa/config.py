@@ -177,9 +177,10 @@ class TrainConfig:
     # 0.18 and phrase recall 0.95 -> 0.55, i.e. random; grounding through the drifting selector learnt
     # nothing: BENCHMARKS.md, session 8). false: the task loss trains it (see select.straight_through)
     freeze_selector: bool | None = None
-    # fine-tuning with a frozen ViT: serve its text-independent outputs (the prefix; every token when
-    # the fine-tune runs unpruned) from a cache keyed by the image's pixels, at most this many MB (0:
-    # off). Exact — the same losses, cheaper steps (copa.model.feature_cache)
+    # fine-tuning: serve what the frozen encoders compute from one input alone — a frozen ViT's
+    # text-independent outputs (the prefix; every token when the fine-tune runs unpruned), a fully
+    # frozen text encoder's states — from a cache keyed by the input's bytes, at most this many MB (0:
+    # off). The same values (to float rounding), cheaper steps (copa.model.feature_cache)
     feature_cache_mb: int = 2048
     # the task heads trained from scratch (grounding's box head, ITM): None = lr
     lr_head: float | None = None

@@ -353,9 +353,14 @@ class COPAModel(nn.Module):
                 p.requires_grad_(False)
 
     def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
-        """Serve the frozen ViT's text-independent outputs from ``cache`` (None: stop caching); raises
-        ``ValueError`` unless the ViT backbone is frozen (``copa.model.feature_cache``)."""
-        self.vision.use_feature_cache(cache)
+        """Serve what the frozen encoders compute from one input alone from ``cache`` (None: stop
+        caching; ``copa.model.feature_cache``): the ViT's text-independent outputs when its backbone is
+        frozen, the text encoder's states when all of it is frozen; a trained part computes as always."""
+        vit_frozen = not any(
+            p.requires_grad for n, p in self.vision.named_parameters() if not n.startswith("selectors.")
+        )
+        self.vision.use_feature_cache(cache if vit_frozen else None)
+        self.text.use_feature_cache(cache if self.text.fully_frozen else None)
 
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:
         """AdaBN for a conv stem: its BatchNorm statistics re-estimated on ``images`` ((B, 3, H, W)

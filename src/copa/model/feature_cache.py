@@ -1,15 +1,18 @@
-"""A content-addressed cache of what a frozen ViT computes from an image alone.
+"""A content-addressed cache of what the frozen encoders compute from one input alone.
 
 When the ViT is frozen (``train.freeze_vit``, the default of every fine-tune in the demo), its
 text-independent outputs are a fixed function of the input pixels: the prefix (every block before
 the first selection) always, and the whole encoder's tokens when no stage selects (keep 1.0, e.g.
 grounding's unpruned fine-tune). A fine-tune sees each image many times — once per question or
 referring expression, and again every epoch in each of its few augmentations (resize + flip) — so
-it recomputes the same tensors over and over. This cache keys them by a hash of the input tensor's
-bytes (and the autocast dtype), so a hit returns exactly what the ViT would have computed: the
-training is the same, only cheaper (``tests/test_feature_cache.py`` checks the losses and gradients
-are identical). Nothing about the data pipeline needs to know: any augmentation that reproduces a
-view's pixels hits, one that never repeats (a random crop) simply misses.
+it recomputes the same tensors over and over. Likewise a frozen text encoder's states are a fixed
+function of a padded token row, and questions and referring expressions repeat across images. This
+cache keys them by a hash of the input tensor's bytes (and the autocast dtype), so a hit returns
+what the encoder computes for that input — to float rounding: a row computed within another batch
+can differ in the last bit — and the training is the same, only cheaper
+(``tests/test_feature_cache.py`` checks the losses, gradients and saved weights agree). Nothing about the
+data pipeline needs to know: any augmentation that reproduces a view's pixels hits, one that never
+repeats (a random crop) simply misses.
 
 Entries live on the device of the features; ``max_bytes`` caps the total, after which new views are
 computed and not stored (counted as ``skipped``). Hashing needs the images on the host: on a GPU the
@@ -49,11 +52,12 @@ class CacheStats:
         }
 
 
-def image_keys(images: Tensor, tag: str) -> list[bytes]:
-    """One key per image of ``images`` (B, ...): ``tag`` and a 128-bit hash of its bytes."""
-    flat = images.detach().to("cpu").contiguous().reshape(images.shape[0], -1)
+def row_keys(rows: Tensor, tag: str) -> list[bytes]:
+    """One key per row of ``rows`` (B, ...) (an image, a padded token row): ``tag``, the row's shape
+    and dtype, and a 128-bit hash of its bytes."""
+    flat = rows.detach().to("cpu").contiguous().reshape(rows.shape[0], -1)
     raw = flat.view(torch.uint8).numpy() if flat.numel() else flat.numpy()
-    head = f"{tag}|{tuple(images.shape[1:])}|{images.dtype}|".encode()
+    head = f"{tag}|{tuple(rows.shape[1:])}|{rows.dtype}|".encode()
     return [head + hashlib.blake2b(row, digest_size=16).digest() for row in raw]
 
 
@@ -69,15 +73,13 @@ class FrozenFeatureCache:
         self.stats = CacheStats()
         self._warned_full = False
 
-    def lookup(self, kind: str, images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-        """images (B, ...) -> compute's output (B, ...), rows of known images taken from the store."""
-        dtype = (
-            torch.get_autocast_dtype(images.device.type)
-            if torch.is_autocast_enabled(images.device.type)
-            else None
-        )
-        keys = image_keys(images, f"{kind}|{dtype}")
-        rows: dict[bytes, int] = {}  # each unseen image once, even when a batch holds it twice
+    def lookup(self, kind: str, inputs: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """inputs (B, ...) -> compute's output (B, ...), the rows of inputs seen before under ``kind``
+        taken from the store."""
+        device = inputs.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        keys = row_keys(inputs, f"{kind}|{dtype}")
+        rows: dict[bytes, int] = {}  # each unseen row once, even when a batch holds it twice
         for i, k in enumerate(keys):
             if k not in self.store and k not in rows:
                 rows[k] = i
@@ -86,7 +88,7 @@ class FrozenFeatureCache:
         fresh: dict[bytes, Tensor] = {}
         if rows:
             with torch.no_grad():
-                computed = compute(images[list(rows.values())] if len(rows) < len(keys) else images)
+                computed = compute(inputs[list(rows.values())] if len(rows) < len(keys) else inputs)
             for j, k in enumerate(rows):
                 fresh[k] = computed[j]
                 self._store(k, computed[j])

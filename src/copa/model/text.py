@@ -12,11 +12,13 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from copa.config import TextConfig
+from copa.model.feature_cache import FrozenFeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ class TextEncoder(nn.Module):
             bert = BertModel(bert_config(cfg), add_pooling_layer=False)
         self.bert = bert
         self.width = cfg.width
+        self.feature_cache: FrozenFeatureCache | None = None
 
     @property
     def embeddings(self) -> nn.Module:
@@ -153,6 +156,24 @@ class TextEncoder(nn.Module):
             module.eval()
         return self
 
+    @property
+    def fully_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
+        """Serve the states of token rows seen before from ``cache`` (None: stop); only a fully frozen
+        encoder may (its frozen modules run in eval mode: no dropout), see ``copa.model.feature_cache``."""
+        if cache is not None and not self.fully_frozen:
+            raise ValueError("only a fully frozen text encoder can cache its states (freeze_text_layers -1)")
+        self.feature_cache = cache
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> hidden states (B, L, Dt); [CLS] is position 0."""
+        if self.feature_cache is None:
+            return self._states(input_ids, attention_mask)
+        n = input_ids.shape[1]
+        rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1)  # padding is part of the key
+        return self.feature_cache.lookup("text", rows, lambda r: self._states(r[:, :n], r[:, n:]))
+
+    def _states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -132,8 +132,8 @@ def finetune(
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
     fsdp = is_sharded(t.distributed)
-    # under FSDP the ViT's units must run for their shards to be gathered: no cache there
-    cached = t.freeze_vit and t.feature_cache_mb > 0 and not fsdp
+    # under FSDP the encoders' units must run for their shards to be gathered: no cache there
+    cached = t.feature_cache_mb > 0 and not fsdp
     cache = FrozenFeatureCache(t.feature_cache_mb * 2**20) if cached else None
     model.use_feature_cache(cache)
     wrapped = wrap(TaskObjective(model, task), t.distributed, device)
