@@ -116,3 +116,49 @@ def test_box_targets_flag_reaches_the_task_and_is_stored_with_the_model(tmp_path
             torch.tensor([True]),
             targets="corner",
         )
+
+
+def test_box_context_reads_the_3x3_neighbours_and_nothing_further():
+    torch.manual_seed(0)
+    head = PatchBoxHead(16, context=8)
+    grid = 4
+    index = torch.tensor([[5, 6, 10, 15]])  # 5, 6, 10 are neighbours; 15 is two rows below 5
+    tokens = torch.randn(1, 4, 16)
+    base = head(tokens, torch.randn(1, 16), index, grid).boxes
+    moved = tokens.clone()
+    moved[0, 3] += 1.0  # patch 15
+    far = head(moved, torch.randn(1, 16), index, grid).boxes
+    assert torch.equal(far[0, 0], base[0, 0]) and not torch.equal(far[0, 2], base[0, 2])  # 10 touches 15
+    moved = tokens.clone()
+    moved[0, 1] += 1.0  # patch 6, next to 5
+    near = head(moved, torch.randn(1, 16), index, grid).boxes
+    assert not torch.equal(near[0, 0], base[0, 0])
+    # a pruned set (holes in the grid) and the patch order do not matter beyond the neighbours
+    perm = torch.tensor([2, 0, 3, 1])
+    again = head(tokens[:, perm], torch.randn(1, 16), index[:, perm], grid).boxes
+    torch.testing.assert_close(again, base[:, perm])
+    assert PatchBoxHead(16).reduce is None  # context 0: the patch alone, as models saved before it
+
+
+def test_models_saved_before_box_context_load_with_their_own_head(tmp_path):
+    import json
+
+    from copa.config import ConfigError, check_model_config
+    from copa.model.copa import COPAModel
+    from tests.conftest import micro_config
+
+    cfg = micro_config("model.box_context=0").model
+    torch.manual_seed(0)
+    old = COPAModel(cfg)
+    old.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["model"]["box_context"]  # as written before the field existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    loaded = COPAModel.from_pretrained(tmp_path / "old")
+    assert loaded.cfg.box_context == 0 and loaded.box_head.reduce is None
+    new = COPAModel(micro_config().model)
+    assert new.cfg.box_context == 64
+    new.save_pretrained(tmp_path / "new")
+    assert COPAModel.from_pretrained(tmp_path / "new").box_head.context is not None
+    with pytest.raises(ConfigError, match="box_context"):
+        check_model_config(micro_config("model.box_context=-1").model)

@@ -62,9 +62,9 @@ class DemoPlan:
     eval_images: int = 60
     picture_images: int = 4
     keep_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    # grounding, validation acc@0.5 with every patch inside the box trained (seeds 0 | 1): 50.1 | 49.9
-    # after 120 steps, 51.0 | 51.9 after 200; 160 is what the frozen-ViT cache pays for inside 15
-    # minutes on the AVX2 machine (BENCHMARKS.md, session 9)
+    # grounding, validation acc@0.5 (seeds 0 | 1) after 120 steps: 47.5 | 48.1 with the one-patch
+    # target, 50.1 | 49.9 with every patch inside the box, 62.2 | 62.8 with the box head's grid context
+    # too; 160 steps cost what 120 did before the frozen encoders' cache (BENCHMARKS.md, session 9)
     finetune_steps: dict[str, int] = field(
         default_factory=lambda: {"retrieval": 20, "vqa": 140, "caption": 30, "grounding": 160}
     )

@@ -82,7 +82,7 @@ class COPAModel(nn.Module):
         self.itm = nn.Linear(dt, 2)
         self.mlm_head = TiedLMHead(dt, self.text.word_embeddings)
         self.lm_head = TiedLMHead(dt, self.text.word_embeddings)
-        self.box_head = PatchBoxHead(dt)
+        self.box_head = PatchBoxHead(dt, context=cfg.box_context)
         if load_text_weights and cfg.text.pretrained:
             self._init_from_text()
 
