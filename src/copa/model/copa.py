@@ -356,10 +356,7 @@ class COPAModel(nn.Module):
         """Serve what the frozen encoders compute from one input alone from ``cache`` (None: stop
         caching; ``copa.model.feature_cache``): the ViT's text-independent outputs when its backbone is
         frozen, the text encoder's states when all of it is frozen; a trained part computes as always."""
-        vit_frozen = not any(
-            p.requires_grad for n, p in self.vision.named_parameters() if not n.startswith("selectors.")
-        )
-        self.vision.use_feature_cache(cache if vit_frozen else None)
+        self.vision.use_feature_cache(cache if self.vision.backbone_frozen else None)
         self.text.use_feature_cache(cache if self.text.fully_frozen else None)
 
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:

@@ -288,13 +288,14 @@ class VisionTransformer(nn.Module):
         """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
         ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
         function of the pixels."""
-        if cache is not None:
-            trainable = [
-                n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("selectors.")
-            ]
-            if trainable:
-                raise ValueError(f"only a frozen ViT can cache its features; trainable: {trainable[:3]}")
+        if cache is not None and not self.backbone_frozen:
+            raise ValueError("only a frozen ViT can cache its features (freeze_backbone first)")
         self.feature_cache = cache
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """No parameter outside the selectors trains."""
+        return not any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("selectors."))
 
     def _cached(self) -> FrozenFeatureCache | None:
         """The cache, while the backbone is deterministic (stochastic depth draws anew in training)."""
