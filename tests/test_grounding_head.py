@@ -96,6 +96,9 @@ def test_inside_targets_train_every_patch_inside_the_box_centre_weighted():
     b = patch_box_loss(out, small, torch.tensor([True]), targets="centre")
     for key in ("patch_ce", "l1", "giou"):
         assert math.isclose(float(a[key]), float(b[key]), rel_tol=1e-5), key
+    # a box far smaller than a patch, off every centre: the nearest patch still trains (no 0/0)
+    tiny = patch_box_loss(out, torch.tensor([[0.51, 0.49, 0.002, 0.002]]), torch.tensor([True]))
+    assert all(math.isfinite(float(tiny[k])) for k in ("patch_ce", "l1", "giou", "loss"))
 
 
 def test_box_targets_flag_reaches_the_task_and_is_stored_with_the_model(tmp_path):

@@ -62,7 +62,7 @@ def row_keys(rows: Tensor, tag: str) -> list[bytes]:
 
 
 class FrozenFeatureCache:
-    """``lookup(kind, images, compute)`` -> ``compute(images)``, computed only for the images not seen
+    """``lookup(kind, inputs, compute)`` -> ``compute(inputs)``, computed only for the rows not seen
     before under ``kind`` (module docstring)."""
 
     def __init__(self, max_bytes: int) -> None:
@@ -100,7 +100,7 @@ class FrozenFeatureCache:
             self.stats.skipped += 1
             if not self._warned_full:
                 log.warning(
-                    "frozen-feature cache full at %.0f MB: further image views are computed, not stored",
+                    "frozen-feature cache full at %.0f MB: further inputs are computed, not stored",
                     self.max_bytes / 2**20,
                 )
                 self._warned_full = True

@@ -40,15 +40,6 @@ CENTRE_BOX = (0.5, 0.5, 0.5, 0.5)  # cx, cy, w, h of the baseline box
 BOX_TARGETS = ("centre", "inside")  # which patches a box trains (``patch_box_loss``)
 
 
-def box_loss(
-    pred: Tensor, target: Tensor, l1_weight: float = 1.0, giou_weight: float = 1.0
-) -> dict[str, Tensor]:
-    """pred, target: (B, 4) normalised cxcywh -> {"l1", "giou", "loss"} (means over the batch)."""
-    l1 = F.l1_loss(pred.float(), target.float())
-    giou = (1.0 - generalized_box_iou(cxcywh_to_xyxy(pred.float()), cxcywh_to_xyxy(target.float()))).mean()
-    return {"l1": l1, "giou": giou, "loss": l1_weight * l1 + giou_weight * giou}
-
-
 def patch_box_loss(
     out: GroundingOutput, target: Tensor, valid: Tensor, targets: str = "inside"
 ) -> dict[str, Tensor]:
@@ -61,7 +52,8 @@ def patch_box_loss(
     positive too, weighted by closeness to the box centre (exp(-(dx/(w/2))^2 - (dy/(h/2))^2)): the
     scores learn a soft target over the object's patches and every positive regresses the box, so a
     sample supervises 1-4 patches instead of one and the target does not flip between two patches
-    when the centre sits on their border.
+    when the centre sits on their border. Both are one computation: the weighted cross-entropy and
+    box losses over a distribution of positives (one-hot for ``centre``).
     """
     if targets not in BOX_TARGETS:
         raise ValueError(f"box targets must be one of {BOX_TARGETS}, got {targets!r}")
@@ -73,15 +65,14 @@ def patch_box_loss(
     )
     offset = centres - target[:, None, :2]  # (B, K, 2)
     resp = offset.square().sum(-1).argmin(1)  # (B,)
-    if targets == "centre":
-        ce = F.cross_entropy(scores, resp)
-        chosen = boxes.gather(1, resp[:, None, None].expand(-1, 1, 4)).squeeze(1)
-        parts = box_loss(chosen, target)
-        return {"patch_ce": ce, "l1": parts["l1"], "giou": parts["giou"], "loss": ce + parts["loss"]}
+    positive = F.one_hot(resp, scores.shape[1]).bool()  # (B, K)
     half = (target[:, None, 2:] / 2).clamp_min(1e-6)
-    positive = (offset.abs() < half).all(-1) | F.one_hot(resp, scores.shape[1]).bool()
-    weight = torch.exp(-(offset / half).square().sum(-1)) * positive
-    q = weight / weight.sum(1, keepdim=True)  # (B, K), a distribution over the positives
+    if targets == "inside":
+        positive |= (offset.abs() < half).all(-1)
+    # (B, K), a distribution over the positives; a softmax, so a box far smaller than a patch (every
+    # weight exp(-hundreds)) still gives its nearest patch weight 1, not 0/0
+    closeness = -(offset / half).square().sum(-1)
+    q = closeness.masked_fill(~positive, float("-inf")).softmax(1)
     ce = -(q * scores.log_softmax(1)).sum(1).mean()
     b, k = q.shape
     flat_target = target[:, None].expand(-1, k, -1).reshape(-1, 4)
