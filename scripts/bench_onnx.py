@@ -73,7 +73,7 @@ def onnx_pipelines(d: Path, images, ids, mask, threads: int):
         (prefix,) = sess["image_prefix"].run(None, {"images": x})
         txt, query, _ = sess["text_encoder"].run(None, {"ids": i, "mask": m})
         tokens, kept = sess["vision_suffix"].run(None, {"prefix": prefix, "query": query})
-        fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": m})
+        fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": m, "kept": kept})
         return sess["heads"].run(
             None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]), "kept": kept}
         )

@@ -81,7 +81,7 @@ def test_onnx_pipeline_grounds_like_the_model(exported, model):
     (prefix,) = sess["image_prefix"].run(None, {"images": images.numpy()})
     txt, query, _ = sess["text_encoder"].run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
     tokens, kept = sess["vision_suffix"].run(None, {"prefix": prefix, "query": query})
-    fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": mask.numpy()})
+    fi, ft = sess["fusion"].run(None, {"tokens": tokens, "txt": txt, "mask": mask.numpy(), "kept": kept})
     itm, box, _ = sess["heads"].run(
         None, {"fused_image": fi, "fused_cls": np.ascontiguousarray(ft[:, 0]), "kept": kept}
     )

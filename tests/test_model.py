@@ -211,9 +211,56 @@ def test_fusion_connected_layer_updates_image_stream(micro_model):
     m = micro_model
     assert m.fusion.connected == [False, True]
     img, txt, mask = torch.randn(2, 5, 64), torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.long)
+    index = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
     with torch.no_grad():
-        out_img, _out_txt = m.fusion(img, txt, mask)
+        out_img, _out_txt = m.fusion(img, txt, mask, index, 2)
     assert out_img.shape == img.shape and not torch.allclose(out_img, img)
+
+
+def test_fusion_reads_where_each_patch_is(micro_model):
+    """The same tokens at other places give the text other states; a token moved together with its
+    place changes nothing but the order of the image outputs; without positions the places are not
+    read (the fusion of models saved before ``model.fusion.position``)."""
+    from copa.model.fusion import FusionEncoder
+
+    fusion = micro_model.fusion
+    assert fusion.pos is not None
+    torch.manual_seed(0)
+    img, txt, mask = torch.randn(2, 6, 64), torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.long)
+    index = torch.tensor([[0, 5, 10, 15], [3, 6, 9, 12]])  # K = 4 of a 4 x 4 grid; token 5 is a fused one
+    with torch.no_grad():
+        out_img, out_txt = fusion(img, txt, mask, index, 4)
+        perm = torch.tensor([0, 3, 1, 4, 2, 5])  # CLS and the fused token stay where they are
+        p_img, p_txt = fusion(img[:, perm], txt, mask, index[:, perm[1:5] - 1], 4)
+        _, moved_txt = fusion(img, txt, mask, index.flip(1), 4)
+        torch.manual_seed(1)
+        plain = FusionEncoder(2, 2, 64, 4, 128, 64, position=0).eval()
+        a = plain(img, txt, mask, index, 4)[1]
+        b = plain(img, txt, mask, index.flip(1), 4)[1]
+    torch.testing.assert_close(p_img, out_img[:, perm])
+    torch.testing.assert_close(p_txt, out_txt)
+    assert not torch.allclose(moved_txt, out_txt, atol=1e-4)
+    assert plain.pos is None
+    torch.testing.assert_close(a, b)
+
+
+def test_models_saved_before_fusion_position_load_without_it(tmp_path):
+    import json
+
+    from copa.config import ConfigError, check_model_config
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    COPAModel(micro_config("model.fusion.position=0").model).save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["model"]["fusion"]["position"]  # as written before the field existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    loaded = COPAModel.from_pretrained(tmp_path / "old")
+    assert loaded.cfg.fusion.position == 0 and loaded.fusion.pos is None
+    assert COPAModel(micro_config().model).cfg.fusion.position == 24
+    assert COPAModel.param_group("fusion.pos.proj.weight") == "head"
+    with pytest.raises(ConfigError, match="fusion.position"):
+        check_model_config(micro_config("model.fusion.position=6").model)
 
 
 def test_base_parameter_counts():

@@ -95,7 +95,8 @@ def test_lr_head_reaches_exactly_the_heads_trained_from_scratch(micro_model):
 
     t = micro_config("train.lr=1e-3", "train.lr_head=3e-3").train
     groups = {g["name"]: g for g in optim.param_groups(micro_model, t)}
-    heads = {id(p) for m in (micro_model.box_head, micro_model.itm) for p in m.parameters()}
+    new = (micro_model.box_head, micro_model.itm, micro_model.fusion.pos)
+    heads = {id(p) for m in new for p in m.parameters()}
     in_head = {id(p) for name in ("head", "head_nodecay") for p in groups[name]["params"]}
     assert in_head == heads and groups["head"]["lr"] == 3e-3 and groups["rest"]["lr"] == 1e-3
     default = {

@@ -84,6 +84,11 @@ class FusionConfig:
     stride: int = 2  # every stride-th layer is connected attention over [image; text]
     heads: int = 12  # as the text encoder's layers that initialise it (MiniLM: 12)
     init_from_text: bool = True  # initialise self-attention/FFN from the text encoder's last layers
+    # sin-cos features of each visual token's patch position, projected and added to it as it enters
+    # the fusion (0: none, the fusion of models saved before this field). The ViT's output tokens no
+    # longer say where they are: grounding's "the leftmost object" 0.40 -> 0.79, VQA's "left or
+    # right?" 0.52 -> 0.80 on validation (BENCHMARKS.md, session 10)
+    position: int = 24
 
 
 @dataclass
@@ -443,6 +448,10 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.box_context must be 0 (off) or a positive channel count, got {m.box_context}"
         )
+    if m.fusion.position < 0 or m.fusion.position % 4:
+        raise ConfigError(
+            f"model.fusion.position must be 0 (off) or a positive multiple of 4, got {m.fusion.position}"
+        )
     if v.image_size % v.patch_size:
         raise ConfigError(
             f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}"
@@ -550,8 +559,8 @@ def _keep_ratio(where: str, r: float) -> None:
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """A model config as saved with a model; fields added since are read as the architecture the
     model was saved with, not as today's default."""
-    return from_dict(ModelConfig, {**LEGACY_MODEL_FIELDS, **data}, "model")
+    return from_dict(ModelConfig, _deep_merge(LEGACY_MODEL_FIELDS, data), "model")
 
 
 # model fields whose default changed the architecture, and their value for a model saved before them
-LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0}
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0, "fusion": {"position": 0}}

@@ -15,7 +15,8 @@ part                inputs                                    outputs
 ``text_encoder``    ids, mask (B, L) int64                    text (B, L, Dt), query (B, Dt), text_emb (B, E)
 ``vision_suffix``   prefix (B, 1+N, Dv), query (B, Dt)        tokens (B, T, Dv), kept (B, K) int64
 ``vision_agnostic`` prefix (B, 1+N, Dv)                       tokens (B, T, Dv), kept (B, K), image_emb (B, E)
-``fusion``          tokens (B, T, Dv), text, mask (B, L)      fused_image (B, T, Dt), fused_text (B, L, Dt)
+``fusion``          tokens (B, T, Dv), text, mask (B, L),     fused_image (B, T, Dt), fused_text (B, L, Dt)
+                    kept (B, K)
 ``heads``           fused_image, fused_cls (B, Dt), kept      itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
                                                               box_scores (B, K)
 ==================  ========================================  ===============================================
@@ -134,8 +135,8 @@ def part_specs(
         (
             "fusion",
             Fusion,
-            ("tokens", "txt", "mask"),
-            {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}},
+            ("tokens", "txt", "mask", "kept"),
+            {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}, "kept": {0: B}},
             ["fused_image", "fused_text"],
         ),
         (

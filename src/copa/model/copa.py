@@ -75,7 +75,13 @@ class COPAModel(nn.Module):
         self.text = TextEncoder(cfg.text, load_weights=load_text_weights)
         self.vision = VisionTransformer(cfg.vision, cfg.select, text_dim=dt)
         self.fusion = FusionEncoder(
-            cfg.fusion.layers, cfg.fusion.stride, dt, cfg.fusion.heads, cfg.text.intermediate, dv
+            cfg.fusion.layers,
+            cfg.fusion.stride,
+            dt,
+            cfg.fusion.heads,
+            cfg.text.intermediate,
+            dv,
+            position=cfg.fusion.position,
         )
         self.decoder = Decoder(cfg.decoder.layers, dt, cfg.decoder.heads, cfg.text.intermediate)
         self.itc = ITCHead(dv, dt, cfg.embed_dim, cfg.temperature)
@@ -156,7 +162,8 @@ class COPAModel(nn.Module):
 
     def fuse(self, vision: VisionOutput, txt: Tensor, txt_mask: Tensor) -> FusedOutput:
         """Visual tokens (B, T, Dv) with text states (B, L, Dt) and mask (B, L) -> FusedOutput."""
-        img, t = self.fusion(vision.tokens, txt, txt_mask)
+        grid = math.isqrt(vision.num_patches)
+        img, t = self.fusion(vision.tokens, txt, txt_mask, vision.patch_index, grid)
         return FusedOutput(img, t, txt_mask, vision)
 
     def itm_logits(self, fused: FusedOutput) -> Tensor:
@@ -304,10 +311,10 @@ class COPAModel(nn.Module):
     def param_group(name: str) -> str:
         """Which learning-rate group a parameter (its ``named_parameters`` name) is in: ``vit`` (the
         backbone), ``text`` (the pretrained text encoder), ``selector``, ``head`` (the task heads that
-        start from scratch: box, ITM), or ``rest``."""
+        start from scratch: box, ITM, the fusion's patch positions), or ``rest``."""
         if name.startswith("vision.selectors"):
             return "selector"
-        if name.startswith(("box_head.", "itm.")):
+        if name.startswith(("box_head.", "itm.", "fusion.pos.")):
             return "head"
         if name.startswith("vision."):
             return "vit"

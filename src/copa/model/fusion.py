@@ -4,9 +4,16 @@ Most layers are asymmetric co-attention: text self-attention, text cross-attends
 tokens, FFN; the image tokens pass through unchanged (cheap: no attention over the visual sequence).
 Every ``stride``-th layer is connected attention: one self-attention over ``[image; text]``, and the
 image part of its output is added back to the image stream as a residual.
+
+Each visual token also gets where its patch sits on the grid (``PatchPosition``) as it enters the
+fusion: the ViT's own position embedding does not survive to its output tokens (a linear probe of
+left or right half from them: 0.54 against 0.53 majority; BENCHMARKS.md, session 10), and after the
+selection the kept tokens' order says nothing of their place either.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -14,18 +21,52 @@ from torch import Tensor, nn
 from copa.model.layers import BertStyleLayer
 
 
-class FusionEncoder(nn.Module):
-    def __init__(self, layers: int, stride: int, dim: int, heads: int, hidden: int, img_dim: int) -> None:
+class PatchPosition(nn.Module):
+    """A patch's place on the grid as a learnt projection of fixed sin-cos features of its centre's
+    normalised (x, y): ``features // 4`` octaves per axis from one period over the image, so "left
+    half" is one direction from the first step and the same weights serve any grid size."""
+
+    def __init__(self, features: int, dim: int) -> None:
         super().__init__()
+        if features < 4 or features % 4:
+            raise ValueError(f"position features must be a positive multiple of 4, got {features}")
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(features // 4, dtype=torch.float32), persistent=False
+        )
+        self.proj = nn.Linear(features, dim)
+
+    def forward(self, index: Tensor, grid: int) -> Tensor:
+        """index (B, K) row-major patch indices on a ``grid`` x ``grid`` grid -> (B, K, dim)"""
+        col = torch.remainder(index, grid)
+        row = torch.div(index, grid, rounding_mode="floor")
+        xy = (torch.stack([col, row], -1).to(self.freqs.dtype) + 0.5) / grid  # (B, K, 2) in (0, 1)
+        angles = (xy.unsqueeze(-1) * self.freqs).flatten(-2)  # (B, K, 2 * features // 4)
+        feats = torch.cat([angles.sin(), angles.cos()], -1)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+class FusionEncoder(nn.Module):
+    def __init__(
+        self, layers: int, stride: int, dim: int, heads: int, hidden: int, img_dim: int, position: int = 0
+    ) -> None:
+        super().__init__()
+        self.pos = PatchPosition(position, dim) if position else None
         self.img_proj = nn.Identity() if img_dim == dim else nn.Linear(img_dim, dim)
         self.connected = [stride > 0 and (i + 1) % stride == 0 for i in range(layers)]
         self.layers = nn.ModuleList(
             BertStyleLayer(dim, heads, hidden, cross=not conn) for conn in self.connected
         )
 
-    def forward(self, img: Tensor, txt: Tensor, txt_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """img: (B, T, Dv) visual tokens; txt: (B, L, D), txt_mask: (B, L) -> ((B, T, D), (B, L, D))"""
+    def forward(
+        self, img: Tensor, txt: Tensor, txt_mask: Tensor, index: Tensor, grid: int
+    ) -> tuple[Tensor, Tensor]:
+        """img: (B, T, Dv) visual tokens = [CLS, K patches, (the dropped ones fused)]; txt: (B, L, D),
+        txt_mask: (B, L); index: (B, K) the patches' places on the ``grid`` x ``grid`` grid
+        -> ((B, T, D), (B, L, D))"""
         img = self.img_proj(img)
+        if self.pos is not None:
+            k = index.shape[1]
+            img = torch.cat([img[:, :1], img[:, 1 : 1 + k] + self.pos(index, grid), img[:, 1 + k :]], 1)
         t = img.shape[1]
         img_mask = torch.ones(img.shape[:2], dtype=txt_mask.dtype, device=txt_mask.device)
         for conn, layer in zip(self.connected, self.layers, strict=True):

@@ -60,11 +60,12 @@ class Fusion(nn.Module):
     def __init__(self, model: COPAModel) -> None:
         super().__init__()
         self.fusion = model.fusion
+        self.grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
 
-    def forward(self, tokens: Tensor, txt: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L)
+    def forward(self, tokens: Tensor, txt: Tensor, mask: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L), kept (B, K)
         -> fused image (B, T, Dt), text (B, L, Dt)"""
-        return self.fusion(tokens, txt, mask)
+        return self.fusion(tokens, txt, mask, kept, self.grid)
 
 
 class Heads(nn.Module):

@@ -24,9 +24,11 @@ _KERNEL_KEYS = ("fused", "foreach")
 
 
 def param_groups(model: nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
-    """Three learning rates: the ViT backbone at ``lr_vit``, the pretrained text encoder at
-    ``lr_text`` and everything else (selectors, fusion, decoder, heads) at ``lr``; no weight decay
-    on biases, norms, embeddings and other 1-D parameters.
+    """Learning rates by group (``COPAModel.param_group``): the ViT backbone at ``lr_vit``, the
+    pretrained text encoder at ``lr_text``, the selectors at ``lr_selector``, what starts from scratch
+    (box head, ITM, the fusion's patch positions) at ``lr_head``, everything else (fusion, decoder) at
+    ``lr``, which the three optional rates default to; no weight decay on biases, norms, embeddings
+    and other 1-D parameters.
 
     The text encoder gets its own, lower rate because at the new modules' rate (3e-4) it loses its
     pretrained sentence structure within a few dozen steps: every caption maps to nearly the same
