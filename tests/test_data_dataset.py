@@ -72,6 +72,31 @@ def test_eval_is_deterministic_and_uses_first_caption(data_synth):
     assert a.ref_valid.all()
 
 
+def test_pta_reads_the_refs_of_boxed_images_in_training_only(data_synth):
+    """Training samples of a boxed image name its boxes by object phrases or referring expressions,
+    each box once; evaluation (the selection metrics) and ``pta_refs=False`` keep the object phrases."""
+    from copa.data.transforms import swap_left_right
+
+    recs = [r for r in read_records(data_synth / "val.json") if r.objects and r.refs]
+    objects = {o.phrase for r in recs for o in r.objects}
+    refs = {t for r in recs for x in r.refs for t in (x.phrase, swap_left_right(x.phrase))}
+    ds = PretrainDataset(recs, DataConfig(max_phrases=8), 64, 16, train=True)
+    torch.manual_seed(0)
+    seen: set[str] = set()
+    for _ in range(4):
+        for i, rec in enumerate(recs):
+            sample = ds[i]
+            seen |= set(sample["phrases"])
+            assert len(sample["phrases"]) <= len(rec.objects)  # each box once: refs name the objects' boxes
+            assert sample["phrase_labels"].shape[0] == len(sample["phrases"])
+    assert seen & (refs - objects) and seen <= objects | refs
+    off = PretrainDataset(recs, DataConfig(max_phrases=8, pta_refs=False), 64, 16, train=True)
+    assert {p for i in range(len(off)) for p in off[i]["phrases"]} <= objects
+    ev = PretrainDataset(recs, DataConfig(max_phrases=8), 64, 16, train=False)
+    named = [p for i in range(len(ev)) for p in ev[i]["phrases"]]
+    assert named == [o.phrase for r in recs for o in r.objects]
+
+
 def test_no_boxes_no_questions_gives_empty_shapes(tmp_path):
     from PIL import Image
 

@@ -153,6 +153,11 @@ class DataConfig:
     hflip: float = 0.5
     patch_tau: float = 0.25
     max_phrases: int = 4
+    # PTA also reads a boxed image's referring expressions ("the leftmost object") as phrases with
+    # their boxes: the same annotation, and phrases that name an object by where it is, which the
+    # selector is otherwise never shown (recall of such a target's patches at keep 0.5: 0.77 -> 0.87;
+    # BENCHMARKS.md, session 10)
+    pta_refs: bool = True
     num_workers: int = 0
     # image normalisation of the data pipeline. None: the model's (model.preprocess), which is what
     # ``Config`` fills in; set model.preprocess.mean/std instead (these remain as aliases)

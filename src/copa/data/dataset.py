@@ -91,24 +91,45 @@ class SampleBuilder:
         qi = self._pick(len(rec.questions), rng)
         ri = self._pick(len(rec.refs), rng)
         ci = self._pick(len(rec.captions), rng)
-        boxes = [o.box for o in rec.objects] + ([rec.refs[ri].box] if ri is not None else [])
+        # PTA's phrases: the objects', and in training with ``pta_refs`` the referring expressions of
+        # the same boxed image ("the leftmost object"), whose boxes are the same annotation; evaluation
+        # keeps the object phrases, which the selection metrics are defined on
+        refs = rec.refs if self.cfg.pta_refs and self.train and rec.objects else []
+        texts = [o.phrase for o in rec.objects] + [r.phrase for r in refs]
+        boxes = [o.box for o in rec.objects] + [r.box for r in refs]
+        boxes += [rec.refs[ri].box] if ri is not None else []
         sx, sy = ld.scale
         src = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
         aug = self.transform(ld.image, src, rng)
         fix = swap_left_right if aug.flipped else (lambda t: t)
 
-        n_obj = len(rec.objects)
+        n_obj, n_ph = len(rec.objects), len(texts)
         kept = np.flatnonzero(aug.keep[:n_obj])
         obj_boxes = torch.from_numpy(aug.boxes[kept]).float()
         labels = box_to_patch_labels(obj_boxes, self.image_size, self.patch_size, self.tau)
-        order = rng.permutation(len(kept)) if self.train else np.arange(len(kept))
+        usable = np.flatnonzero(aug.keep[:n_ph])
+        ph_labels = box_to_patch_labels(
+            torch.from_numpy(aug.boxes[usable]).float(), self.image_size, self.patch_size, self.tau
+        )
+        order = rng.permutation(len(usable)) if self.train else np.arange(len(usable))
         chosen = order[: self.max_phrases]
+        if refs:
+            # each box once per sample (its object's phrase or one of its refs): PTA's phrase-level
+            # negatives are the image's other boxes, and two names of one box are not negatives
+            seen: set[tuple[float, ...]] = set()
+            picked: list[int] = []
+            for j in order:
+                box = tuple(np.round(aug.boxes[usable[j]], 2).tolist())
+                if box not in seen and len(picked) < self.max_phrases:
+                    seen.add(box)
+                    picked.append(int(j))
+            chosen = np.asarray(picked, dtype=np.int64)
 
         H, W = self.image_size
         ref_box = torch.zeros(4)
         ref_valid = False
-        if ri is not None and aug.keep[n_obj]:
-            x, y, w, h = aug.boxes[n_obj]
+        if ri is not None and aug.keep[n_ph]:
+            x, y, w, h = aug.boxes[n_ph]
             ref_box = torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], dtype=torch.float32)
             ref_valid = True
         qa = rec.questions[qi] if qi is not None else None
@@ -118,8 +139,8 @@ class SampleBuilder:
             "caption": fix(rec.captions[ci]) if ci is not None else "",
             "boxes": obj_boxes,
             "has_boxes": len(kept) > 0,
-            "phrases": [fix(rec.objects[kept[j]].phrase) for j in chosen],
-            "phrase_labels": labels[torch.from_numpy(chosen).long()],
+            "phrases": [fix(texts[usable[j]]) for j in chosen],
+            "phrase_labels": ph_labels[torch.from_numpy(chosen).long()],
             "union_labels": union_labels(labels, self.num_patches),
             "question": fix(qa.q) if qa else None,
             "answers": [fix(a) for a in qa.answers] if qa else [],

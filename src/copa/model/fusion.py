@@ -30,17 +30,17 @@ class PatchPosition(nn.Module):
         super().__init__()
         if features < 4 or features % 4:
             raise ValueError(f"position features must be a positive multiple of 4, got {features}")
-        self.register_buffer(
-            "freqs", math.pi * 2.0 ** torch.arange(features // 4, dtype=torch.float32), persistent=False
-        )
+        self.octaves = features // 4
         self.proj = nn.Linear(features, dim)
 
     def forward(self, index: Tensor, grid: int) -> Tensor:
         """index (B, K) row-major patch indices on a ``grid`` x ``grid`` grid -> (B, K, dim)"""
         col = torch.remainder(index, grid)
         row = torch.div(index, grid, rounding_mode="floor")
-        xy = (torch.stack([col, row], -1).to(self.freqs.dtype) + 0.5) / grid  # (B, K, 2) in (0, 1)
-        angles = (xy.unsqueeze(-1) * self.freqs).flatten(-2)  # (B, K, 2 * features // 4)
+        xy = (torch.stack([col, row], -1).float() + 0.5) / grid  # (B, K, 2) in (0, 1)
+        # computed here in float32, not stored: a buffer would follow the model into bf16
+        freqs = math.pi * 2.0 ** torch.arange(self.octaves, device=index.device, dtype=torch.float32)
+        angles = (xy.unsqueeze(-1) * freqs).flatten(-2)  # (B, K, 2 * octaves)
         feats = torch.cat([angles.sin(), angles.cos()], -1)
         return self.proj(feats.to(self.proj.weight.dtype))
 
