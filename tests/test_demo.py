@@ -132,6 +132,7 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         assert ns.meteor is (False if quick else None) and ns.eval_split == "none"
         assert ft.train.freeze_vit  # the pre-trained ViT is not fine-tuned (BENCHMARKS.md)
         assert ft.train.lr_head == plan.finetune_lr_head and ft.train.feature_cache_mb > 0
+        assert ft.train.lr == plan.finetune_lr_task.get(ns.task, plan.finetune_lr)
         # grounding's head trains on every patch; every other task through COPA's selection
         assert (ft.model.select.keep_ratios == [1.0]) is (ns.task in plan.finetune_unpruned)
     # ... and every task's "pruned" evaluation still runs at the recommended keep ratio
