@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -133,11 +135,16 @@ def test_flip_swaps_texts_and_moves_boxes(tmp_path):
     rec, img = _record()
     img.save(tmp_path / "a.png")
     rec.image = str(tmp_path / "a.png")
-    cfg = DataConfig(hflip=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    cfg = DataConfig(hflip=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), pta_refs=False)
     b = SampleBuilder(cfg, 64, 16, train=True)
     s = b(rec, 0, np.random.default_rng(0))
     assert s["caption"] == "a large red square to the right of a small blue circle"
     assert sorted(s["phrases"]) == ["large red square on the right", "small blue circle on the left"]
+    # PTA's referring expressions (data.pta_refs) flip with the image as well
+    with_refs = SampleBuilder(dataclasses.replace(cfg, pta_refs=True), 64, 16, train=True)
+    flipped = {"large red square on the right", "small blue circle on the left", "the rightmost object"}
+    named = [set(with_refs(rec, 0, np.random.default_rng(seed))["phrases"]) for seed in range(8)]
+    assert set().union(*named) == flipped  # the expression is drawn, flipped, in some samples
     assert s["question"] == "is the red square on the right or the left?" and s["answers"] == ["right"]
     assert s["ref"] == "the rightmost object"
     # the red square was on the left; after the flip its box (first object) is on the right
