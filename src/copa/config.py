@@ -85,8 +85,8 @@ class FusionConfig:
     heads: int = 12  # as the text encoder's layers that initialise it (MiniLM: 12)
     init_from_text: bool = True  # initialise self-attention/FFN from the text encoder's last layers
     # sin-cos features of each visual token's patch position, projected and added to it as it enters
-    # the fusion (0: none, the fusion of models saved before this field). The ViT's output tokens no
-    # longer say where they are: grounding's "the leftmost object" 0.40 -> 0.79, VQA's "left or
+    # the fusion (0: none, the fusion of models saved before this field). The demo trunk's output
+    # tokens do not say where they are: grounding's "the leftmost object" 0.40 -> 0.79, VQA's "left or
     # right?" 0.52 -> 0.80 on validation (BENCHMARKS.md, session 10)
     position: int = 24
 

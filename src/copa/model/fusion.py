@@ -6,9 +6,10 @@ Every ``stride``-th layer is connected attention: one self-attention over ``[ima
 image part of its output is added back to the image stream as a residual.
 
 Each visual token also gets where its patch sits on the grid (``PatchPosition``) as it enters the
-fusion: the ViT's own position embedding does not survive to its output tokens (a linear probe of
-left or right half from them: 0.54 against 0.53 majority; BENCHMARKS.md, session 10), and after the
-selection the kept tokens' order says nothing of their place either.
+fusion: in the demo's ITC-trained trunk the ViT's own position embedding does not survive to its
+output tokens (a linear probe of left or right half from them: 0.54 against 0.53 majority;
+BENCHMARKS.md, session 10), and after the selection the kept tokens' order says nothing of their
+place either.
 """
 
 from __future__ import annotations
