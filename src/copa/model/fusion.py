@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from copa.model.layers import BertStyleLayer
+from copa.model.layers import BertStyleLayer, patch_centres
 
 
 class PatchPosition(nn.Module):
@@ -36,9 +36,7 @@ class PatchPosition(nn.Module):
 
     def forward(self, index: Tensor, grid: int) -> Tensor:
         """index (B, K) row-major patch indices on a ``grid`` x ``grid`` grid -> (B, K, dim)"""
-        col = torch.remainder(index, grid)
-        row = torch.div(index, grid, rounding_mode="floor")
-        xy = (torch.stack([col, row], -1).float() + 0.5) / grid  # (B, K, 2) in (0, 1)
+        xy = patch_centres(index, grid)  # (B, K, 2) in (0, 1)
         # computed here in float32, not stored: a buffer would follow the model into bf16
         freqs = math.pi * 2.0 ** torch.arange(self.octaves, device=index.device, dtype=torch.float32)
         angles = (xy.unsqueeze(-1) * freqs).flatten(-2)  # (B, K, 2 * octaves)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from copa.model.layers import patch_centres
+
 
 class ITCHead(nn.Module):
     """Projects image / text [CLS] states to a shared normalised space with a learnable temperature."""
@@ -97,9 +99,7 @@ class PatchBoxHead(nn.Module):
         d = tokens.shape[-1]
         scores = (self.query(text).unsqueeze(1) * self.key(tokens)).sum(-1).float() / math.sqrt(d)
         raw = self.box(self._with_context(tokens, patch_index, grid)).float()
-        centres = (
-            torch.stack([(patch_index % grid).float() + 0.5, (patch_index // grid).float() + 0.5], -1) / grid
-        )
+        centres = patch_centres(patch_index, grid)
         xy = centres + torch.tanh(raw[..., :2]) * (self.reach / grid)
         boxes = torch.cat([xy, raw[..., 2:].sigmoid()], -1)
         best = scores.argmax(1)

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def patch_centres(index: Tensor, grid: int) -> Tensor:
+    """index (B, K) row-major patch indices on a ``grid`` x ``grid`` grid -> (B, K, 2) float32 (x, y)
+    of each patch's centre, normalised to (0, 1)."""
+    col = torch.remainder(index, grid)
+    row = torch.div(index, grid, rounding_mode="floor")
+    return (torch.stack([col, row], -1).float() + 0.5) / grid
+
+
 class QuickGELU(nn.Module):
     """CLIP's sigmoid approximation of GELU."""
 
