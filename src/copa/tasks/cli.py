@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from copa.config import Config, ConfigError
+from copa.tasks.grounding import BOX_TARGETS
 from copa.tasks.registry import TASK_NAMES
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _task_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--box-targets",
-        choices=["centre", "inside"],
+        choices=BOX_TARGETS,
         default=None,
         help="grounding: train every patch inside the box (default) or the one nearest its centre",
     )
