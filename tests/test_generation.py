@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from copa.config import EvalConfig
@@ -58,3 +59,58 @@ def test_captions_are_not_cut_at_12_tokens(micro_model, monkeypatch):
     for mode in ("greedy", "beam"):
         out = generation.generate(micro_model, ctx, mask, mode, beam=2, max_new=EvalConfig().max_new_tokens)
         assert out == texts, mode
+
+
+def test_output_vocab_scores_only_its_tokens_and_renormalises(micro_model, tmp_path):
+    """A restricted output vocabulary gives the same logits on its tokens, -inf elsewhere, a loss and
+    log-probabilities normalised over it, generation inside it, and it travels with a saved model."""
+    from copa.model.copa import COPAModel
+
+    m, tok = micro_model, micro_model.tokenizer
+    texts = ["a red circle", "two objects: a big green ring and a blue star"]
+    ids, mask = generation.tokenize(m, texts, torch.device("cpu"))
+    torch.manual_seed(0)
+    ctx, cmask = torch.randn(2, 5, m.cfg.text.width), torch.ones(2, 5, dtype=torch.long)
+    h = torch.randn(2, 3, m.cfg.text.width)
+    with torch.no_grad():
+        full = m.lm_logits(h)
+        full_logp, _ = generation.token_logprobs(m, ctx, cmask, ids, mask)
+    vocab = generation.target_vocab(m, texts)
+    assert vocab == sorted(set(ids[mask.bool()].tolist()) | {tok.pad_token_id})
+    m.set_output_vocab(vocab)
+    assert m.cfg.decoder.output_vocab == vocab
+    with torch.no_grad():
+        part = m.lm_logits(h)
+        logits, slots = m.lm_target_logits(h[0], torch.tensor([vocab[2], -100, tok.mask_token_id]))
+        logp, labels = generation.token_logprobs(m, ctx, cmask, ids, mask)
+        loss = generation.lm_loss(m, ctx, cmask, ids, mask)
+        out = generation.generate(m, ctx, cmask, "greedy", max_new=6)
+    inside = torch.zeros(full.shape[-1], dtype=torch.bool)
+    inside[vocab] = True
+    assert (
+        torch.allclose(part[..., inside], full[..., inside], atol=1e-5)
+        and torch.isneginf(part[..., ~inside]).all()
+    )
+    assert logits.shape == (3, len(vocab)) and slots.tolist() == [2, -100, -1]
+    # the same scores, renormalised over the listed tokens: every target token is among them
+    valid = labels != -100
+    norm = torch.logsumexp(full[0, 0, inside], -1) - torch.logsumexp(full[0, 0], -1)
+    assert norm < 0 and (logp[valid] >= full_logp[valid] - 1e-4).all()
+    assert torch.isclose(-logp[valid].mean(), loss, atol=1e-4)
+    assert all(set(tok(t, add_special_tokens=False)["input_ids"]) <= set(vocab) for t in out)
+    # a target outside the list: the loss says which token; its log-probability is -inf
+    far, far_mask = generation.tokenize(m, ["a purple hexagon"], torch.device("cpu"))
+    with pytest.raises(ValueError, match="outside the model's output vocabulary"):
+        generation.lm_loss(m, ctx[:1], cmask[:1], far, far_mask)
+    with torch.no_grad():
+        assert torch.isneginf(generation.token_logprobs(m, ctx[:1], cmask[:1], far, far_mask)[0]).any()
+    m.save_pretrained(tmp_path / "m")
+    loaded = COPAModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg.decoder.output_vocab == vocab
+    with torch.no_grad():
+        assert torch.equal(loaded.lm_logits(h), part)
+    m.set_output_vocab([])
+    with torch.no_grad():
+        assert torch.equal(m.lm_logits(h), full)
+    with pytest.raises(ValueError, match="sorted distinct"):
+        m.set_output_vocab([5, 3])

@@ -117,6 +117,11 @@ def test_cli_finetune_then_evaluate_writes_metrics(name, micro_init, synth_dir, 
     assert (out / "model" / "model.safetensors").exists() and (out / "train_log.csv").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["task"] == name
+    vocab = json.loads((out / "model" / "config.json").read_text())["model"]["decoder"]["output_vocab"]
+    if name in ("caption", "vqa"):  # train.output_vocab=targets: the training targets' tokens only
+        assert 3 < len(vocab) < 200 and vocab == sorted(set(vocab))
+    else:
+        assert vocab == []
     assert (
         main(
             [
@@ -150,6 +155,9 @@ def test_cli_finetune_then_evaluate_writes_metrics(name, micro_init, synth_dir, 
     if name == "caption":
         assert "meteor" not in metrics and (tmp_path / "test" / "captions_coco_results.json").exists()
         assert metrics["baseline_cider"] == 0.0
+        tok = COPAModel.from_pretrained(out / "model").tokenizer
+        written = {i for p in preds for i in tok(p["caption"], add_special_tokens=False)["input_ids"]}
+        assert written <= set(vocab), written - set(vocab)
 
 
 def test_finetune_evaluates_and_keep_ratio_flag(micro_init, synth_dir, tmp_path):

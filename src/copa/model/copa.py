@@ -88,6 +88,7 @@ class COPAModel(nn.Module):
         self.itm = nn.Linear(dt, 2)
         self.mlm_head = TiedLMHead(dt, self.text.word_embeddings)
         self.lm_head = TiedLMHead(dt, self.text.word_embeddings)
+        self.lm_head.set_vocab(list(cfg.decoder.output_vocab))
         self.box_head = PatchBoxHead(dt, context=cfg.box_context)
         if load_text_weights and cfg.text.pretrained:
             self._init_from_text()
@@ -175,8 +176,21 @@ class COPAModel(nn.Module):
         return self.mlm_head(x)
 
     def lm_logits(self, h: Tensor) -> Tensor:
-        """Next-token logits: decoder states (..., Dt) from ``decode`` -> (..., V)."""
+        """Next-token logits by token id: decoder states (..., Dt) from ``decode`` -> (..., V); -inf
+        outside the output vocabulary (``set_output_vocab``)."""
         return self.lm_head(h)
+
+    def lm_target_logits(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """What a loss on next tokens needs, over the output vocabulary only: decoder states (..., Dt),
+        token-id labels (...) -> (logits (..., V'), labels as positions in them; -1: outside it,
+        -100 kept)."""
+        return self.lm_head.target_logits(h, labels)
+
+    def set_output_vocab(self, ids: list[int]) -> None:
+        """Let the decoder write only the token ids ``ids`` (sorted, distinct; empty: every token).
+        Kept in the config, so a saved model generates from the same list."""
+        self.lm_head.set_vocab(ids)
+        self.cfg.decoder.output_vocab = list(ids)
 
     def new_decoder_cache(self) -> KVCache:
         """An empty KV cache for ``decode`` (one entry per decoder layer)."""

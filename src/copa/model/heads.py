@@ -36,7 +36,13 @@ class ITCHead(nn.Module):
 
 
 class TiedLMHead(nn.Module):
-    """BERT prediction head (dense, GELU, LayerNorm) whose output matrix is the word embedding."""
+    """BERT prediction head (dense, GELU, LayerNorm) whose output matrix is the word embedding.
+
+    With an output vocabulary (``set_vocab``) only those rows are scored: the head's matmul and the
+    softmax shrink from the whole vocabulary (30,522 words for BERT's) to the few hundred or thousand
+    tokens a fine-tune's targets use. ``forward`` still answers in token ids (-inf elsewhere), for
+    search; ``target_logits`` gives the compact form a loss needs.
+    """
 
     def __init__(self, dim: int, embedding: nn.Embedding) -> None:
         super().__init__()
@@ -44,11 +50,45 @@ class TiedLMHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
         self._embedding = [embedding]  # a list, so the tied weight is not registered twice
+        # the config holds the list (it travels with the model); these follow it on ``to(device)``
+        self.register_buffer("vocab", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("slot", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def set_vocab(self, ids: list[int]) -> None:
+        """Score only the token ids ``ids`` (sorted, distinct); empty: the whole vocabulary."""
+        n = self.bias.shape[0]
+        if ids and (ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= n):
+            raise ValueError(f"an output vocabulary must be sorted distinct token ids in [0, {n})")
+        device = self.bias.device
+        self.vocab = torch.tensor(ids, dtype=torch.long, device=device)
+        self.slot = torch.full((n if ids else 0,), -1, dtype=torch.long, device=device)
+        self.slot[self.vocab] = torch.arange(len(ids), device=device)
+
+    def _scores(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., V') logits of the output vocabulary's tokens (V' = V when none is set)"""
+        h = self.norm(F.gelu(self.dense(x)))
+        weight, bias = self._embedding[0].weight, self.bias
+        if self.vocab.numel():
+            weight, bias = weight[self.vocab], bias[self.vocab]
+        return F.linear(h, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(..., D) -> (..., V) logits"""
-        h = self.norm(F.gelu(self.dense(x)))
-        return F.linear(h, self._embedding[0].weight, self.bias)
+        """(..., D) -> (..., V) logits by token id; -inf for ids outside the output vocabulary"""
+        z = self._scores(x)
+        if not self.vocab.numel():
+            return z
+        full = z.new_full((*z.shape[:-1], self.bias.shape[0]), float("-inf"))
+        return full.index_copy(-1, self.vocab, z)
+
+    def target_logits(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., D), token-id labels (...) -> (logits (..., V'), labels as positions among them).
+        A label outside the output vocabulary becomes -1 (its log-probability is -inf); -100
+        (ignored) stays -100."""
+        if not self.vocab.numel():
+            return self._scores(x), labels
+        ignored = labels == -100
+        slots = self.slot[labels.clamp(min=0)]
+        return self._scores(x), torch.where(ignored, labels, slots)
 
 
 @dataclass

@@ -229,6 +229,18 @@ class Task:
     def evaluate(self, model: COPAModel, dataset: Any, env: EvalEnv) -> EvalResult:
         raise NotImplementedError
 
+    def decoder_targets(self, dataset: Any) -> list[str] | None:
+        """Every text the decoder is trained to write on ``dataset`` (a fine-tune's output vocabulary
+        is their tokens); None: the task does not decode, or the data cannot be listed (a stream)."""
+        return None
+
+    def listed_records(self, dataset: Any) -> list[Record] | None:
+        """The records of a map-style dataset; None (with a warning) for a stream."""
+        records = getattr(dataset, "records", None)
+        if records is None:
+            log.warning("%s: streamed data, targets not listed: every token stays writable", self.name)
+        return records
+
 
 class TaskObjective(nn.Module):
     """A task's loss as one module (what DDP wraps): ``forward(batch) -> {"loss", ...}``."""

@@ -53,6 +53,10 @@ class CaptionTask(Task):
         txt = model.text_states(ids, mask)  # the prompt is the same for every image: encode it once
         return model.fuse(vision, txt.expand(b, -1, -1), mask.expand(b, -1)).context()
 
+    def decoder_targets(self, dataset: Any) -> list[str] | None:
+        records = self.listed_records(dataset)
+        return None if records is None else [c for r in records for c in r.captions]
+
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
         ctx, cmask = self.context(model, batch.images)
         return {"loss": lm_loss(model, ctx, cmask, batch.caption_ids, batch.caption_mask)}

@@ -97,6 +97,20 @@ def unsharded(model: COPAModel, state: dict[str, torch.Tensor], device: torch.de
     return plain.to(device).eval()
 
 
+def _set_output_vocab(model: COPAModel, task: Task, dataset: Any, mode: str) -> None:
+    """``train.output_vocab``: "targets" lets the decoder write only the tokens of the training
+    targets (a much smaller LM head and softmax), "full" every token."""
+    texts = task.decoder_targets(dataset) if mode == "targets" else None
+    if not texts:
+        model.set_output_vocab([])
+        return
+    from copa.tasks.generation import target_vocab
+
+    ids = target_vocab(model, texts)
+    model.set_output_vocab(ids)
+    log.info("%s: the decoder writes the %d tokens of %d training targets", task.name, len(ids), len(texts))
+
+
 # --------------------------------------------------------------------------------- training
 @dataclass
 class FinetuneResult:
@@ -131,6 +145,7 @@ def finetune(
     dtype = resolve_precision(cfg.train.precision, device)
     t, v = cfg.train, model.cfg.vision
     dataset = task.build_dataset(cfg, "train", True, v.image_size, v.patch_size)
+    _set_output_vocab(model, task, dataset, t.output_vocab)
     fsdp = is_sharded(t.distributed)
     # under FSDP the encoders' units must run for their shards to be gathered: no cache there
     cached = t.feature_cache_mb > 0 and not fsdp

@@ -25,6 +25,16 @@ def tokenize(model: COPAModel, texts: list[str], device: torch.device) -> tuple[
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def target_vocab(model: COPAModel, texts: list[str]) -> list[int]:
+    """The sorted token ids of ``texts`` as the decoder's targets ([CLS] ... [SEP]) and [PAD]."""
+    tok = load_tokenizer(model.cfg.text.tokenizer)
+    ids = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}
+    for start in range(0, len(texts), 4096):
+        for row in tok(texts[start : start + 4096])["input_ids"]:
+            ids.update(row)
+    return sorted(ids)
+
+
 def shift(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Targets ``[CLS] w.. [SEP] pad`` (B, L) -> decoder input (B, L-1), its mask, labels (B, L-1)
     with -100 on padding."""
@@ -36,22 +46,35 @@ def token_logprobs(
     model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of every target token. ctx (B, S, D), ctx_mask (B, S), ids/mask (B, L)
-    -> (logp (B, L-1) with 0 on padding, labels (B, L-1))."""
+    -> (logp (B, L-1) with 0 on padding, -inf for a token outside the model's output vocabulary;
+    labels (B, L-1))."""
     dec_in, dec_mask, labels = shift(ids, mask)
     h = model.decode(dec_in, dec_mask, ctx, ctx_mask)
-    logits = model.lm_logits(h).float()
-    valid = labels != -100
-    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logp * valid, labels
+    logits, slots = model.lm_target_logits(h, labels)
+    logp = logits.float().log_softmax(-1).gather(-1, slots.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = logp.masked_fill(slots == -1, float("-inf"))
+    return logp.masked_fill(labels == -100, 0.0), labels
 
 
 def lm_loss(model: COPAModel, ctx: Tensor, ctx_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """Mean token cross-entropy of the targets ``ids`` (B, L) given the context; the vocabulary
-    projection runs on the real (non-padding) positions only."""
+    projection runs on the real (non-padding) positions only, over the model's output vocabulary.
+
+    Raises:
+        ValueError: a target token is outside the model's output vocabulary.
+    """
     dec_in, dec_mask, labels = shift(ids, mask)
     h = model.decode(dec_in, dec_mask, ctx, ctx_mask)
     valid = labels != -100
-    return F.cross_entropy(model.lm_logits(h[valid]).float(), labels[valid])
+    logits, slots = model.lm_target_logits(h[valid], labels[valid])
+    if (slots < 0).any():
+        bad = labels[valid][slots < 0].unique()[:5].tolist()
+        raise ValueError(
+            f"target token ids {bad} are outside the model's output vocabulary "
+            f"({len(model.cfg.decoder.output_vocab)} tokens): fine-tune with train.output_vocab=targets "
+            "on these targets, or =full"
+        )
+    return F.cross_entropy(logits.float(), slots)
 
 
 def _step(model: COPAModel, ctx: Tensor, ctx_mask: Tensor):

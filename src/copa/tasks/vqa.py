@@ -100,6 +100,10 @@ class VQATask(Task):
         """Question-queried fused states -> decoder context (B, S, D) and mask (B, S)."""
         return question_context(model, batch.images, batch.question_ids, batch.question_mask)
 
+    def decoder_targets(self, dataset: Any) -> list[str] | None:
+        records = self.listed_records(dataset)
+        return None if records is None else [a for r in records for qa in r.questions for a in qa.answers]
+
     def loss(self, model: COPAModel, batch: Batch) -> dict[str, Tensor]:
         ctx, cmask = self.context(model, batch)
         ids, mask = tokenize(model, [training_answer(a) for a in batch.answers], ctx.device)

@@ -276,8 +276,8 @@ class PretrainObjective(nn.Module):
             ctx, cmask = fused.context()
             h = m.decode(dec_in, dec_mask, ctx, cmask)
             valid = target != -100
-            logits = m.lm_logits(h[valid])
-            losses["prefix_lm"] = F.cross_entropy(logits.float(), target[valid])
+            logits, slots = m.lm_target_logits(h[valid], target[valid])
+            losses["prefix_lm"] = F.cross_entropy(logits.float(), slots)
 
         if w["pta"]:
             losses["pta"] = self.pta_loss(prefix, batch)

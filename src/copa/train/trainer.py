@@ -281,6 +281,7 @@ def pretrain(
     if init:
         _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
+        model.set_output_vocab([])  # pre-training's text is open: a fine-tune's output vocabulary is not
     model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit, bool(cfg.train.freeze_selector))
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
