@@ -139,6 +139,9 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
     assert pruned == set(plan.finetune_steps)
     assert all(ns.keep_ratio < 1.0 for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned"))
+    # the unpruned captions are compared by CIDEr: no METEOR run for them
+    cap = {Path(ns.out).name: ns.meteor for ns in by_cmd["evaluate"] if ns.task == "caption"}
+    assert cap == {"test_pruned": None, "test_unpruned": False}
     assert res["finetune_unpruned"] == list(plan.finetune_unpruned)
     assert ("fine-tuned on every patch" in report) is bool(plan.finetune_unpruned)
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
