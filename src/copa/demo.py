@@ -72,8 +72,8 @@ class DemoPlan:
     # grounding and captioning each give up a few steps for the margin (session 10). The decoder
     # writing only its targets' tokens (``train.output_vocab``) makes a caption step 25% cheaper and
     # learning faster: CIDEr on validation + test (160 images, seeds 0 | 1) at 3e-4 after 100 / 120 /
-    # 150 steps 1.67 | 1.51, 1.58 | 1.73, 1.73 | 1.58; session 10's 70 steps at 6e-4 cost what 120 do
-    # now (BENCHMARKS.md, session 11)
+    # 150 steps 1.67 | 1.51, 1.58 | 1.73, 1.73 | 1.58; 120 steps now train in 57 s against 51 s for
+    # session 10's 70 at 6e-4 (emulated AVX2 fp32; BENCHMARKS.md, session 11)
     finetune_steps: dict[str, int] = field(
         default_factory=lambda: {"retrieval": 15, "vqa": 125, "caption": 120, "grounding": 150}
     )
