@@ -106,14 +106,15 @@ class SampleBuilder:
         n_obj, n_ph = len(rec.objects), len(texts)
         kept = np.flatnonzero(aug.keep[:n_obj])
         obj_boxes = torch.from_numpy(aug.boxes[kept]).float()
-        labels = box_to_patch_labels(obj_boxes, self.image_size, self.patch_size, self.tau)
-        usable = np.flatnonzero(aug.keep[:n_ph])
+        usable = np.flatnonzero(aug.keep[:n_ph])  # the kept objects first, then the kept refs
         ph_labels = box_to_patch_labels(
             torch.from_numpy(aug.boxes[usable]).float(), self.image_size, self.patch_size, self.tau
         )
+        labels = ph_labels[: len(kept)]
         order = rng.permutation(len(usable)) if self.train else np.arange(len(usable))
-        chosen = order[: self.max_phrases]
-        if refs:
+        if not refs:
+            chosen = order[: self.max_phrases]
+        else:
             # each box once per sample (its object's phrase or one of its refs): PTA's phrase-level
             # negatives are the image's other boxes, and two names of one box are not negatives
             seen: set[tuple[float, ...]] = set()

@@ -50,19 +50,15 @@ class TiedLMHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
         self._embedding = [embedding]  # a list, so the tied weight is not registered twice
-        # the config holds the list (it travels with the model); these follow it on ``to(device)``
+        # the config holds the list (it travels with the model); this copy follows ``to(device)``
         self.register_buffer("vocab", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("slot", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def set_vocab(self, ids: list[int]) -> None:
         """Score only the token ids ``ids`` (sorted, distinct); empty: the whole vocabulary."""
         n = self.bias.shape[0]
         if ids and (ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= n):
             raise ValueError(f"an output vocabulary must be sorted distinct token ids in [0, {n})")
-        device = self.bias.device
-        self.vocab = torch.tensor(ids, dtype=torch.long, device=device)
-        self.slot = torch.full((n if ids else 0,), -1, dtype=torch.long, device=device)
-        self.slot[self.vocab] = torch.arange(len(ids), device=device)
+        self.vocab = torch.tensor(ids, dtype=torch.long, device=self.bias.device)
 
     def _scores(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., V') logits of the output vocabulary's tokens (V' = V when none is set)"""
@@ -86,9 +82,10 @@ class TiedLMHead(nn.Module):
         (ignored) stays -100."""
         if not self.vocab.numel():
             return self._scores(x), labels
-        ignored = labels == -100
-        slots = self.slot[labels.clamp(min=0)]
-        return self._scores(x), torch.where(ignored, labels, slots)
+        slots = torch.searchsorted(self.vocab, labels.clamp(min=0))
+        found = self.vocab[slots.clamp(max=len(self.vocab) - 1)] == labels
+        slots = torch.where(found, slots, torch.full_like(slots, -1))
+        return self._scores(x), torch.where(labels == -100, labels, slots)
 
 
 @dataclass

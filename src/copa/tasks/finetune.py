@@ -34,6 +34,7 @@ from copa.errors import UserError
 from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
 from copa.model.feature_cache import FrozenFeatureCache
 from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
+from copa.tasks.generation import target_vocab
 from copa.train import distributed as D
 from copa.train.loop import NonFiniteLossError, RunLog, TrainLoop, all_finite, full_state, is_sharded, wrap
 from copa.train.optim import for_training
@@ -104,8 +105,6 @@ def _set_output_vocab(model: COPAModel, task: Task, dataset: Any, mode: str) -> 
     if not texts:
         model.set_output_vocab([])
         return
-    from copa.tasks.generation import target_vocab
-
     ids = target_vocab(model, texts)
     model.set_output_vocab(ids)
     log.info("%s: the decoder writes the %d tokens of %d training targets", task.name, len(ids), len(texts))
