@@ -89,6 +89,12 @@ class FusionConfig:
     # tokens do not say where they are: grounding's "the leftmost object" 0.40 -> 0.79, VQA's "left or
     # right?" 0.52 -> 0.80 on validation (BENCHMARKS.md, session 10)
     position: int = 24
+    # each kept visual token also gets how well its patch matches the text by the model's own first
+    # TPD (its logit standardised over the image's patches, detached, times a learnt direction), so
+    # the fusion reads what PTA taught the selector instead of finding it again: VQA's "is there a red
+    # diamond?" from chance to ~0.75 (BENCHMARKS.md, session 12). Added by a fine-tune with
+    # ``train.fusion_relevance``; False: the fusion of models saved before this field
+    relevance: bool = False
 
 
 @dataclass
@@ -207,6 +213,10 @@ class TrainConfig:
     # cost ~30% of a caption step, and the decoder need not first learn which 30k words never come;
     # validation CIDEr 1.44 -> 1.59 after the same 70 steps, BENCHMARKS.md session 11); "full": all
     output_vocab: str = "targets"
+    # fine-tuning: give the fusion the TPD's relevance of each kept patch (``model.fusion.relevance``;
+    # added to a model that has none). Worth it where the text names what to look at (VQA: +4 to +9
+    # points); grounding in one seed lost 15 points with it (BENCHMARKS.md, sessions 11-12)
+    fusion_relevance: bool = False
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1
@@ -578,4 +588,4 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 # model fields whose default changed the architecture, and their value for a model saved before them
-LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0, "fusion": {"position": 0}}
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0, "fusion": {"position": 0, "relevance": False}}

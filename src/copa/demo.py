@@ -90,6 +90,11 @@ class DemoPlan:
     # through the (frozen) selection (BENCHMARKS.md, session 8); with the box head's grid context the
     # two tie (64.2 at keep 0.5 on validation, seed 0; session 9)
     finetune_unpruned: tuple[str, ...] = ("grounding",)
+    # tasks whose fusion also reads the TPD's relevance of each kept patch (``train.fusion_relevance``).
+    # VQA, 125 steps from session 11's demo models (seeds 0 | 1, test): 50.0 | 45.9 -> 54.4 | 54.4, "is
+    # there a ...?" from chance to ~0.8; not grounding, which lost 15 points in one seed with it
+    # (BENCHMARKS.md, sessions 11-12)
+    fusion_relevance: tuple[str, ...] = ("vqa",)
     # tasks whose selector ablation also runs at a tighter keep ratio. At 0.5 (32 of 64 patches) every
     # selector that keeps objects at all keeps all of them, and grounding ties; at 0.25 the kept
     # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18)
@@ -429,6 +434,7 @@ class Demo:
         p = self.plan
         self.results.setdefault("tasks", {})
         self.results["finetune_unpruned"] = list(p.finetune_unpruned)
+        self.results["fusion_relevance"] = list(p.fusion_relevance)
         ablation = self.results.setdefault("ablation_tasks", {})
 
         def record(row: str, name: str, metrics: dict[str, Any], key: str, suffix: str = "") -> None:
@@ -447,6 +453,7 @@ class Demo:
                 # the pre-trained ViT stays as it is: fine-tuned at this LR its tokens collapse to one
                 # vector within 200 steps and the model answers blind (BENCHMARKS.md)
                 "train.freeze_vit=true",
+                f"train.fusion_relevance={str(name in p.fusion_relevance).lower()}",
             ]
             keep = self.config(*sets).model.select.keep_ratios[0]
             # evaluations below name their keep ratio; only the fine-tune itself runs unpruned

@@ -13,13 +13,16 @@ part                inputs                                    outputs
 ==================  ========================================  ===============================================
 ``image_prefix``    images (B, 3, H, W) float32               prefix (B, 1+N, Dv): the text-independent blocks
 ``text_encoder``    ids, mask (B, L) int64                    text (B, L, Dt), query (B, Dt), text_emb (B, E)
-``vision_suffix``   prefix (B, 1+N, Dv), query (B, Dt)        tokens (B, T, Dv), kept (B, K) int64
+``vision_suffix``   prefix (B, 1+N, Dv), query (B, Dt)        tokens (B, T, Dv), kept (B, K) int64,
+                                                              relevance (B, K) [1]
 ``vision_agnostic`` prefix (B, 1+N, Dv)                       tokens (B, T, Dv), kept (B, K), image_emb (B, E)
 ``fusion``          tokens (B, T, Dv), text, mask (B, L),     fused_image (B, T, Dt), fused_text (B, L, Dt)
-                    kept (B, K)
+                    kept (B, K), relevance (B, K) [1]
 ``heads``           fused_image, fused_cls (B, Dt), kept      itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
                                                               box_scores (B, K)
 ==================  ========================================  ===============================================
+
+[1] only for a model whose fusion reads each kept patch's relevance (``model.fusion.relevance``).
 
 Retrieval: ``image_prefix`` once per image, ``vision_agnostic`` for its ITC embedding; a text's
 ``text_emb`` from ``text_encoder``; re-ranking a pair runs ``vision_suffix`` on the stored prefix,
@@ -107,6 +110,7 @@ def part_specs(
             "fused_image": fi,
             "fused_cls": ft[:, 0].contiguous(),
             "kept": vis.patch_index,
+            "relevance": vis.relevance,
         }
 
     a, c = chain(batch, text_len), chain(check_batch, text_len + 3)
@@ -115,6 +119,8 @@ def part_specs(
         return {n: d[n] for n in k}
 
     B, L = "batch", "length"
+    # a fusion that reads each kept patch's relevance gets it from vision_suffix
+    rel = ("relevance",) if cfg.fusion.relevance else ()
     specs = [
         ("image_prefix", ImagePrefix, ("images",), {"images": {0: B}}, ["prefix"]),
         (
@@ -129,14 +135,15 @@ def part_specs(
             VisionSuffix,
             ("prefix", "query"),
             {"prefix": {0: B}, "query": {0: B}},
-            ["tokens", "kept"],
+            ["tokens", "kept", *rel],
         ),
         ("vision_agnostic", VisionAgnostic, ("prefix",), {"prefix": {0: B}}, ["tokens", "kept", "image_emb"]),
         (
             "fusion",
             Fusion,
-            ("tokens", "txt", "mask", "kept"),
-            {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}, "kept": {0: B}},
+            ("tokens", "txt", "mask", "kept", *rel),
+            {"tokens": {0: B}, "txt": {0: B, 1: L}, "mask": {0: B, 1: L}, "kept": {0: B}}
+            | ({"relevance": {0: B}} if rel else {}),
             ["fused_image", "fused_text"],
         ),
         (

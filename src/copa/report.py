@@ -330,6 +330,16 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 "from the kept ones (`DemoPlan.finetune_unpruned`; BENCHMARKS.md).",
             )
         )
+    relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
+    if relevance:
+        out.append(
+            (
+                "p",
+                f"{', '.join(relevance)}: the fusion also reads how well each kept patch matches the "
+                "question by the model's own TPD (`train.fusion_relevance`), in every row of the "
+                "selector ablation too: the rows differ only in which patches are kept.",
+            )
+        )
     if behind:
         out.append(
             (

@@ -82,7 +82,9 @@ class COPAModel(nn.Module):
             cfg.text.intermediate,
             dv,
             position=cfg.fusion.position,
+            relevance=cfg.fusion.relevance,
         )
+        self.vision.relevance = cfg.fusion.relevance
         self.decoder = Decoder(cfg.decoder.layers, dt, cfg.decoder.heads, cfg.text.intermediate)
         self.itc = ITCHead(dv, dt, cfg.embed_dim, cfg.temperature)
         self.itm = nn.Linear(dt, 2)
@@ -164,7 +166,7 @@ class COPAModel(nn.Module):
     def fuse(self, vision: VisionOutput, txt: Tensor, txt_mask: Tensor) -> FusedOutput:
         """Visual tokens (B, T, Dv) with text states (B, L, Dt) and mask (B, L) -> FusedOutput."""
         grid = math.isqrt(vision.num_patches)
-        img, t = self.fusion(vision.tokens, txt, txt_mask, vision.patch_index, grid)
+        img, t = self.fusion(vision.tokens, txt, txt_mask, vision.patch_index, grid, vision.relevance)
         return FusedOutput(img, t, txt_mask, vision)
 
     def itm_logits(self, fused: FusedOutput) -> Tensor:
@@ -185,6 +187,19 @@ class COPAModel(nn.Module):
         token-id labels (...) -> (logits (..., V'), labels as positions in them; -1: outside it,
         -100 kept)."""
         return self.lm_head.target_logits(h, labels)
+
+    def add_fusion_relevance(self) -> bool:
+        """Let the fusion read each kept patch's relevance by the model's own first selector
+        (``model.fusion.relevance``; the projection starts fresh). Returns True when it was added,
+        False when the model already has it; a model without a selector has none to read."""
+        if self.cfg.fusion.relevance:
+            return False
+        if not self.has_selectors:
+            raise UserError("model.fusion.relevance needs a selector to read (select.selector is none)")
+        self.fusion.add_relevance()
+        self.vision.relevance = True
+        self.cfg.fusion.relevance = True
+        return True
 
     def set_output_vocab(self, ids: list[int]) -> None:
         """Let the decoder write only the token ids ``ids`` (sorted, distinct; empty: every token).
@@ -325,10 +340,10 @@ class COPAModel(nn.Module):
     def param_group(name: str) -> str:
         """Which learning-rate group a parameter (its ``named_parameters`` name) is in: ``vit`` (the
         backbone), ``text`` (the pretrained text encoder), ``selector``, ``head`` (the task heads that
-        start from scratch: box, ITM, the fusion's patch positions), or ``rest``."""
+        start from scratch: box, ITM, the fusion's patch positions and relevance), or ``rest``."""
         if name.startswith("vision.selectors"):
             return "selector"
-        if name.startswith(("box_head.", "itm.", "fusion.pos.")):
+        if name.startswith(("box_head.", "itm.", "fusion.pos.", "fusion.rel.")):
             return "head"
         if name.startswith("vision."):
             return "vit"

@@ -10,6 +10,12 @@ fusion: in the demo's ITC-trained trunk the ViT's own position embedding does no
 output tokens (a linear probe of left or right half from them: 0.54 against 0.53 majority;
 BENCHMARKS.md, session 10), and after the selection the kept tokens' order says nothing of their
 place either.
+
+With ``relevance`` each kept token also gets how well its patch matches the text by the model's own
+first TPD (``VisionOutput.relevance``): a learnt direction scaled by the standardised selector logit.
+PTA taught the selector which patches a phrase names; without this the fusion must find them again
+from the tokens alone, and VQA's "is there a red diamond?" stayed at chance (BENCHMARKS.md, sessions
+11-12).
 """
 
 from __future__ import annotations
@@ -44,28 +50,67 @@ class PatchPosition(nn.Module):
         return self.proj(feats.to(self.proj.weight.dtype))
 
 
+def relevance_projection(dim: int) -> nn.Linear:
+    """Scalar relevance -> (dim,) added to a visual token. Initialised N(0, 0.3), bias 0: read within
+    the demo's 125 VQA steps (at N(0, 0.02) "is there" stayed at chance; at PyTorch's default +-1 "left
+    or right?" fell to chance in one seed: BENCHMARKS.md, session 11)."""
+    proj = nn.Linear(1, dim)
+    nn.init.normal_(proj.weight, std=0.3)
+    nn.init.zeros_(proj.bias)
+    return proj
+
+
 class FusionEncoder(nn.Module):
     def __init__(
-        self, layers: int, stride: int, dim: int, heads: int, hidden: int, img_dim: int, position: int = 0
+        self,
+        layers: int,
+        stride: int,
+        dim: int,
+        heads: int,
+        hidden: int,
+        img_dim: int,
+        position: int = 0,
+        relevance: bool = False,
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.pos = PatchPosition(position, dim) if position else None
+        self.rel = relevance_projection(dim) if relevance else None
         self.img_proj = nn.Identity() if img_dim == dim else nn.Linear(img_dim, dim)
         self.connected = [stride > 0 and (i + 1) % stride == 0 for i in range(layers)]
         self.layers = nn.ModuleList(
             BertStyleLayer(dim, heads, hidden, cross=not conn) for conn in self.connected
         )
 
+    def add_relevance(self) -> None:
+        """Give a fusion built without ``relevance`` its projection (a fine-tune that adds it)."""
+        if self.rel is None:
+            ref = next(self.parameters())
+            self.rel = relevance_projection(self.dim).to(device=ref.device, dtype=ref.dtype)
+
     def forward(
-        self, img: Tensor, txt: Tensor, txt_mask: Tensor, index: Tensor, grid: int
+        self,
+        img: Tensor,
+        txt: Tensor,
+        txt_mask: Tensor,
+        index: Tensor,
+        grid: int,
+        relevance: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """img: (B, T, Dv) visual tokens = [CLS, K patches, (the dropped ones fused)]; txt: (B, L, D),
-        txt_mask: (B, L); index: (B, K) the patches' places on the ``grid`` x ``grid`` grid
+        txt_mask: (B, L); index: (B, K) the patches' places on the ``grid`` x ``grid`` grid; relevance
+        (B, K) of those patches (standardised; None: all 0), read when the fusion has its projection
         -> ((B, T, D), (B, L, D))"""
         img = self.img_proj(img)
-        if self.pos is not None:
-            k = index.shape[1]
-            img = torch.cat([img[:, :1], img[:, 1 : 1 + k] + self.pos(index, grid), img[:, 1 + k :]], 1)
+        k = index.shape[1]
+        extra = self.pos(index, grid) if self.pos is not None else None
+        if self.rel is not None:
+            if relevance is None:  # no text to select by: every patch at the image's mean relevance, 0
+                relevance = torch.zeros(index.shape, device=img.device)
+            r = self.rel(relevance.unsqueeze(-1).to(self.rel.weight.dtype))
+            extra = r if extra is None else extra + r
+        if extra is not None:
+            img = torch.cat([img[:, :1], img[:, 1 : 1 + k] + extra.to(img.dtype), img[:, 1 + k :]], 1)
         t = img.shape[1]
         img_mask = torch.ones(img.shape[:2], dtype=txt_mask.dtype, device=txt_mask.device)
         for conn, layer in zip(self.connected, self.layers, strict=True):

@@ -39,9 +39,12 @@ class VisionSuffix(nn.Module):
         super().__init__()
         self.vision = model.vision
 
-    def forward(self, prefix: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
-        """prefix (B, 1+N, Dv), query (B, Dt) -> tokens (B, T, Dv), kept patch indices (B, K)"""
+    def forward(self, prefix: Tensor, query: Tensor) -> tuple[Tensor, ...]:
+        """prefix (B, 1+N, Dv), query (B, Dt) -> tokens (B, T, Dv), kept patch indices (B, K), and
+        for a model whose fusion reads it (``model.fusion.relevance``) their relevance (B, K)"""
         vis = self.vision.forward_suffix(prefix, query)
+        if vis.relevance is not None:
+            return vis.tokens, vis.patch_index, vis.relevance
         return vis.tokens, vis.patch_index
 
 
@@ -62,10 +65,13 @@ class Fusion(nn.Module):
         self.fusion = model.fusion
         self.grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
 
-    def forward(self, tokens: Tensor, txt: Tensor, mask: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L), kept (B, K)
-        -> fused image (B, T, Dt), text (B, L, Dt)"""
-        return self.fusion(tokens, txt, mask, kept, self.grid)
+    def forward(
+        self, tokens: Tensor, txt: Tensor, mask: Tensor, kept: Tensor, relevance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """tokens (B, T, Dv), text states (B, L, Dt), mask (B, L), kept (B, K), relevance (B, K) (an
+        input of this part only for a model whose fusion reads it) -> fused image (B, T, Dt), text
+        (B, L, Dt)"""
+        return self.fusion(tokens, txt, mask, kept, self.grid, relevance)
 
 
 class Heads(nn.Module):

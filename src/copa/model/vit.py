@@ -50,6 +50,10 @@ class VisionOutput:
     tokens: Tensor
     selections: list[Selection] = field(default_factory=list)
     num_patches: int = 0
+    # (B, K) how well each patch of ``tokens[:, 1:1+K]`` matches the text by the model's own first
+    # selector, standardised over the image's patches and detached; None unless the ViT is asked for
+    # it (``VisionTransformer.relevance``) and given a text query
+    relevance: Tensor | None = None
 
     @property
     def kept(self) -> Tensor | None:
@@ -169,6 +173,11 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.selectors = _build_selectors(select, select.selector, d, text_dim, len(select.layers))
         self.keep_ratios = list(select.keep_ratios)
+        # whether outputs carry ``relevance`` (``model.fusion.relevance``), always by the model's own
+        # first selector, also when another selects (ablation rows swap the selection only) or none
+        # prunes; a tuple, so the module is not registered twice
+        self.relevance = False
+        self._own_selector: tuple[nn.Module, ...] = tuple(self.selectors[:1])
         self.grad_checkpointing = False
         self.feature_cache: FrozenFeatureCache | None = None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -209,6 +218,7 @@ class VisionTransformer(nn.Module):
             fresh = self.new_selectors(select.selector, len(select.layers), select)
             if _signature(fresh) != _signature(self.selectors):
                 self.selectors = fresh
+                self._own_selector = tuple(fresh[:1])
         self.select_cfg = select
         self.set_keep_ratios(list(select.keep_ratios))
 
@@ -377,19 +387,39 @@ class VisionTransformer(nn.Module):
                 candidates, dropped = kept, dropped + nc - k
                 has_fused = self.select_cfg.fuse_dropped
             x = self._run(x, layer, layers[s + 1])
-        return VisionOutput(self.norm(x), selections, n)
+        out = VisionOutput(self.norm(x), selections, n)
+        if self.relevance and query is not None and self._own_selector:
+            out.relevance = self._relevance(prefix, query, out.patch_index, selections)
+        return out
 
     def forward(
         self, images: Tensor, query: Tensor | None = None, keep_ratios: list[float] | None = None
     ) -> VisionOutput:
         """images: (B, 3, H, W), query: (B, Dt) or None -> VisionOutput"""
         cache = self._cached()
-        if cache is not None and not self.selects(keep_ratios):  # then the whole output is text-free
+        if cache is not None and not self.selects(keep_ratios):  # then the tokens are text-free
             tokens = cache.lookup(
                 "tokens", images, lambda x: self.forward_suffix(self._prefix(x), None, keep_ratios).tokens
             )
-            return VisionOutput(tokens, [], tokens.shape[1] - 1)
+            out = VisionOutput(tokens, [], tokens.shape[1] - 1)
+            if self.relevance and query is not None and self._own_selector:
+                out.relevance = self._relevance(self.forward_prefix(images), query, out.patch_index, [])
+            return out
         return self.forward_suffix(self.forward_prefix(images), query, keep_ratios)
+
+    def _relevance(self, prefix: Tensor, query: Tensor, index: Tensor, selections: list[Selection]) -> Tensor:
+        """The own first selector's logits over all N patches, standardised per image and detached,
+        at the patches ``index`` (B, K) -> (B, K) float32. Reuses the selection's logits when the own
+        selector made it (its first stage scores every patch)."""
+        own = self._own_selector[0]
+        if selections and self.selectors and self.selectors[0] is own:
+            logits = selections[0].logits
+        else:
+            with torch.no_grad():
+                logits = own(prefix, query, self.blocks[self.prefix_depth])
+        z = logits.detach().float()
+        z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True).clamp(min=1e-6)
+        return z.gather(1, index)
 
 
 def _check_select(select: SelectConfig, depth: int) -> None:

@@ -134,6 +134,8 @@ def finetune(
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = prepare_model(cfg, init)
+    if cfg.train.fusion_relevance and model.add_fusion_relevance():
+        log.info("the fusion reads each kept patch's relevance by the model's own selector (new projection)")
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     t = cfg.train

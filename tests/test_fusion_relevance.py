@@ -1,0 +1,155 @@
+"""``model.fusion.relevance``: the fusion reads each kept patch's relevance by the model's own first
+selector (standardised over the image's patches), whatever selects the patches; a fine-tune adds it
+with ``train.fusion_relevance``; it survives saving, the frozen-feature cache and the export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from copa.cli import main
+from copa.model.copa import COPAModel
+from copa.model.feature_cache import FrozenFeatureCache
+from tests.conftest import MICRO, TRAIN_MICRO, micro_config
+
+
+def _inputs(model: COPAModel):
+    torch.manual_seed(3)
+    enc = model.tokenizer(
+        ["the red circle", "is there a blue star?", "a cross"], padding=True, return_tensors="pt"
+    )
+    return torch.randn(3, 3, 32, 32), enc["input_ids"], enc["attention_mask"]
+
+
+def _standardised_own_logits(model: COPAModel, images, ids, mask):
+    with torch.no_grad():
+        query = model.text_query(model.text_states(ids, mask), mask)
+        z = model.selector_logits(model.image_prefix(images), query)
+    return (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+
+
+@pytest.fixture
+def rel_model():
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model).eval()
+    assert model.add_fusion_relevance() and not model.add_fusion_relevance()
+    return model
+
+
+def test_relevance_is_the_own_selectors_whatever_selects(rel_model):
+    images, ids, mask = _inputs(rel_model)
+    want = _standardised_own_logits(rel_model, images, ids, mask)
+    with torch.no_grad():
+        own = rel_model(images, ids, mask).vision
+        swapped = rel_model.with_selectors(rel_model.new_selectors("random"))(images, ids, mask).vision
+        rel_model.set_keep_ratio(1.0)
+        unpruned = rel_model(images, ids, mask).vision
+    assert own.relevance.shape == (3, 8) and unpruned.relevance.shape == (3, 16)
+    torch.testing.assert_close(own.relevance, want.gather(1, own.patch_index))
+    assert not torch.equal(swapped.patch_index, own.patch_index)  # other patches, the same scores
+    torch.testing.assert_close(swapped.relevance, want.gather(1, swapped.patch_index))
+    torch.testing.assert_close(unpruned.relevance, want)
+    # the own selector keeps its most relevant patches
+    assert (own.relevance.min(1).values >= want.sort(1, descending=True).values[:, 7] - 1e-6).all()
+
+
+def test_relevance_with_the_frozen_feature_cache_and_without_a_text(rel_model):
+    images, ids, mask = _inputs(rel_model)
+    rel_model.set_keep_ratio(1.0)
+    rel_model.freeze(vit=True, selector=True)
+    with torch.no_grad():
+        plain = rel_model(images, ids, mask)
+        rel_model.vision.use_feature_cache(FrozenFeatureCache(2**24))
+        rel_model(images, ids, mask)  # fills the cache
+        cached = rel_model(images, ids, mask)
+        rel_model.vision.use_feature_cache(None)
+        agnostic = rel_model.vision(images)
+    torch.testing.assert_close(cached.vision.relevance, plain.vision.relevance)
+    torch.testing.assert_close(cached.text, plain.text)
+    assert agnostic.relevance is None
+
+
+def test_the_fusion_reads_the_relevance(rel_model):
+    """A relevance of 0 adds only the projection's bias (0 at the start): the fusion of a model without
+    it; other relevances give the text other states."""
+    from copa.model.fusion import FusionEncoder
+
+    torch.manual_seed(0)
+    img, txt, mask = torch.randn(2, 6, 64), torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.long)
+    index = torch.tensor([[0, 5, 10, 15], [3, 6, 9, 12]])
+    fusion = rel_model.fusion
+    plain = FusionEncoder(2, 2, 64, 4, 128, 64, position=fusion.pos.proj.in_features).eval()
+    plain.load_state_dict({k: v for k, v in fusion.state_dict().items() if not k.startswith("rel.")})
+    with torch.no_grad():
+        base = plain(img, txt, mask, index, 4)[1]
+        zero = fusion(img, txt, mask, index, 4, torch.zeros(2, 4))[1]
+        none = fusion(img, txt, mask, index, 4)[1]
+        some = fusion(img, txt, mask, index, 4, torch.randn(2, 4))[1]
+    torch.testing.assert_close(zero, base)
+    torch.testing.assert_close(none, base)
+    assert not torch.allclose(some, base, atol=1e-4)
+
+
+def test_saved_with_relevance_loads_with_it(rel_model, tmp_path):
+    images, ids, mask = _inputs(rel_model)
+    rel_model.save_pretrained(tmp_path / "m")
+    loaded = COPAModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg.fusion.relevance and loaded.vision.relevance
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids, mask).text, rel_model(images, ids, mask).text)
+    # a model saved before the field: no relevance
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    del meta["model"]["fusion"]["relevance"]
+    plain = COPAModel(micro_config().model)
+    plain.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    old = COPAModel.from_pretrained(tmp_path / "old")
+    assert not old.cfg.fusion.relevance and old.fusion.rel is None and not old.vision.relevance
+    assert COPAModel.param_group("fusion.rel.weight") == "head"
+
+
+def test_finetune_adds_and_trains_the_relevance(micro_init, synth_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sets = [
+        *MICRO,
+        *TRAIN_MICRO,
+        f"data.train={synth_dir}/train.json",
+        "train.steps=2",
+        "train.freeze_vit=true",
+        "train.fusion_relevance=true",
+    ]
+    argv = ["finetune", "vqa", "--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+    assert (
+        main([*argv, "--init", str(micro_init), "--eval-split", "none", "--out", str(tmp_path / "ft")]) == 0
+    )
+    cfg = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["model"]
+    assert cfg["fusion"]["relevance"] is True
+    weights = load_file(str(tmp_path / "ft" / "model" / "model.safetensors"))
+    assert "fusion.rel.weight" in weights and weights["fusion.rel.bias"].abs().max() > 0  # trained from 0
+    before = load_file(str(micro_init / "model.safetensors"))
+    sel = [k for k in before if k.startswith("vision.selectors.")]
+    assert sel and all(torch.equal(before[k], weights[k]) for k in sel)  # read, never trained by the task
+
+
+def test_export_carries_the_relevance(rel_model, tmp_path):
+    """vision_suffix outputs it and fusion takes it, ONNX Runtime equal to the eager model."""
+    from copa.export import export_model, onnx_session
+
+    report = export_model(rel_model, tmp_path, parts=("vision_suffix", "fusion"))
+    assert report.parts["vision_suffix"]["outputs"] == ["tokens", "kept", "relevance"]
+    assert "relevance" in report.parts["fusion"]["inputs"]
+    assert report.worst <= 1e-4
+    images, ids, mask = _inputs(rel_model)
+    with torch.no_grad():
+        txt = rel_model.text_states(ids, mask)
+        prefix, query = rel_model.image_prefix(images), rel_model.text_query(txt, mask)
+        want = rel_model(images, ids, mask)
+    suffix = onnx_session(tmp_path / "vision_suffix.onnx")
+    tokens, kept, rel = suffix.run(None, {"prefix": prefix.numpy(), "query": query.numpy()})
+    fusion = onnx_session(tmp_path / "fusion.onnx")
+    feed = {"tokens": tokens, "txt": txt.numpy(), "mask": mask.numpy(), "kept": kept, "relevance": rel}
+    _, ft = fusion.run(None, feed)
+    assert (torch.from_numpy(ft) - want.text).abs().max() <= 1e-4
