@@ -133,8 +133,10 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         assert ft.train.freeze_vit  # the pre-trained ViT is not fine-tuned (BENCHMARKS.md)
         assert ft.train.lr_head == plan.finetune_lr_head and ft.train.feature_cache_mb > 0
         assert ft.train.lr == plan.finetune_lr_task.get(ns.task, plan.finetune_lr)
-        # grounding's head trains on every patch; every other task through COPA's selection
+        # the tasks in finetune_unpruned (none by default) train on every patch, the others through
+        # COPA's selection; VQA's fusion reads the TPD's relevance
         assert (ft.model.select.keep_ratios == [1.0]) is (ns.task in plan.finetune_unpruned)
+        assert ft.train.fusion_relevance is (ns.task in plan.fusion_relevance)
     # ... and every task's "pruned" evaluation still runs at the recommended keep ratio
     pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
     assert pruned == set(plan.finetune_steps)
@@ -144,6 +146,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert cap == {"test_pruned": None, "test_unpruned": False}
     assert res["finetune_unpruned"] == list(plan.finetune_unpruned)
     assert ("fine-tuned on every patch" in report) is bool(plan.finetune_unpruned)
+    assert res["fusion_relevance"] == list(plan.fusion_relevance) == ["vqa"]
+    assert "by the model's own TPD" in report
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
     # (the second scene style's VQA evaluation reads its own test split, with the blind control)
     alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]

@@ -85,11 +85,11 @@ class DemoPlan:
     # after 120 steps 45.7 -> 47.5 | 46.6 -> 48.1 on validation (seeds 0 | 1; BENCHMARKS.md, session 9)
     finetune_lr_head: float = 3e-3
     # tasks whose head is fine-tuned on every patch (keep 1.0) and then evaluated pruned like the others.
-    # Grounding: its head learns more from all 64 patches than from the 32 COPA keeps; evaluated at keep
-    # 0.5 with COPA's selector, 45.7% on validation / 41.8% on test against 43.4% / 34.1% fine-tuned
-    # through the (frozen) selection (BENCHMARKS.md, session 8); with the box head's grid context the
-    # two tie (64.2 at keep 0.5 on validation, seed 0; session 9)
-    finetune_unpruned: tuple[str, ...] = ("grounding",)
+    # None now: grounding was (its head learnt more from all 64 patches before it read its grid
+    # neighbours: sessions 8-9), but through the selection it is as good or better at the keep it runs
+    # at, test acc@0.5 at keep 0.5 (seeds 0 | 1) 75.5 | 82.7 against 76.8 | 74.1, and its 150 steps
+    # train in 50 s instead of 69 s (emulated AVX2 fp32; BENCHMARKS.md, session 12)
+    finetune_unpruned: tuple[str, ...] = ()
     # tasks whose fusion also reads the TPD's relevance of each kept patch (``train.fusion_relevance``).
     # VQA, 125 steps from session 11's demo models (seeds 0 | 1, test): 50.0 | 45.9 -> 54.4 | 54.4, "is
     # there a ...?" from chance to ~0.8; not grounding, which lost 15 points in one seed with it
