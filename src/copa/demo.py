@@ -73,7 +73,9 @@ class DemoPlan:
     # writing only its targets' tokens (``train.output_vocab``) makes a caption step 25% cheaper and
     # learning faster: CIDEr on validation + test (160 images, seeds 0 | 1) at 3e-4 after 100 / 120 /
     # 150 steps 1.67 | 1.51, 1.58 | 1.73, 1.73 | 1.58; 120 steps now train in 57 s against 51 s for
-    # session 10's 70 at 6e-4 (emulated AVX2 fp32; BENCHMARKS.md, session 11)
+    # session 10's 70 at 6e-4 (emulated AVX2 fp32; BENCHMARKS.md, session 11). With VQA reading the
+    # relevance and grounding fine-tuned through the selection the demo takes 529 | 514 s emulated,
+    # 14.8 | 14.4 min projected with setup (session 12)
     finetune_steps: dict[str, int] = field(
         default_factory=lambda: {"retrieval": 15, "vqa": 125, "caption": 120, "grounding": 150}
     )
