@@ -459,3 +459,48 @@ def test_cli_retrieval_bench_random_model_unpruned_only(tmp_path, gallery_json):
     assert (data["num_images"], data["num_texts"]) == (6, 30)
     assert [r["setting"] for r in data["results"]] == ["unpruned", "unpruned"] and not data["speedup_pruning"]
     assert data["reuse_same_r1"]
+
+
+def test_compile_blocks_keeps_outputs_and_undoes(micro):
+    """``COPAModel.compile_blocks`` (traced by dynamo without graph breaks; the eager backend keeps
+    the test fast) gives the eager outputs, pruned and unpruned, and ``False`` restores eager."""
+    from torch._dynamo.utils import counters
+
+    _, model = micro
+    tok = model.tokenizer(["a red circle", "is there a star?"], padding=True, return_tensors="pt")
+    images, ids, mask = torch.randn(2, 3, 32, 32), tok["input_ids"], tok["attention_mask"]
+    with torch.no_grad():
+        want = [model(images, ids, mask, keep_ratios=[r]).text for r in (0.5, 1.0)]
+        counters.clear()
+        assert model.compile_blocks(backend="eager") == 4 + 1 + 2 + 2  # ViT blocks, text, fusion, decoder
+        got = [model(images, ids, mask, keep_ratios=[r]).text for r in (0.5, 1.0)]
+        assert not counters["graph_break"] and counters["frames"]["ok"] > 0
+        model.compile_blocks(False)
+    assert all(b._compiled_call_impl is None for b in model.vision.blocks)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_bench_compile_needs_a_warmup_and_a_known_mode(micro):
+    cfg, model = micro
+    settings = parse_keeps(["2:0.5"], cfg.model.vision.layers)
+    with pytest.raises(BenchError, match="warmup"):
+        bench_inference(model, settings, batch=1, runs=1, warmup=0, compile_mode="default")
+    with pytest.raises(BenchError, match="mode"):
+        bench_train(model, cfg, settings, batch=2, runs=1, warmup=1, compile_mode="fast")
+
+
+@pytest.mark.slow
+def test_bench_with_torch_compile_micro(micro):
+    """Inference and the training step timed with the blocks compiled by inductor."""
+    cfg, model = micro
+    settings = parse_keeps(["2:0.5"], cfg.model.vision.layers)
+    kw = {"batch": 2, "text_len": 6, "runs": 1, "warmup": 1, "memory": False, "compile_mode": "default"}
+    recs = bench_inference(model, settings, precisions=[torch.float32], **kw)
+    train = bench_train(model, cfg, settings, dtype=torch.float32, **kw)
+    assert [(r["keep"], r["compile"]) for r in recs + train] == [
+        ("none", "default"),
+        ("2:0.5", "default"),
+    ] * 2
+    assert all(r["pairs_per_s"] > 0 for r in recs) and all(r["samples_per_s"] > 0 for r in train)
+    assert all(b._compiled_call_impl is None for b in model.vision.blocks)  # eager again after

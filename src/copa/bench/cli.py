@@ -22,7 +22,7 @@ from copa.bench.hardware import (
     hardware_info,
     measure_peaks,
 )
-from copa.bench.harness import build_bench_model
+from copa.bench.harness import COMPILE_MODES, build_bench_model
 from copa.bench.inference import bench_inference
 from copa.bench.keep import BenchError, parse_keeps
 from copa.bench.memory import PeakMemory
@@ -126,6 +126,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"Precisions the CPU only emulates (bf16 without AVX-512 BF16/AMX) are probed only when "
         f"benchmarked, capped at {EMULATED_PROBE_S:g} s",
     )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=list(COMPILE_MODES),
+        help="time the model with its blocks under torch.compile (inductor; MODE default: 'default'); "
+        "the warm-up runs compile, FLOPs and memory are counted eagerly",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +206,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         "timing": "median of runs, settings interleaved run by run",
         "min_util": args.min_util,
         "selector": cfg.model.select.selector,
+        "compile": args.compile or "off",
         "warnings": warnings,
     }
     peaks: dict[str, float] = {}
@@ -227,6 +237,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             seed=args.seed,
             min_util=args.min_util,
             memory=not args.no_memory,
+            compile_mode=args.compile,
         )
         result["results"] = records
         path.write_text(json.dumps(result, indent=2))  # keep the inference numbers if training fails
@@ -250,6 +261,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             seed=args.seed,
             min_util=args.min_util,
             memory=not args.no_memory,
+            compile_mode=args.compile,
         )
         result["train_setup"] = {
             "batch": args.train_batch,
@@ -265,6 +277,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         f"{cfg.name} @ {result['image_size']} px, {batch_txt}, {hw['cpu']} "
         f"({hw['cpu_cores_usable']} cores, {hw['torch_threads']} threads), torch {hw['torch']}"
         + (f", GPU {hw['gpu']}" if "gpu" in hw else "")
+        + (f", torch.compile ({args.compile})" if args.compile else "")
     )
     print(header)
     for w in warnings:

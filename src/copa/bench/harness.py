@@ -3,6 +3,7 @@ switch between keep settings on one set of weights, and ``prepare`` (checks, swi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -114,6 +115,33 @@ def build_bench_model(cfg: Config, image_size: int | None, device: torch.device,
         time.perf_counter() - t,
     )
     return model
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(mode: str | None, warmup: int) -> None:
+    """A ``torch.compile`` mode the benchmark knows, and a warm-up run to compile in."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise BenchError(f"unknown torch.compile mode {mode!r}; one of {', '.join(COMPILE_MODES)}")
+    if warmup < 1:
+        raise BenchError("torch.compile compiles in the first call of each setting: give --warmup >= 1")
+
+
+@contextlib.contextmanager
+def compiled(model: nn.Module, mode: str | None) -> Iterator[None]:
+    """The model's blocks compiled (``COPAModel.compile_blocks``) for the block, eager again after."""
+    if mode is None:
+        yield
+        return
+    n = model.compile_blocks(mode=None if mode == "default" else mode)
+    log.info("torch.compile (%s): %d blocks; the warm-up runs compile them", mode, n)
+    try:
+        yield
+    finally:
+        model.compile_blocks(False)
 
 
 def make_inputs(

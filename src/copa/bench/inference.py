@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from copa.bench.flops import count_flops
 from copa.bench.hardware import dtype_name
-from copa.bench.harness import SelectionSwitch, make_inputs, prepare
+from copa.bench.harness import SelectionSwitch, check_compile, compiled, make_inputs, prepare
 from copa.bench.keep import BenchError, KeepSetting
 from copa.bench.memory import NO_MEMORY, tensor_bytes
 from copa.bench.timing import time_interleaved, timing_stats
@@ -74,6 +74,7 @@ def bench_inference(
     seed: int = 0,
     min_util: float = 0.0,
     memory: bool = True,
+    compile_mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """Throughput and FLOPs of the ViT alone and of the whole model for every keep setting.
 
@@ -83,9 +84,12 @@ def bench_inference(
     precision name to the measured matmul FLOP/s. Returns one record per (precision, setting);
     ``flops`` is per image-text pair, ``flops_vit`` per image. The model comes back in fp32 with its
     own selectors (after a bf16 ``cast`` run its weights are bf16-rounded: fine for timing).
+    ``compile_mode`` (a ``torch.compile`` mode, "default" for the default one): the timed runs use
+    ``COPAModel.compile_blocks``; FLOPs and memory are counted eagerly, the warm-up runs compile.
     """
     if bf16_mode not in ("cast", "autocast"):
         raise BenchError(f"bf16 mode must be cast or autocast, got {bf16_mode!r}")
+    check_compile(compile_mode, warmup)
     h = prepare(model, settings, seed)
     device, switch, mem = h.device, h.switch, h.memory
     precisions = precisions or [torch.float32]
@@ -132,7 +136,8 @@ def bench_inference(
             for s in settings:
                 fns[f"vit|{s.name}"] = vit_fn(s)
                 fns[f"e2e|{s.name}"] = e2e_fn(s)
-            tm = time_interleaved(fns, warmup, runs, device, min_util)
+            with compiled(model, compile_mode):
+                tm = time_interleaved(fns, warmup, runs, device, min_util)
         times = tm.seconds
         base_vit = statistics.median(times[f"vit|{settings[0].name}"])
         base_e2e = statistics.median(times[f"e2e|{settings[0].name}"])
@@ -148,6 +153,7 @@ def bench_inference(
             achieved = f / te
             rec = {
                 "precision": pname,
+                "compile": compile_mode or "off",
                 "keep": s.name,
                 "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
                 "layers": list(s.layers),

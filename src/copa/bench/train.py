@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from copa.bench.flops import count_flops
 from copa.bench.hardware import dtype_name
-from copa.bench.harness import CLS_ID, SEP_ID, prepare
+from copa.bench.harness import CLS_ID, SEP_ID, check_compile, compiled, prepare
 from copa.bench.keep import BenchError, KeepSetting
 from copa.bench.memory import NO_MEMORY, tensor_bytes
 from copa.bench.timing import time_interleaved, timing_stats
@@ -89,11 +89,14 @@ def bench_train(
     seed: int = 0,
     min_util: float = 0.0,
     memory: bool = True,
+    compile_mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """Samples/s of one pre-training step (``PretrainObjective`` forward + backward + grad clipping
     + AdamW), unpruned (selector ``none``) vs each pruned setting; same weights, same batch, bf16
     autocast over fp32 weights as in ``copa pretrain``. Steps are interleaved across settings.
-    The weights drift with the steps (speed does not depend on their values)."""
+    The weights drift with the steps (speed does not depend on their values). ``compile_mode``: as
+    in ``bench_inference`` (the forward and backward of the blocks compiled)."""
+    check_compile(compile_mode, warmup)
     from copa.train.losses import PretrainObjective
     from copa.train.optim import adamw, param_groups
 
@@ -142,7 +145,8 @@ def bench_train(
         warmup,
         batch,
     )
-    tm = time_interleaved({s.name: step_fn(s) for s in settings}, warmup, runs, device, min_util)
+    with compiled(model, compile_mode):
+        tm = time_interleaved({s.name: step_fn(s) for s in settings}, warmup, runs, device, min_util)
     times = tm.seconds
     switch.restore()
     opt.zero_grad(set_to_none=True)
@@ -156,6 +160,7 @@ def bench_train(
         out.append(
             {
                 "precision": dtype_name(dtype) + ("-autocast" if amp else ""),
+                "compile": compile_mode or "off",
                 "keep": s.name,
                 "selector": "none" if not s.layers else s.selector or switch.base_select.selector,
                 "layers": list(s.layers),

@@ -419,6 +419,20 @@ class COPAModel(nn.Module):
         off = getattr(bert, "activation_checkpointing_disable", None) or bert.gradient_checkpointing_disable
         on() if enable else off()
 
+    def compile_blocks(self, enable: bool = True, backend: str = "inductor", mode: str | None = None) -> int:
+        """``torch.compile`` the model's dense repeated blocks in place — each ViT block, the text
+        encoder, each fusion and decoder layer — or (``enable=False``) undo it; returns how many
+        modules were (un)compiled. The selection between blocks (top-k, gather, the fused token) stays
+        eager: its shapes change with the keep ratio, a block's only with the sequence it is given,
+        so each keep setting compiles each block once. The weights and ``state_dict`` are unchanged."""
+        mods: list[nn.Module] = [*self.vision.blocks, self.text, *self.fusion.layers, *self.decoder.layers]
+        for m in mods:
+            if enable:
+                m.compile(backend=backend, mode=mode, dynamic=False)
+            else:
+                m._compiled_call_impl = None  # what nn.Module.compile sets
+        return len(mods)
+
     def num_parameters(self) -> dict[str, int]:
         def count(m: nn.Module) -> int:
             return sum(p.numel() for p in m.parameters())
