@@ -92,7 +92,7 @@ class FusionConfig:
     # each kept visual token also gets how well its patch matches the text by the model's own first
     # TPD (its logit standardised over the image's patches, detached, times a learnt direction), so
     # the fusion reads what PTA taught the selector instead of finding it again: VQA's "is there a red
-    # diamond?" from chance to ~0.75 (BENCHMARKS.md, session 12). Added by a fine-tune with
+    # diamond?" from chance to ~0.8 (BENCHMARKS.md, session 12). Added by a fine-tune with
     # ``train.fusion_relevance``; False: the fusion of models saved before this field
     relevance: bool = False
 

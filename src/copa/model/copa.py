@@ -73,7 +73,7 @@ class COPAModel(nn.Module):
         self.cfg = cfg
         dt, dv = cfg.text.width, cfg.vision.width
         self.text = TextEncoder(cfg.text, load_weights=load_text_weights)
-        self.vision = VisionTransformer(cfg.vision, cfg.select, text_dim=dt)
+        self.vision = VisionTransformer(cfg.vision, cfg.select, text_dim=dt, relevance=cfg.fusion.relevance)
         self.fusion = FusionEncoder(
             cfg.fusion.layers,
             cfg.fusion.stride,
@@ -84,7 +84,6 @@ class COPAModel(nn.Module):
             position=cfg.fusion.position,
             relevance=cfg.fusion.relevance,
         )
-        self.vision.relevance = cfg.fusion.relevance
         self.decoder = Decoder(cfg.decoder.layers, dt, cfg.decoder.heads, cfg.text.intermediate)
         self.itc = ITCHead(dv, dt, cfg.embed_dim, cfg.temperature)
         self.itm = nn.Linear(dt, 2)

@@ -155,7 +155,9 @@ def make_stem(cfg: VisionConfig) -> nn.Module:
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, select: SelectConfig, text_dim: int) -> None:
+    def __init__(
+        self, cfg: VisionConfig, select: SelectConfig, text_dim: int, relevance: bool = False
+    ) -> None:
         super().__init__()
         _check_select(select, cfg.layers)
         self.cfg, self.select_cfg, self.text_dim = cfg, select, text_dim
@@ -176,7 +178,7 @@ class VisionTransformer(nn.Module):
         # whether outputs carry ``relevance`` (``model.fusion.relevance``), always by the model's own
         # first selector, also when another selects (ablation rows swap the selection only) or none
         # prunes; a tuple, so the module is not registered twice
-        self.relevance = False
+        self.relevance = relevance
         self._own_selector: tuple[nn.Module, ...] = tuple(self.selectors[:1])
         self.grad_checkpointing = False
         self.feature_cache: FrozenFeatureCache | None = None
