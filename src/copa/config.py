@@ -588,4 +588,4 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 # model fields whose default changed the architecture, and their value for a model saved before them
-LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0, "fusion": {"position": 0, "relevance": False}}
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"box_context": 0, "fusion": {"position": 0}}

@@ -390,7 +390,7 @@ class VisionTransformer(nn.Module):
                 has_fused = self.select_cfg.fuse_dropped
             x = self._run(x, layer, layers[s + 1])
         out = VisionOutput(self.norm(x), selections, n)
-        if self.relevance and query is not None and self._own_selector:
+        if self._wants_relevance(query):
             out.relevance = self._relevance(prefix, query, out.patch_index, selections)
         return out
 
@@ -404,10 +404,14 @@ class VisionTransformer(nn.Module):
                 "tokens", images, lambda x: self.forward_suffix(self._prefix(x), None, keep_ratios).tokens
             )
             out = VisionOutput(tokens, [], tokens.shape[1] - 1)
-            if self.relevance and query is not None and self._own_selector:
+            if self._wants_relevance(query):
                 out.relevance = self._relevance(self.forward_prefix(images), query, out.patch_index, [])
             return out
         return self.forward_suffix(self.forward_prefix(images), query, keep_ratios)
+
+    def _wants_relevance(self, query: Tensor | None) -> bool:
+        """Outputs carry ``relevance``: asked for, a text to score by, and a selector of its own."""
+        return self.relevance and query is not None and bool(self._own_selector)
 
     def _relevance(self, prefix: Tensor, query: Tensor, index: Tensor, selections: list[Selection]) -> Tensor:
         """The own first selector's logits over all N patches, standardised per image and detached,
