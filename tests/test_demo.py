@@ -45,6 +45,17 @@ def _fake_outputs(args: argparse.Namespace) -> None:
             "val_after": {"recall_phrase": 0.6},
         }
         (out / "summary.json").write_text(json.dumps(summary))
+    elif cmd == "stem-stage":
+        summary = {
+            "steps": args.steps,
+            "images": 40,
+            "vocabulary": ["red", "star"],
+            "first_loss": 3.0,
+            "last_loss": 1.0,
+            "wall_s": 1.0,
+            "val": {"objects": 9.0, "phrase_accuracy": 0.5, "word_recall": 0.8, "phrase_accuracy_majority": 0.1},
+        }
+        (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "pta-eval":
         (out / "pta.json").write_text(json.dumps({"metrics": {"recall_phrase": 0.5, "recall_agnostic": 0.4}}))
     elif cmd == "finetune":
@@ -119,6 +130,16 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         ns = parser.parse_args(a)
         by_cmd.setdefault(ns.command, []).append(ns)
     assert len(by_cmd["pretrain"]) == 1 and len(by_cmd["finetune"]) == 4
+    # the trunk starts from the stem warmed up on another seed's labelled objects
+    (stem,) = by_cmd["stem-stage"]
+    demo_dir = tmp_path / "demo"
+    assert (stem.steps, stem.batch) == (plan.stem_steps, plan.batch_size)
+    assert stem.records == str(demo_dir / "data_aux" / "train_all_boxes.json")
+    assert by_cmd["pretrain"][0].init == str(demo_dir / "stem" / "model")
+    synth = {ns.out: ns for ns in by_cmd["data"]}
+    aux, main = synth[str(demo_dir / "data_aux")], synth[str(demo_dir / "data")]
+    assert (aux.n_train, aux.n_val, aux.n_test) == (plan.n_aux, 0, 0) and aux.seed != main.seed
+    assert res["stem"]["val"]["phrase_accuracy"] == 0.5 and "warm start" in report
     cfg = load_config(by_cmd["pretrain"][0].config, by_cmd["pretrain"][0].overrides)
     # the trunk is ITC alone
     assert {k for k, w in cfg.train.loss_weights.items() if w} == {"itc"}

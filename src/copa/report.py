@@ -33,11 +33,31 @@ def _get(d: dict[Any, Any], k: float) -> Any:
     return None
 
 
+def _stem_sentence(res: dict[str, Any]) -> str:
+    stem = res.get("stem")
+    if not stem:
+        return ""
+    text = (
+        f"The image stem was first warmed up for {stem['steps']} steps ({stem['wall_s']:.0f} s) naming the "
+        f"labelled objects of {stem['aux_images']} images of an auxiliary synthetic set (seed "
+        f"{stem['aux_seed']}: none of them a training, validation or test image), the miniature of the "
+        "pretrained image encoder the paper starts from"
+    )
+    val = stem.get("val") or {}
+    if val:
+        text += (
+            f"; on the {val['objects']:.0f} validation objects it names every word of "
+            f"{100 * val['phrase_accuracy']:.0f}% of the phrases (the most frequent words: "
+            f"{100 * val['phrase_accuracy_majority']:.0f}%) and {100 * val['word_recall']:.0f}% of the words"
+        )
+    return text + ". "
+
+
 def _pretrain_sentence(res: dict[str, Any]) -> str:
     pre = res["pretrain"]
-    text = (
+    text = _stem_sentence(res) + (
         f"A trunk of {pre['steps']} steps ({pre['precision']}, {pre['wall_s']:.0f} s) of ITC against the "
-        "frozen pretrained text encoder (a miniature of the CLIP ViT the paper starts from), shared by every "
+        "frozen pretrained text encoder, shared by every "
         "pre-training row; then each row's PTA stage trains the selector alone (everything else frozen)"
     )
     stage = res.get("pta_copa")

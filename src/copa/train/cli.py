@@ -47,6 +47,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.set_defaults(func=run_pta_stage)
 
+    s = sub.add_parser(
+        "stem-stage",
+        help="warm-start the image stem on labelled objects (the words of each object's phrase) "
+        "before pre-training; writes OUT/model for `copa pretrain --init`",
+    )
+    add_common(s, out_default="runs/stem_stage")
+    s.add_argument(
+        "--records",
+        required=True,
+        help="records whose objects carry boxes and phrases (JSON records, COCO, Visual Genome), "
+        "e.g. the train_all_boxes.json of `copa data synth` made with another seed",
+    )
+    s.add_argument("--init", default=None, help="a COPA model directory (default: a fresh model of --config)")
+    s.add_argument("--steps", type=int, default=400, help="stem updates (default 400)")
+    s.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    s.set_defaults(func=run_stem_stage)
+
     r = sub.add_parser(
         "pta-eval",
         help="selection quality of a model's first selector on a split: object-patch "
@@ -76,6 +94,14 @@ def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
 
     summary = run_stage(args.init, cfg, args.out, args.steps, args.batch, args.lr, args.views)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_stem_stage(args: argparse.Namespace, cfg: Config) -> int:
+    from copa.train.stem_stage import run_stem_stage as stage
+
+    summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init)
+    print(json.dumps({k: v for k, v in summary.items() if k != "vocabulary"}, indent=2))
     return 0
 
 

@@ -1,0 +1,386 @@
+"""Warm start of the image stem from labelled objects (``copa stem-stage``).
+
+The paper starts from a pretrained CLIP ViT; VLP models before it started from a detector trained on
+object and attribute labels (BUTD, VinVL). Trained from scratch on image-caption pairs alone, the
+demo's ViT never learns shape: its caption objectives can be met by colour, size and place, and even
+with shape given as a label on every object it learns it slowly (BENCHMARKS.md, sessions 7, 8, 13).
+This stage is the miniature of that visual pre-training: before pre-training, the stem (the conv
+stem or patch embedding, nothing above it) learns to name the objects of an *auxiliary* set of
+labelled images — for every object, the words of its phrase ("small red hexagon") as a bag of labels,
+predicted from the stem's output cell under the object's centre. The stem is cheap (a tenth of a
+trunk step), so a few hundred steps fit a demo; the pre-training that follows starts from it.
+
+Any records with object boxes and phrases serve (a synthetic set made with another seed, Visual
+Genome's regions, COCO instances); records without objects are skipped and counted, images that
+cannot be read are skipped and counted. Only the stem's weights and normalisation statistics change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from copa.config import Config, DataConfig
+from copa.data.image_io import ImageError, load_image
+from copa.data.records import Record
+from copa.errors import UserError
+from copa.model.copa import COPAModel
+from copa.preprocess import ImageTransform
+from copa.train.optim import build_optimizer
+from copa.train.sampler import loader_generator
+from copa.train.selector_stage import PoolSampler
+from copa.utils.device import autocast, resolve_precision
+
+log = logging.getLogger(__name__)
+
+WORD = re.compile(r"[a-z]+")
+
+
+def phrase_words(phrase: str) -> list[str]:
+    """The distinct lower-case words of an object's phrase, in order."""
+    return list(dict.fromkeys(WORD.findall(phrase.lower())))
+
+
+def vocabulary(records: Sequence[Record], min_count: int = 1) -> list[str]:
+    """The sorted words that name at least ``min_count`` objects of ``records``."""
+    counts = Counter(w for r in records for o in r.objects for w in phrase_words(o.phrase))
+    return sorted(w for w, c in counts.items() if c >= min_count)
+
+
+@dataclass(frozen=True)
+class ObjectLabel:
+    """One object of an image: the stem's grid cell under its centre and its words' indices."""
+
+    cell: int
+    words: tuple[int, ...]
+
+
+def object_labels(
+    rec: Record, index: dict[str, int], grid: int, size: tuple[int, int]
+) -> list[ObjectLabel]:
+    """The labelled objects of ``rec`` (its image ``size`` (w, h) pixels) on a ``grid`` x ``grid``
+    stem output (the image is resized to a square, as the model's transform does). Objects whose
+    centre lies outside the image or whose phrase has no word of the vocabulary are left out."""
+    out = []
+    for o in rec.objects:
+        x, y, w, h = o.box
+        cx, cy = (x + w / 2) / max(size[0], 1), (y + h / 2) / max(size[1], 1)
+        words = tuple(index[t] for t in phrase_words(o.phrase) if t in index)
+        if not (0.0 <= cx < 1.0 and 0.0 <= cy < 1.0) or not words:
+            continue
+        out.append(ObjectLabel(int(cy * grid) * grid + int(cx * grid), words))
+    return out
+
+
+class LabelledImages(Dataset):
+    """Item ``key`` (any int; taken modulo the number of images) -> ((3, H, W) image, its
+    ``ObjectLabel``s on a ``grid`` x ``grid`` stem output), or the record's index when its image
+    cannot be read (the collate passes it on, the stage counts it).
+
+    The stage has no augmentation, so an image looks the same every epoch: the first
+    ``cache_bytes`` worth of decoded images are kept (as float16) and not decoded again — at the
+    demo's 4,000 images of 128 px (0.4 GB) a step costs ~0.10 s instead of ~0.16 s in fp32."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        index: dict[str, int],
+        grid: int,
+        transform: ImageTransform,
+        cfg: DataConfig,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.records, self.index, self.grid = list(records), index, grid
+        self.transform, self.cfg = transform, cfg
+        per_image = 2 * 3 * transform.image_size**2
+        self.cache_limit = cache_bytes // per_image
+        self.cache: dict[int, tuple[Tensor, list[ObjectLabel]] | int] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int) -> tuple[Tensor, list[ObjectLabel]] | int:
+        i = int(key) % len(self.records)
+        if i in self.cache:
+            item = self.cache[i]
+            return item if isinstance(item, int) else (item[0].float(), item[1])
+        rec = self.records[i]
+        try:
+            loaded = load_image(rec, self.cfg)
+        except ImageError as e:
+            log.warning("stem stage: %s: %s", rec.image, e)
+            self.cache[i] = i  # an unreadable image costs no memory: remembered whatever the limit
+            return i
+        out = self.transform(loaded.image), object_labels(rec, self.index, self.grid, loaded.orig_size)
+        if i < self.cache_limit:
+            self.cache[i] = (out[0].half(), out[1])
+        return out
+
+
+def collate(items: list[Any]) -> tuple[Tensor, list[list[ObjectLabel]], list[int]]:
+    """-> (B, 3, H, W) images, their labels, and the indices of the records that were unreadable."""
+    good = [it for it in items if not isinstance(it, int)]
+    bad = [it for it in items if isinstance(it, int)]
+    if not good:
+        return torch.zeros(0), [], bad
+    return torch.stack([im for im, _ in good]), [lab for _, lab in good], bad
+
+
+class WordHead(nn.Module):
+    """The stage's classifier, thrown away after it: LayerNorm + Linear from a stem cell (D) to one
+    logit per vocabulary word."""
+
+    def __init__(self, width: int, words: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, words)
+
+    def forward(self, cells: Tensor) -> Tensor:
+        """(O, D) -> (O, V)"""
+        return self.proj(self.norm(cells))
+
+
+def object_cells(grid_features: Tensor, labels: Sequence[list[ObjectLabel]]) -> tuple[Tensor, Tensor]:
+    """(B, D, g, g) stem output, per-image labels -> ((O, D) features at the objects' cells,
+    (O,) image index of each)."""
+    rows = torch.tensor([b for b, labs in enumerate(labels) for _ in labs], dtype=torch.long)
+    cells = torch.tensor([o.cell for labs in labels for o in labs], dtype=torch.long)
+    flat = grid_features.flatten(2).transpose(1, 2)  # (B, g*g, D)
+    return flat[rows, cells], rows
+
+
+def targets(labels: Sequence[list[ObjectLabel]], words: int) -> Tensor:
+    """(O, V) multi-hot targets of every object of the batch."""
+    out = torch.zeros(sum(len(labs) for labs in labels), words)
+    k = 0
+    for labs in labels:
+        for o in labs:
+            out[k, list(o.words)] = 1.0
+            k += 1
+    return out
+
+
+def word_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy against an object's words as one distribution ((O, V) logits, (O, V)
+    multi-hot) -> scalar, the mean over objects. Validation phrase accuracy 0.62 against 0.57 for a
+    softmax per word against the words that do not name the object and 0.47 for per-word sigmoids,
+    at the same steps (BENCHMARKS.md, session 13)."""
+    return F.cross_entropy(logits, target / target.sum(1, keepdim=True))
+
+
+@dataclass
+class StemStageResult:
+    steps: int
+    images: int  # images with an object named by a word of the vocabulary
+    objects: int  # labelled objects read over all steps
+    vocabulary: list[str]
+    first_loss: float
+    last_loss: float  # mean of the last 10 steps
+    wall_s: float
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    val: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@torch.no_grad()
+def word_accuracy(
+    stem: nn.Module, head: WordHead, data: LabelledImages, vocab_size: int, batch: int = 64
+) -> dict[str, float]:
+    """On held-out labelled images: ``phrase_accuracy`` (an object's top-k words, k its number of
+    words, are exactly its words) and ``word_recall`` (share of its words in that top-k), beside
+    ``phrase_accuracy_majority`` (every object given the k most frequent words of the set)."""
+    was = stem.training
+    stem.eval()
+    hit = right = total = words = 0
+    freq = torch.zeros(vocab_size)
+    pairs: list[tuple[Tensor, ObjectLabel]] = []
+    try:
+        for i in range(0, len(data), batch):
+            imgs, labels, _ = collate([data[j] for j in range(i, min(i + batch, len(data)))])
+            if not labels or not any(labels):
+                continue
+            feats, _ = object_cells(stem(imgs), labels)
+            logits = head(feats)
+            for lg, o in zip(logits, (o for labs in labels for o in labs), strict=True):
+                pairs.append((lg, o))
+                freq[list(o.words)] += 1
+    finally:
+        stem.train(was)
+    for lg, o in pairs:
+        top = set(lg.topk(len(o.words)).indices.tolist())
+        own = set(o.words)
+        right += len(top & own)
+        words += len(own)
+        hit += int(top == own)
+        total += 1
+    if not total:
+        return {}
+    order = freq.argsort(descending=True).tolist()
+    majority = sum(int(set(order[: len(o.words)]) == set(o.words)) for _, o in pairs)
+    return {
+        "objects": float(total),
+        "phrase_accuracy": hit / total,
+        "word_recall": right / words,
+        "phrase_accuracy_majority": majority / total,
+    }
+
+
+def labelled(records: Sequence[Record], index: dict[str, int], skipped: Counter[str]) -> list[Record]:
+    """The records with an object whose phrase has a word of ``index`` (the others counted)."""
+    keep = []
+    for r in records:
+        n = sum(1 for o in r.objects if any(t in index for t in phrase_words(o.phrase)))
+        if not n:
+            skipped["records_without_labelled_objects"] += 1
+            continue
+        skipped["objects_without_a_known_word"] += len(r.objects) - n
+        keep.append(r)
+    return keep
+
+
+def train_stem(
+    model: COPAModel,
+    cfg: Config,
+    records: Sequence[Record],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    val_records: Sequence[Record] = (),
+) -> StemStageResult:
+    """Train ``model``'s image stem (in place; nothing else changes) to name the objects of
+    ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up; then measure its word accuracy on ``val_records`` (a fresh head is not needed:
+    the stage's head reads them)."""
+    if steps <= 0:
+        raise UserError(f"the stem stage needs a positive number of steps, got {steps}")
+    if batch_size <= 0:
+        raise UserError(f"the stem stage needs a positive batch size, got {batch_size}")
+    vocab = vocabulary(records)
+    if not vocab:
+        raise UserError("no record carries an object with a phrase: the stem stage has nothing to learn")
+    index = {w: i for i, w in enumerate(vocab)}
+    skipped: Counter[str] = Counter()
+    recs = labelled(records, index, skipped)
+    transform = ImageTransform.from_config(model.cfg)
+    data = LabelledImages(recs, index, model.grid, transform, cfg.data)
+    loader = DataLoader(
+        data,
+        batch_size=min(batch_size, len(recs)),
+        sampler=PoolSampler(len(recs), list(range(len(recs))), cfg.seed),
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        generator=loader_generator(cfg.seed),
+    )
+    stem = model.vision.patch_embed
+    torch.manual_seed(cfg.seed)
+    head = WordHead(model.vision.cfg.width, len(vocab))
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [*stem.parameters(), *head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    stem.train()
+    group = {"params": params, "lr": lr, "weight_decay": cfg.train.weight_decay}
+    # a short warm-up, then a constant rate: the stage ends while the stem is still learning fast
+    # (validation phrase accuracy 0.44 -> 0.73 from step 200 to 400), and a cosine to zero over the
+    # same steps ended at 0.57 against 0.69-0.71 (BENCHMARKS.md, session 13)
+    opt, sched = build_optimizer([group], steps, warmup=steps // 20, floor=1.0)
+    dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    objects = empty = 0
+    unreadable: set[int] = set()
+    try:
+        batches = iter(loader)
+        step = 0
+        while step < steps:
+            imgs, labs, bad = next(batches)
+            unreadable.update(bad)
+            if not any(labs):  # every image of the batch unreadable, or no object centre inside it
+                empty += 1
+                if empty > 2 * len(recs) // loader.batch_size + 2:  # two passes without a label
+                    raise UserError(
+                        f"the stem stage read {empty} batches without a labelled object: "
+                        f"{len(unreadable)} of {len(recs)} images unreadable, the others' object "
+                        "centres outside their images"
+                    )
+                continue
+            empty = 0
+            with autocast(torch.device("cpu"), dtype):
+                feats, _ = object_cells(stem(imgs), labs)
+                logits = head(feats).float()
+            loss = word_loss(logits, targets(labs, len(vocab)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            objects += logits.shape[0]
+            losses.append(float(loss.detach()))
+            if step % max(1, steps // 5) == 0 or step == 1:
+                log.info("stem stage step %d/%d: word loss %.4f", step, steps, losses[-1])
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    skipped["unreadable_images"] = len(unreadable)
+    model.train(model.training)  # a frozen conv stem goes back to eval mode as the model wants
+    wall = time.perf_counter() - t0
+    val: dict[str, float] = {}
+    if val_records:
+        vr = labelled(val_records, index, Counter())
+        if vr:
+            val = word_accuracy(stem, head, LabelledImages(vr, index, model.grid, transform, cfg.data), len(vocab))
+    return StemStageResult(
+        steps,
+        len(recs),
+        objects,
+        vocab,
+        losses[0],
+        float(np.mean(losses[-10:])),
+        wall,
+        {k: v for k, v in skipped.items() if v},
+        val,
+    )
+
+
+def run_stem_stage(
+    cfg: Config,
+    records: str | Path,
+    out: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    init: str | Path | None = None,
+) -> dict[str, Any]:
+    """``copa stem-stage``: build the configured model (or load ``init``), train its stem on the
+    labelled objects of ``records`` (any format ``copa.data.readers`` reads), and save ``out/model``
+    (the starting point of ``copa pretrain --init``) and ``out/summary.json``. Word accuracy is
+    measured on ``cfg.data.val`` when it carries objects. Returns the summary."""
+    from copa.data.readers import read_records
+    from copa.model.copa import build_model, load
+
+    model = load(init).train() if init else build_model(cfg.model)
+    cfg = dataclasses.replace(cfg, model=model.cfg)
+    recs = read_records(records, cfg.data.format, cfg.data.image_root)
+    val: list[Record] = []
+    if cfg.data.val and Path(cfg.data.val).exists():
+        val = list(read_records(cfg.data.val, cfg.data.format, cfg.data.image_root))
+    res = train_stem(model, cfg, recs, steps, batch_size, lr, val)
+    out = Path(out)
+    model.save_pretrained(out / "model")
+    summary = {"records": str(records), "init": str(init) if init else None, **dataclasses.asdict(res)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

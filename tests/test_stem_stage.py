@@ -1,0 +1,122 @@
+"""The image stem's warm start on labelled objects: only the stem moves and learns to name the
+objects, labels land on the right cells, bad images are skipped and counted, the command writes a
+model that pre-training starts from."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from copa.data.readers import read_records
+from copa.data.records import Obj, Record
+from copa.errors import UserError
+from copa.model.copa import COPAModel, load
+from copa.train.stem_stage import (
+    object_labels,
+    phrase_words,
+    run_stem_stage,
+    train_stem,
+    vocabulary,
+    word_loss,
+)
+from tests.conftest import train_config
+
+
+def test_only_the_stem_learns_to_name_the_objects(synth_dir):
+    cfg = train_config(synth_dir, "model.vision.stem=conv")
+    torch.manual_seed(0)
+    model = COPAModel(cfg.model)
+    model.text.freeze(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    recs = read_records(synth_dir / "train_all_boxes.json")
+    res = train_stem(model, cfg, recs, steps=60, batch_size=8, lr=3e-3, val_records=recs)
+    assert res.steps == 60 and res.images == len(recs) and res.skipped == {}
+    assert res.last_loss < 0.7 * res.first_loss, res
+    assert {"small", "large"} <= set(res.vocabulary)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("vision.patch_embed.") for k in moved), sorted(moved)[:5]
+    assert any("running_mean" in k for k in moved)  # the BatchNorm statistics are the new images'
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    # it names the objects it was trained on far better than the most frequent words do
+    val = res.val
+    assert val["objects"] == sum(len(r.objects) for r in recs)
+    assert val["word_recall"] > 0.6 and val["phrase_accuracy"] > val["phrase_accuracy_majority"] + 0.1, val
+
+
+def test_labels_land_on_the_cell_under_the_object_centre():
+    index = {w: i for i, w in enumerate(["big", "dog", "red"])}
+    rec = Record(
+        image="x.png",
+        width=100,
+        height=50,
+        objects=[
+            Obj((60.0, 10.0, 20.0, 20.0), "a big red dog"),  # centre (70, 20): column 2, row 1 of 4
+            Obj((95.0, 10.0, 20.0, 20.0), "red dog"),  # centre outside the image
+            Obj((0.0, 0.0, 10.0, 10.0), "a cat"),  # no word of the vocabulary
+        ],
+    )
+    (lab,) = object_labels(rec, index, 4, (100, 50))
+    assert lab.cell == 1 * 4 + 2 and lab.words == (0, 2, 1)
+    assert phrase_words("The red, red Dog") == ["the", "red", "dog"]
+    assert vocabulary([rec]) == ["a", "big", "cat", "dog", "red"]
+
+
+def test_word_loss_is_the_cross_entropy_to_the_objects_words():
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    right = torch.tensor([[9.0, 9.0, -9.0, -9.0]])
+    assert word_loss(right, target) == pytest.approx(math.log(2), abs=1e-3)  # its two words share the mass
+    assert word_loss(torch.zeros(1, 4), target) == pytest.approx(math.log(4))
+    assert word_loss(-right, target) > 10
+
+
+def test_unreadable_images_are_skipped_and_counted(synth_dir, tmp_path):
+    recs = json.loads((synth_dir / "train_all_boxes.json").read_text())
+    for r in recs:
+        r["image"] = str(synth_dir / r["image"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    recs[0]["image"] = str(tmp_path / "broken.png")
+    recs[1]["image"] = str(tmp_path / "missing.png")
+    recs[2]["objects"] = []
+    (tmp_path / "recs.json").write_text(json.dumps(recs))
+    cfg = train_config(synth_dir)
+    res = train_stem(COPAModel(cfg.model), cfg, read_records(tmp_path / "recs.json"), steps=8, batch_size=8)
+    assert res.steps == 8
+    assert res.skipped["unreadable_images"] == 2
+    assert res.skipped["records_without_labelled_objects"] == 1
+    # nothing readable at all: a clear error, not an endless loop
+    bad = [r | {"image": str(tmp_path / "missing.png")} for r in recs[3:]]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="without a labelled object"):
+        train_stem(COPAModel(cfg.model), cfg, read_records(tmp_path / "bad.json"), steps=2, batch_size=4)
+
+
+def test_records_without_phrases_and_bad_settings_are_user_errors(synth_dir):
+    cfg = train_config(synth_dir)
+    model = COPAModel(cfg.model)
+    recs = read_records(synth_dir / "train.json")
+    bare = [Record(image=r.image, width=r.width, height=r.height) for r in recs]
+    with pytest.raises(UserError, match="nothing to learn"):
+        train_stem(model, cfg, bare, steps=2)
+    with pytest.raises(UserError, match="positive number of steps"):
+        train_stem(model, cfg, recs, steps=0)
+    with pytest.raises(UserError, match="positive batch size"):
+        train_stem(model, cfg, recs, steps=2, batch_size=0)
+
+
+def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_path):
+    cfg = train_config(synth_dir, "model.vision.stem=conv")
+    summary = run_stem_stage(cfg, synth_dir / "train_all_boxes.json", tmp_path / "stem", steps=3, batch_size=4)
+    assert summary["steps"] == 3 and summary["val"]["objects"] > 0  # data.val carries objects
+    saved = json.loads((tmp_path / "stem" / "summary.json").read_text())
+    assert saved["vocabulary"] == summary["vocabulary"]
+    model = load(tmp_path / "stem" / "model")
+    fresh = COPAModel(cfg.model).state_dict()
+    stem = {k for k, v in model.state_dict().items() if k.startswith("vision.patch_embed.")}
+    assert any(not torch.equal(model.state_dict()[k], fresh[k]) for k in stem)
+    assert Counter(k.split(".")[0] for k in model.state_dict()) == Counter(k.split(".")[0] for k in fresh)
