@@ -53,7 +53,12 @@ def _fake_outputs(args: argparse.Namespace) -> None:
             "first_loss": 3.0,
             "last_loss": 1.0,
             "wall_s": 1.0,
-            "val": {"objects": 9.0, "phrase_accuracy": 0.5, "word_recall": 0.8, "phrase_accuracy_majority": 0.1},
+            "val": {
+                "objects": 9.0,
+                "phrase_accuracy": 0.5,
+                "word_recall": 0.8,
+                "phrase_accuracy_majority": 0.1,
+            },
         }
         (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "pta-eval":

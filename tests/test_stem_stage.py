@@ -111,7 +111,9 @@ def test_records_without_phrases_and_bad_settings_are_user_errors(synth_dir):
 
 def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_path):
     cfg = train_config(synth_dir, "model.vision.stem=conv")
-    summary = run_stem_stage(cfg, synth_dir / "train_all_boxes.json", tmp_path / "stem", steps=3, batch_size=4)
+    summary = run_stem_stage(
+        cfg, synth_dir / "train_all_boxes.json", tmp_path / "stem", steps=3, batch_size=4
+    )
     assert summary["steps"] == 3 and summary["val"]["objects"] > 0  # data.val carries objects
     saved = json.loads((tmp_path / "stem" / "summary.json").read_text())
     assert saved["vocabulary"] == summary["vocabulary"]

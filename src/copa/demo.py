@@ -361,7 +361,10 @@ class Demo:
             self.results["stem"] = {
                 "aux_images": p.n_aux,
                 "aux_seed": p.aux_seed,
-                **{k: s[k] for k in ("steps", "images", "vocabulary", "first_loss", "last_loss", "wall_s", "val")},
+                **{
+                    k: s[k]
+                    for k in ("steps", "images", "vocabulary", "first_loss", "last_loss", "wall_s", "val")
+                },
             }
         return out / "model"
 

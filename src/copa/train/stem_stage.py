@@ -69,9 +69,7 @@ class ObjectLabel:
     words: tuple[int, ...]
 
 
-def object_labels(
-    rec: Record, index: dict[str, int], grid: int, size: tuple[int, int]
-) -> list[ObjectLabel]:
+def object_labels(rec: Record, index: dict[str, int], grid: int, size: tuple[int, int]) -> list[ObjectLabel]:
     """The labelled objects of ``rec`` (its image ``size`` (w, h) pixels) on a ``grid`` x ``grid``
     stem output (the image is resized to a square, as the model's transform does). Objects whose
     centre lies outside the image or whose phrase has no word of the vocabulary are left out."""
@@ -261,8 +259,8 @@ def train_stem(
     val_records: Sequence[Record] = (),
 ) -> StemStageResult:
     """Train ``model``'s image stem (in place; nothing else changes) to name the objects of
-    ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up; then measure its word accuracy on ``val_records`` (a fresh head is not needed:
-    the stage's head reads them)."""
+    ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up;
+    then measure its word accuracy on ``val_records`` with the stage's own head."""
     if steps <= 0:
         raise UserError(f"the stem stage needs a positive number of steps, got {steps}")
     if batch_size <= 0:
@@ -342,7 +340,9 @@ def train_stem(
     if val_records:
         vr = labelled(val_records, index, Counter())
         if vr:
-            val = word_accuracy(stem, head, LabelledImages(vr, index, model.grid, transform, cfg.data), len(vocab))
+            val = word_accuracy(
+                stem, head, LabelledImages(vr, index, model.grid, transform, cfg.data), len(vocab)
+            )
     return StemStageResult(
         steps,
         len(recs),
