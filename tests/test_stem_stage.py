@@ -122,3 +122,8 @@ def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_pat
     stem = {k for k, v in model.state_dict().items() if k.startswith("vision.patch_embed.")}
     assert any(not torch.equal(model.state_dict()[k], fresh[k]) for k in stem)
     assert Counter(k.split(".")[0] for k in model.state_dict()) == Counter(k.split(".")[0] for k in fresh)
+    # seeded: the same command gives the same model
+    torch.manual_seed(123)  # whatever the caller's RNG state
+    run_stem_stage(cfg, recs, tmp_path / "again", steps=3, batch_size=4)
+    again = load(tmp_path / "again" / "model").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())

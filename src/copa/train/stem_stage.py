@@ -372,6 +372,7 @@ def run_stem_stage(
     from copa.data.readers import read_records
     from copa.model.copa import build_model, load
 
+    torch.manual_seed(cfg.seed)  # the fresh model's weights: the same run gives the same stem
     model = load(init).train() if init else build_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=model.cfg)
     recs = read_records(records, cfg.data.format, cfg.data.image_root)
