@@ -111,15 +111,14 @@ def test_records_without_phrases_and_bad_settings_are_user_errors(synth_dir):
 
 def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_path):
     cfg = train_config(synth_dir, "model.vision.stem=conv")
-    summary = run_stem_stage(
-        cfg, synth_dir / "train_all_boxes.json", tmp_path / "stem", steps=3, batch_size=4
-    )
+    recs = synth_dir / "train_all_boxes.json"
+    summary = run_stem_stage(cfg, recs, tmp_path / "stem", steps=3, batch_size=4)
     assert summary["steps"] == 3 and summary["val"]["objects"] > 0  # data.val carries objects
     saved = json.loads((tmp_path / "stem" / "summary.json").read_text())
     assert saved["vocabulary"] == summary["vocabulary"]
     model = load(tmp_path / "stem" / "model")
     fresh = COPAModel(cfg.model).state_dict()
-    stem = {k for k, v in model.state_dict().items() if k.startswith("vision.patch_embed.")}
+    stem = [k for k in model.state_dict() if k.startswith("vision.patch_embed.")]
     assert any(not torch.equal(model.state_dict()[k], fresh[k]) for k in stem)
     assert Counter(k.split(".")[0] for k in model.state_dict()) == Counter(k.split(".")[0] for k in fresh)
     # seeded: the same command gives the same model
