@@ -91,7 +91,7 @@ class LabelledImages(Dataset):
 
     The stage has no augmentation, so an image looks the same every epoch: the first
     ``cache_bytes`` worth of decoded images are kept (as float16) and not decoded again — at the
-    demo's 4,000 images of 128 px (0.4 GB) a step costs ~0.10 s instead of ~0.16 s in fp32."""
+    demo's 4,000 images of 128 px (0.4 GB) a step costs ~0.12 s instead of ~0.16 s (emulated AVX2 fp32)."""
 
     def __init__(
         self,
@@ -174,9 +174,9 @@ def targets(labels: Sequence[list[ObjectLabel]], words: int) -> Tensor:
 
 def word_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Softmax cross-entropy against an object's words as one distribution ((O, V) logits, (O, V)
-    multi-hot) -> scalar, the mean over objects. Validation phrase accuracy 0.62 against 0.57 for a
-    softmax per word against the words that do not name the object and 0.47 for per-word sigmoids,
-    at the same steps (BENCHMARKS.md, session 13)."""
+    multi-hot) -> scalar, the mean over objects. Validation phrase accuracy at peak LR 2e-3: 0.62
+    against 0.57 for a softmax per word against the words that do not name the object; per-word
+    sigmoids reached 0.47 at 1e-3, where this reached 0.57 (BENCHMARKS.md, session 13)."""
     return F.cross_entropy(logits, target / target.sum(1, keepdim=True))
 
 
