@@ -103,3 +103,18 @@ def test_lr_head_reaches_exactly_the_heads_trained_from_scratch(micro_model):
         g["name"]: g["lr"] for g in optim.param_groups(micro_model, micro_config("train.lr=1e-3").train)
     }
     assert default["head"] == default["rest"] == 1e-3
+
+
+def test_trainable_only_trains_the_given_parameters_and_restores_every_flag():
+    import pytest
+    from torch import nn
+
+    from copa.train.optim import trainable_only
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].bias.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError), trainable_only(model, [model[0].weight]):
+        assert [p.requires_grad for p in model.parameters()] == [True, False, False, False]
+        raise RuntimeError("a stage that fails")
+    assert [p.requires_grad for p in model.parameters()] == before

@@ -5,9 +5,10 @@ probe all build their optimizer here, so a change of recipe reaches every caller
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -91,6 +92,22 @@ def _kernel(params: list[torch.Tensor]) -> dict[str, bool]:
     if kinds <= set(_get_foreach_kernels_supported_devices()):
         return {"foreach": True}
     return {}
+
+
+@contextlib.contextmanager
+def trainable_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``params`` take gradients (a stage that trains one part of ``model``);
+    afterwards every parameter of ``model`` has its own ``requires_grad`` back, also on an error."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def adamw(

@@ -36,7 +36,7 @@ from copa.config import Config
 from copa.errors import UserError
 from copa.model.copa import COPAModel
 from copa.train.losses import PretrainObjective, phrase_queries
-from copa.train.optim import build_optimizer
+from copa.train.optim import build_optimizer, trainable_only
 from copa.train.sampler import EpochSeeded, loader_generator
 
 log = logging.getLogger(__name__)
@@ -149,32 +149,27 @@ def train_selector(
     per_epoch = len(loader.sampler.pool) // loader.batch_size  # type: ignore[attr-defined]
     distinct = min(steps, views * per_epoch) if views else steps
     params = model.selector_parameters()
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
-    model.eval()
-    objective = PretrainObjective(
-        model,
-        {"pta": 1.0},
-        pta_pos_weight=t.pta_pos_weight,
-        pta_contrast=t.pta_contrast,
-        pta_other_weight=t.pta_other_weight,
-    )
-    # one group, decay on every tensor, Adam's default β2, warm-up then a cosine to zero: at a
-    # constant rate validation specificity swung by ±0.05 from one 100 steps to the next; decayed it
-    # ends where it stops rising (BENCHMARKS.md, session 8)
-    group = {
-        "params": params,
-        "lr": lr or t.lr_selector or t.lr,
-        "weight_decay": t.weight_decay,
-    }
-    opt, sched = build_optimizer([group], steps, warmup=steps // 10, floor=0.0, betas=(0.9, 0.999))
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    try:
+    with trainable_only(model, params):
+        # eval mode: the frozen parts run as at inference (no dropout / drop-path); the selector has none
+        model.eval()
+        objective = PretrainObjective(
+            model,
+            {"pta": 1.0},
+            pta_pos_weight=t.pta_pos_weight,
+            pta_contrast=t.pta_contrast,
+            pta_other_weight=t.pta_other_weight,
+        )
+        # one group, decay on every tensor, Adam's default β2, warm-up then a cosine to zero: at a
+        # constant rate validation specificity swung by ±0.05 from one 100 steps to the next; decayed it
+        # ends where it stops rising (BENCHMARKS.md, session 8)
+        group = {
+            "params": params,
+            "lr": lr or t.lr_selector or t.lr,
+            "weight_decay": t.weight_decay,
+        }
+        opt, sched = build_optimizer([group], steps, warmup=steps // 10, floor=0.0, betas=(0.9, 0.999))
+        losses: list[float] = []
+        t0 = time.perf_counter()
         inputs = StepInputs(model, iter(loader), distinct if distinct < steps else None, cfg.seed)
         for step in range(1, steps + 1):
             batch, prefix, query = next(inputs)
@@ -186,9 +181,6 @@ def train_selector(
             losses.append(float(loss.detach()))
             if step % max(1, steps // 5) == 0 or step == 1:
                 log.info("selector stage step %d/%d: pta %.4f", step, steps, losses[-1])
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
     return SelectorStageResult(
         steps, boxed, losses[0], float(np.mean(losses[-10:])), time.perf_counter() - t0, views, distinct
     )

@@ -40,7 +40,7 @@ from copa.data.records import Record
 from copa.errors import UserError
 from copa.model.copa import COPAModel
 from copa.preprocess import ImageTransform
-from copa.train.optim import build_optimizer
+from copa.train.optim import build_optimizer, trainable_only
 from copa.train.sampler import loader_generator
 from copa.train.selector_stage import PoolSampler
 from copa.utils.device import autocast, resolve_precision
@@ -152,13 +152,12 @@ class WordHead(nn.Module):
         return self.proj(self.norm(cells))
 
 
-def object_cells(grid_features: Tensor, labels: Sequence[list[ObjectLabel]]) -> tuple[Tensor, Tensor]:
-    """(B, D, g, g) stem output, per-image labels -> ((O, D) features at the objects' cells,
-    (O,) image index of each)."""
+def object_cells(grid_features: Tensor, labels: Sequence[list[ObjectLabel]]) -> Tensor:
+    """(B, D, g, g) stem output, per-image labels -> (O, D) features at the objects' cells."""
     rows = torch.tensor([b for b, labs in enumerate(labels) for _ in labs], dtype=torch.long)
     cells = torch.tensor([o.cell for labs in labels for o in labs], dtype=torch.long)
     flat = grid_features.flatten(2).transpose(1, 2)  # (B, g*g, D)
-    return flat[rows, cells], rows
+    return flat[rows, cells]
 
 
 def targets(labels: Sequence[list[ObjectLabel]], words: int) -> Tensor:
@@ -208,9 +207,9 @@ def word_accuracy(
     try:
         for i in range(0, len(data), batch):
             imgs, labels, _ = collate([data[j] for j in range(i, min(i + batch, len(data)))])
-            if not labels or not any(labels):
+            if not any(labels):
                 continue
-            feats, _ = object_cells(stem(imgs), labels)
+            feats = object_cells(stem(imgs), labels)
             logits = head(feats)
             for lg, o in zip(logits, (o for labs in labels for o in labs), strict=True):
                 pairs.append((lg, o))
@@ -284,24 +283,19 @@ def train_stem(
     stem = model.vision.patch_embed
     torch.manual_seed(cfg.seed)
     head = WordHead(model.vision.cfg.width, len(vocab))
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [*stem.parameters(), *head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    stem.train()
-    group = {"params": params, "lr": lr, "weight_decay": cfg.train.weight_decay}
-    # a short warm-up, then a constant rate: the stage ends while the stem is still learning fast
-    # (validation phrase accuracy 0.44 -> 0.73 from step 200 to 400), and a cosine to zero over the
-    # same steps ended at 0.57 against 0.69-0.71 (BENCHMARKS.md, session 13)
-    opt, sched = build_optimizer([group], steps, warmup=steps // 20, floor=1.0)
-    dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    objects = empty = 0
-    unreadable: set[int] = set()
-    try:
+    with trainable_only(model, params):
+        stem.train()
+        group = {"params": params, "lr": lr, "weight_decay": cfg.train.weight_decay}
+        # a short warm-up, then a constant rate: the stage ends while the stem is still learning fast
+        # (validation phrase accuracy 0.44 -> 0.73 from step 200 to 400), and a cosine to zero over the
+        # same steps ended at 0.57 against 0.69-0.71 (BENCHMARKS.md, session 13)
+        opt, sched = build_optimizer([group], steps, warmup=steps // 20, floor=1.0)
+        dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        objects = empty = 0
+        unreadable: set[int] = set()
         batches = iter(loader)
         step = 0
         while step < steps:
@@ -318,7 +312,7 @@ def train_stem(
                 continue
             empty = 0
             with autocast(torch.device("cpu"), dtype):
-                feats, _ = object_cells(stem(imgs), labs)
+                feats = object_cells(stem(imgs), labs)
                 logits = head(feats).float()
             loss = word_loss(logits, targets(labs, len(vocab)))
             opt.zero_grad(set_to_none=True)
@@ -330,9 +324,6 @@ def train_stem(
             losses.append(float(loss.detach()))
             if step % max(1, steps // 5) == 0 or step == 1:
                 log.info("stem stage step %d/%d: word loss %.4f", step, steps, losses[-1])
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
     skipped["unreadable_images"] = len(unreadable)
     model.train(model.training)  # a frozen conv stem goes back to eval mode as the model wants
     wall = time.perf_counter() - t0
