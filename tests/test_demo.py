@@ -163,6 +163,14 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         # COPA's selection; VQA's fusion reads the TPD's relevance
         assert (ft.model.select.keep_ratios == [1.0]) is (ns.task in plan.finetune_unpruned)
         assert ft.train.fusion_relevance is (ns.task in plan.fusion_relevance)
+        # VQA starts from the fine-tuned captioner, the others from COPA's pre-training
+        source = plan.finetune_from.get(ns.task)
+        expected = demo_dir / "tasks" / source / "model" if source else demo_dir / "pta_copa" / "model"
+        assert ns.init == str(expected)
+    order = [ns.task for ns in by_cmd["finetune"]]
+    assert all(order.index(src) < order.index(t) for t, src in plan.finetune_from.items())
+    assert res["finetune_from"] == plan.finetune_from == {"vqa": "caption"}
+    assert "vqa starts from the fine-tuned caption model" in report
     # ... and every task's "pruned" evaluation still runs at the recommended keep ratio
     pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
     assert pruned == set(plan.finetune_steps)

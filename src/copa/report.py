@@ -350,6 +350,17 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 "from the kept ones (`DemoPlan.finetune_unpruned`; BENCHMARKS.md).",
             )
         )
+    chained = {t: src for t, src in res.get("finetune_from", {}).items() if t in tasks}
+    if chained:
+        out.append(
+            (
+                "p",
+                "; ".join(f"{t} starts from the fine-tuned {src} model" for t, src in chained.items())
+                + ", not from the pre-training: the trunk here trains ITC only, and the captioner's "
+                "fusion and decoder already put what they see into words, as the pre-trained decoder of "
+                "mPLUG or BLIP does before their VQA fine-tune (`DemoPlan.finetune_from`; BENCHMARKS.md).",
+            )
+        )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
     if relevance:
         out.append(
