@@ -171,6 +171,10 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert all(order.index(src) < order.index(t) for t, src in plan.finetune_from.items())
     assert res["finetune_from"] == plan.finetune_from == {"vqa": "caption"}
     assert "vqa starts from the fine-tuned caption model" in report
+    # the evaluations reuse each test image's ViT prefix across its questions
+    ev = by_cmd["evaluate"][0]
+    assert load_config(ev.config, ev.overrides).eval.feature_cache_mb == plan.eval_feature_cache_mb > 0
+    assert res["eval_feature_cache_mb"] == plan.eval_feature_cache_mb
     # ... and every task's "pruned" evaluation still runs at the recommended keep ratio
     pruned = {ns.task for ns in by_cmd["evaluate"] if str(ns.out).endswith("test_pruned")}
     assert pruned == set(plan.finetune_steps)

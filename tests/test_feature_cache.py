@@ -147,3 +147,49 @@ def test_a_frozen_text_encoder_caches_its_states_exactly():
     assert model.text.feature_cache is None and model.vision.feature_cache is cache
     with pytest.raises(ValueError, match="frozen"):
         model.text.use_feature_cache(cache)
+
+
+@pytest.mark.parametrize("task", ["grounding", "vqa"])
+def test_evaluation_with_the_cache_predicts_as_without_it(micro_init, synth_dir, tmp_path, task):
+    """``eval.feature_cache_mb``: an unfrozen model evaluated with the cache gives the same predictions
+    (each image's prefix reused across its questions), and the model leaves with its caches as before."""
+    preds = []
+    for mb in (0, 64):
+        out = tmp_path / f"mb{mb}"
+        sets = _sets(synth_dir, f"eval.feature_cache_mb={mb}")
+        args = ["evaluate", task, "--config", "configs/tiny.yaml", *sets, "--ckpt", str(micro_init)]
+        assert main([*args, "--split", "test", "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        preds.append([json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()])
+        if mb:
+            stats = metrics["feature_cache"]
+            assert stats["hits"] > 0 and stats["entries"] == stats["misses"]
+        else:
+            assert "feature_cache" not in metrics
+    assert len(preds[0]) == len(preds[1]) > 0
+    for a, b in zip(*preds, strict=True):
+        a.pop("time_s", None), b.pop("time_s", None)
+        if task == "vqa":
+            assert a == b
+        else:
+            assert a["index"] == b["index"]
+            b_pred = torch.tensor(b["box_pred_cxcywh"])
+            torch.testing.assert_close(torch.tensor(a["box_pred_cxcywh"]), b_pred, rtol=1e-4, atol=1e-5)
+
+
+def test_the_evaluation_cache_serves_a_trainable_model_in_eval_mode_and_restores_what_was_there():
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model)  # nothing frozen: training could not cache it
+    images, ids, mask = _pairs()
+    with pytest.raises(ValueError, match="eval mode"), model.evaluation_cache(FrozenFeatureCache(2**20)):
+        pass
+    model.eval()
+    with torch.no_grad():
+        plain = model.ground(model(images, ids, mask)).boxes
+        cache = FrozenFeatureCache(2**24)
+        with model.evaluation_cache(cache):
+            assert model.vision.feature_cache is cache and model.text.feature_cache is cache
+            cached = model.ground(model(images, ids, mask)).boxes
+    assert cache.stats.hits == 3 and cache.stats.misses == 3 + 6  # 3 images twice, 6 distinct texts
+    torch.testing.assert_close(plain, cached, rtol=1e-5, atol=1e-6)
+    assert model.vision.feature_cache is None and model.text.feature_cache is None

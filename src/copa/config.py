@@ -273,6 +273,10 @@ class EvalConfig:
     # untimed passes before an evaluation's throughput is measured (first calls pay kernel selection and
     # allocator growth); a process that evaluates many times may need fewer than the first does
     warmup_runs: int = 2
+    # MB for the encoders' per-input outputs within one evaluation (``COPAModel.evaluation_cache``): VQA
+    # and grounding compute each image's ViT prefix once for all its questions or expressions, and
+    # throughput then counts that reuse. 0 (default): every sample pays the whole model, as served
+    feature_cache_mb: int = 0
 
 
 @dataclass

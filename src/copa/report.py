@@ -209,6 +209,11 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
         "selection scores "
         "recall = keep ratio and specificity 0 in expectation. Throughput is VQA samples/s on the test split."
     )
+    if res.get("eval_feature_cache_mb"):
+        note += (
+            " Each test image's ViT prefix is computed once for all its questions there "
+            "(`eval.feature_cache_mb`); the benchmark section times the whole model per sample."
+        )
     if tight:
         note += (
             " The `at keep` columns: the same swap at a tighter keep ratio, where a selector must choose "

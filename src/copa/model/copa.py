@@ -394,6 +394,26 @@ class COPAModel(nn.Module):
         self.vision.use_feature_cache(cache if self.vision.backbone_frozen else None)
         self.text.use_feature_cache(cache if self.text.fully_frozen else None)
 
+    @contextlib.contextmanager
+    def evaluation_cache(self, cache: FrozenFeatureCache | None) -> Iterator[None]:
+        """While evaluating, serve what the encoders compute from one input alone from ``cache``, frozen
+        or not: in eval mode with no weight changing, the ViT prefix of an image and a text's states are
+        fixed functions of the input, and VQA or grounding read each image once per question or
+        expression. The caches in use before come back afterwards; None changes nothing."""
+        if cache is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("the evaluation cache needs the model in eval mode (no dropout, no drop-path)")
+        saved = self.vision.feature_cache, self.text.feature_cache
+        self.vision.use_feature_cache(cache, frozen_only=False)
+        self.text.use_feature_cache(cache, frozen_only=False)
+        try:
+            yield
+        finally:
+            self.vision.use_feature_cache(saved[0], frozen_only=False)
+            self.text.use_feature_cache(saved[1], frozen_only=False)
+
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:
         """AdaBN for a conv stem: its BatchNorm statistics re-estimated on ``images`` ((B, 3, H, W)
         batches, normalised as the model expects) of a new domain, no label and no weight touched

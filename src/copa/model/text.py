@@ -160,10 +160,11 @@ class TextEncoder(nn.Module):
     def fully_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
-    def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
+    def use_feature_cache(self, cache: FrozenFeatureCache | None, frozen_only: bool = True) -> None:
         """Serve the states of token rows seen before from ``cache`` (None: stop); only a fully frozen
-        encoder may (its frozen modules run in eval mode: no dropout), see ``copa.model.feature_cache``."""
-        if cache is not None and not self.fully_frozen:
+        encoder may (its frozen modules run in eval mode: no dropout), see ``copa.model.feature_cache``;
+        ``frozen_only=False`` is for evaluation, where no weight changes while the cache lives."""
+        if cache is not None and frozen_only and not self.fully_frozen:
             raise ValueError("only a fully frozen text encoder can cache its states (freeze_text_layers -1)")
         self.feature_cache = cache
 

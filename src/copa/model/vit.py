@@ -296,11 +296,12 @@ class VisionTransformer(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)  # a conv stem's BatchNorm goes to eval mode now, not at the next train()
 
-    def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
+    def use_feature_cache(self, cache: FrozenFeatureCache | None, frozen_only: bool = True) -> None:
         """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
         ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
-        function of the pixels."""
-        if cache is not None and not self.backbone_frozen:
+        function of the pixels. ``frozen_only=False`` is for evaluation, where no weight changes
+        while the cache lives."""
+        if cache is not None and frozen_only and not self.backbone_frozen:
             raise ValueError("only a frozen ViT can cache its features (freeze_backbone first)")
         self.feature_cache = cache
 

@@ -281,7 +281,12 @@ def run_evaluation(
         data = task.build_dataset(cfg, split, False, v.image_size, v.patch_size)
         env = EvalEnv(cfg, device, dtype, task.options, Stopwatch(device))
         warm_up(model, env)
-        result = task.evaluate(model, data, env)
+        mb = cfg.eval.feature_cache_mb
+        cache = FrozenFeatureCache(mb * 2**20) if mb > 0 else None
+        with model.evaluation_cache(cache):
+            result = task.evaluate(model, data, env)
+        if cache is not None:
+            result.metrics["feature_cache"] = cache.stats.as_dict()
         result.metrics.update(
             {
                 "task": task.name,
