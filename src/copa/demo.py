@@ -503,10 +503,9 @@ class Demo:
             }
 
     def tasks(self, models: dict[str, Path]) -> None:
-        """Fine-tune each task once from COPA's pre-training (or another task's model, ``finetune_from``),
-        evaluate pruned and unpruned, and with the
-        other selectors swapped in (same weights; for the other pre-training rows, their trained
-        selectors): the ablation table."""
+        """Fine-tune each task once from COPA's pre-training (or from another task's fine-tuned model,
+        ``finetune_from``), evaluate pruned and unpruned, and with the other selectors swapped in (same
+        weights; for the other pre-training rows, their trained selectors): the ablation table."""
         from copa.evaluation import TASK_ABLATION_SELECTORS
 
         p = self.plan

@@ -361,9 +361,14 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             (
                 "p",
                 "; ".join(f"{t} starts from the fine-tuned {src} model" for t, src in chained.items())
-                + ", not from the pre-training: the trunk here trains ITC only, and the captioner's "
-                "fusion and decoder already put what they see into words, as the pre-trained decoder of "
-                "mPLUG or BLIP does before their VQA fine-tune (`DemoPlan.finetune_from`; BENCHMARKS.md).",
+                + ", not from the pre-training (`DemoPlan.finetune_from`; BENCHMARKS.md)"
+                + (
+                    ": the trunk here trains ITC only, and the captioner's fusion and decoder already put "
+                    "what they see into words, as the pre-trained decoder of mPLUG or BLIP does before "
+                    "their VQA fine-tune."
+                    if "caption" in chained.values()
+                    else "."
+                ),
             )
         )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
