@@ -164,7 +164,7 @@ TRUNK_LOSSES = [
     "train.loss_weights.pta=0.0",
 ]
 # the PTA stage's recipe (BENCHMARKS.md, "Text specificity past 0.5"): the image's other objects weigh
-# 10x the background under a phrase query, phrase-level negatives at 10x, and a selector LR of 2e-3. On
+# 15x the background under a phrase query, phrase-level negatives at 15x, and a selector LR of 2e-3. On
 # session 8's trunk 3x / 3x reached val specificity@0.25 0.59 after 300 steps (1x / 1x / 1e-3: 0.51
 # after 400); on the warm-stem trunk, whose objects all stand out, 3x / 3x reached 0.41-0.51 after 600
 # steps, 10x / 10x 0.51-0.65, 20x / 20x 0.55-0.59 but cost grounding 5 points in both seeds (test
