@@ -208,12 +208,15 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     swaps = {(ns.task, ns.selector or "", bool(ns.selectors_from)) for ns in by_cmd["evaluate"]}
     assert ("vqa", "tome", False) in swaps and ("grounding", "random", False) in swaps
     assert (("grounding", "", True) in swaps) is (not quick)  # the other pre-training rows' selectors
-    # grounding's selector swaps again at the tighter keep ratio, a column of the ablation table
-    tight = plan.tight_ablation["grounding"]
-    at_tight = {ns.selector for ns in by_cmd["evaluate"] if ns.task == "grounding" and ns.keep_ratio == tight}
-    assert {"random", "tome", "cls_attn", "text_attn"} <= at_tight
-    assert f"grounding acc@0.5 (%) at keep {tight}" in report
-    assert res["ablation_tight_keep"] == {"grounding": tight}
+    # grounding's and VQA's selectors swap again at the tighter keep ratio, columns of the ablation
+    # table: the parameter-free selector within reach of COPA (cls_attn), not those far behind it
+    assert set(plan.tight_ablation) == {"grounding", "vqa"}
+    for task, tight in plan.tight_ablation.items():
+        at_tight = {ns.selector for ns in by_cmd["evaluate"] if ns.task == task and ns.keep_ratio == tight}
+        assert set(plan.tight_selectors) <= at_tight and not {"random", "tome"} & at_tight, (task, at_tight)
+        label = "VQA acc (%)" if task == "vqa" else "grounding acc@0.5 (%)"
+        assert f"{label} at keep {tight}" in report
+    assert res["ablation_tight_keep"] == plan.tight_ablation
     (bench,) = by_cmd["bench"]
     assert (bench.precision, bench.warmup, bench.device, bench.batch) == ("fp32", 1, "cpu", 8)
     assert len(by_cmd["pta-stage"]) == (1 if quick else 2)

@@ -123,8 +123,14 @@ class DemoPlan:
     fusion_relevance: tuple[str, ...] = ("vqa",)
     # tasks whose selector ablation also runs at a tighter keep ratio. At 0.5 (32 of 64 patches) every
     # selector that keeps objects at all keeps all of them, and grounding ties; at 0.25 the kept
-    # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18)
-    tight_ablation: dict[str, float] = field(default_factory=lambda: {"grounding": 0.25})
+    # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18). VQA too:
+    # at 0.5 COPA and cls_attn were within +-2.3 points in both seeds (session 14); at 0.25 COPA 64.5 |
+    # 64.2, cls_attn 61.5 | 60.9, TPD without PTA 63.3 | 59.8 (seeds 0 | 1; BENCHMARKS.md, session 15)
+    tight_ablation: dict[str, float] = field(default_factory=lambda: {"grounding": 0.25, "vqa": 0.25})
+    # the parameter-free selectors swapped in at the tighter keep ratio: those within reach of COPA at
+    # the recommended one (random, ToMe and text_attn trail it there by 3.6-65 points), so the tight
+    # columns cost the demo what grounding's alone did (the PTA rows always run)
+    tight_selectors: tuple[str, ...] = ("cls_attn",)
     itm_topk: int = 4
     # each test image's ViT prefix computed once for all its questions / expressions in an evaluation:
     # a VQA evaluation's model time 3.5 -> 2.2 s, grounding's 1.9 -> 1.2 s, the same predictions
@@ -614,6 +620,8 @@ class Demo:
                         copa_dir = out / ("test_pruned" if ratio == keep else f"test_keep{ratio:g}")
                         # parameter-free selectors, same fine-tuned weights
                         for sel in TASK_ABLATION_SELECTORS:
+                            if suffix and sel not in p.tight_selectors:
+                                continue
                             tag = f"selector_{sel}{suffix}"
                             m = self.evaluate(name, out, sets, tag, ratio, "--selector", sel)
                             record(sel, name, m, key, suffix)

@@ -217,7 +217,8 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     if tight:
         note += (
             " The `at keep` columns: the same swap at a tighter keep ratio, where a selector must choose "
-            "between the objects, not just keep them all."
+            "between the objects, not just keep them all; only for the rows within reach of COPA at the "
+            "recommended keep (a dash: not run there)."
         )
     out: list[Block] = [
         ("h2", "Ablation: selectors at the same keep ratio"),
