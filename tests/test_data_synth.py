@@ -6,9 +6,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from copa.data.readers import read_records
 from copa.data.shards import iter_shards
-from copa.data.synth import COLOURS, SHAPES, write_synth
+from copa.data.synth import COLOURS, SHAPES, png_writer, write_synth
 
 SMALL = {"n_train": 6, "n_val": 3, "n_test": 2, "image_size": 64}
 
@@ -115,3 +119,15 @@ def test_five_captions_change_nothing_else(tmp_path):
             assert len(x.captions) == 3 and len(y.captions) == 5 and y.captions[:3] == x.captions
             assert len(set(y.captions)) == 5 and all(y.captions)
             assert (x.objects, x.questions, x.refs) == (y.objects, y.questions, y.refs)
+
+
+def test_png_writer_writes_every_image_before_the_block_ends_and_raises_a_failure(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(5)]
+    with png_writer() as write:
+        for i, img in enumerate(imgs):
+            write(img, tmp_path / f"{i}.png")
+    for i, img in enumerate(imgs):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i}.png")), img)
+    with pytest.raises(OSError), png_writer() as write:
+        write(imgs[0], tmp_path / "missing_dir" / "x.png")

@@ -32,6 +32,7 @@ from copa.data.synth import (
     _dump,
     coco_dicts,
     place_objects,
+    png_writer,
     scene_record,
     shape_mask,
 )
@@ -145,11 +146,12 @@ def write_synth_alt(out: str | Path, seed: int = 0, n_test: int = 60) -> dict[st
     # a different stream from the main generator's for the same seed
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA17]))
     records = []
-    for i in range(n_test):
-        img, rec = make_alt_scene(rng)
-        rec.image, rec.image_id = f"images/test/{i:06d}.png", i
-        Image.fromarray(img).save(out / rec.image, format="PNG", compress_level=6)
-        records.append(rec)
+    with png_writer() as write:
+        for i in range(n_test):
+            img, rec = make_alt_scene(rng)
+            rec.image, rec.image_id = f"images/test/{i:06d}.png", i
+            write(img, out / rec.image)
+            records.append(rec)
     _dump([r.to_dict() for r in records], out / "test.json")
     caps, inst = coco_dicts(records, "test", seed)
     _dump(caps, out / "annotations" / "captions_test.json")
