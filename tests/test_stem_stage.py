@@ -16,6 +16,7 @@ from copa.data.records import Obj, Record
 from copa.errors import UserError
 from copa.model.copa import COPAModel, load
 from copa.train.stem_stage import (
+    covered_cells,
     object_labels,
     phrase_words,
     run_stem_stage,
@@ -63,6 +64,15 @@ def test_labels_land_on_the_cell_under_the_object_centre():
     )
     (lab,) = object_labels(rec, index, 4, (100, 50))
     assert lab.cell == 1 * 4 + 2 and lab.words == (0, 2, 1)
+    # with ``cover`` every cell the box covers by that share of its area: the box spans x 2.4-3.2 and
+    # y 0.8-2.4 cells, covering cell (row 1, col 2) by 0.6, (1, 3) 0.2, (2, 2) 0.24, (0, 2) 0.12
+    covered = object_labels(rec, index, 4, (100, 50), cover=0.15)
+    assert [lab.cell for lab in covered] == [1 * 4 + 2, 1 * 4 + 3, 2 * 4 + 2]
+    assert all(lab.words == (0, 2, 1) for lab in covered)
+    assert [lab.cell for lab in object_labels(rec, index, 4, (100, 50), cover=0.5)] == [1 * 4 + 2]
+    # a box covering no cell by the share still labels the cell under its centre
+    assert covered_cells((0.6, 0.2, 0.2, 0.2), 4, 0.7) == []
+    assert [lab.cell for lab in object_labels(rec, index, 4, (100, 50), cover=0.7)] == [1 * 4 + 2]
     assert phrase_words("The red, red Dog") == ["the", "red", "dog"]
     assert vocabulary([rec]) == ["a", "big", "cat", "dog", "red"]
 
@@ -107,6 +117,8 @@ def test_records_without_phrases_and_bad_settings_are_user_errors(synth_dir):
         train_stem(model, cfg, recs, steps=0)
     with pytest.raises(UserError, match="positive batch size"):
         train_stem(model, cfg, recs, steps=2, batch_size=0)
+    with pytest.raises(UserError, match="cover"):
+        train_stem(model, cfg, recs, steps=2, cover=1.5)
 
 
 def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_path):
@@ -126,3 +138,8 @@ def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_pat
     run_stem_stage(cfg, recs, tmp_path / "again", steps=3, batch_size=4)
     again = load(tmp_path / "again" / "model").state_dict()
     assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    # labelling every cell an object covers reads more cells from the same images and steps
+    covered = run_stem_stage(cfg, recs, tmp_path / "covered", steps=3, batch_size=4, cover=0.25)
+    assert covered["cover"] == 0.25 and summary["cover"] is None
+    assert covered["objects"] > summary["objects"]
+    assert covered["val"]["objects"] == summary["val"]["objects"]  # validated at the centres alike

@@ -63,6 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=400, help="stem updates (default 400)")
     s.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    s.add_argument(
+        "--cover",
+        type=float,
+        default=0.0,
+        help="also label every stem cell an object's box covers by at least this share of the cell's "
+        "area (e.g. 0.25); 0 (default): only the cell under the object's centre",
+    )
     s.set_defaults(func=run_stem_stage)
 
     r = sub.add_parser(
@@ -100,7 +107,8 @@ def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
 def run_stem_stage(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.stem_stage import run_stem_stage as stage
 
-    summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init)
+    cover = args.cover if args.cover > 0 else None
+    summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init, cover)
     print(json.dumps({k: v for k, v in summary.items() if k != "vocabulary"}, indent=2))
     return 0
 

@@ -10,6 +10,13 @@ labelled images — for every object, the words of its phrase ("small red hexago
 predicted from the stem's output cell under the object's centre. The stem is cheap (a tenth of a
 trunk step), so a few hundred steps fit a demo; the pre-training that follows starts from it.
 
+An object larger than a cell also shows on its other cells, which the centre's label leaves
+untrained; ``cover`` labels every cell its box covers by that share of the cell's area as well. On
+the demo's scenes (a quarter of a cell; BENCHMARKS.md, session 16) that gave a better trunk and
+captioner (validation ITC 1.36 -> 0.97, CIDEr 2.07 -> 2.12, retrieval 79.8 -> 83.5, seed 1) but
+lower text specificity (0.52 -> 0.46, under the target: every object then stands out on all its
+cells) and no better VQA (65.1 -> 63.0), so the demo keeps the centre's cell only.
+
 Any records with object boxes and phrases serve (a synthetic set made with another seed, Visual
 Genome's regions, COCO instances); records without objects are skipped and counted, images that
 cannot be read are skipped and counted. Only the stem's weights and normalisation statistics change.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -63,24 +71,48 @@ def vocabulary(records: Sequence[Record], min_count: int = 1) -> list[str]:
 
 @dataclass(frozen=True)
 class ObjectLabel:
-    """One object of an image: the stem's grid cell under its centre and its words' indices."""
+    """One labelled cell: a grid cell of the stem's output that shows an object, and the object's
+    words' indices."""
 
     cell: int
     words: tuple[int, ...]
 
 
-def object_labels(rec: Record, index: dict[str, int], grid: int, size: tuple[int, int]) -> list[ObjectLabel]:
-    """The labelled objects of ``rec`` (its image ``size`` (w, h) pixels) on a ``grid`` x ``grid``
-    stem output (the image is resized to a square, as the model's transform does). Objects whose
-    centre lies outside the image or whose phrase has no word of the vocabulary are left out."""
+def covered_cells(box: tuple[float, float, float, float], grid: int, cover: float) -> list[int]:
+    """The cells of a ``grid`` x ``grid`` grid over the unit square that ``box`` (x, y, w, h, as
+    shares of the image) covers by at least ``cover`` of a cell's area, row-major."""
+    x0, y0 = box[0] * grid, box[1] * grid
+    x1, y1 = x0 + box[2] * grid, y0 + box[3] * grid
+    cells = []
+    for gy in range(max(0, math.floor(y0)), min(grid, math.ceil(y1))):
+        for gx in range(max(0, math.floor(x0)), min(grid, math.ceil(x1))):
+            area = (min(x1, gx + 1) - max(x0, gx)) * (min(y1, gy + 1) - max(y0, gy))
+            if area >= cover:
+                cells.append(gy * grid + gx)
+    return cells
+
+
+def object_labels(
+    rec: Record, index: dict[str, int], grid: int, size: tuple[int, int], cover: float | None = None
+) -> list[ObjectLabel]:
+    """The labelled cells of ``rec`` (its image ``size`` (w, h) pixels) on a ``grid`` x ``grid``
+    stem output (the image is resized to a square, as the model's transform does): for each object,
+    the cell under its centre and, with ``cover``, every other cell its box covers by at least that
+    share of the cell's area. Objects whose centre lies outside the image or whose phrase has no
+    word of the vocabulary are left out."""
     out = []
+    sw, sh = max(size[0], 1), max(size[1], 1)
     for o in rec.objects:
         x, y, w, h = o.box
-        cx, cy = (x + w / 2) / max(size[0], 1), (y + h / 2) / max(size[1], 1)
+        cx, cy = (x + w / 2) / sw, (y + h / 2) / sh
         words = tuple(index[t] for t in phrase_words(o.phrase) if t in index)
         if not (0.0 <= cx < 1.0 and 0.0 <= cy < 1.0) or not words:
             continue
-        out.append(ObjectLabel(int(cy * grid) * grid + int(cx * grid), words))
+        centre = int(cy * grid) * grid + int(cx * grid)
+        cells = {centre}
+        if cover is not None:
+            cells.update(covered_cells((x / sw, y / sh, w / sw, h / sh), grid, cover))
+        out.extend(ObjectLabel(c, words) for c in sorted(cells))
     return out
 
 
@@ -101,8 +133,9 @@ class LabelledImages(Dataset):
         transform: ImageTransform,
         cfg: DataConfig,
         cache_bytes: int = 1 << 30,
+        cover: float | None = None,
     ) -> None:
-        self.records, self.index, self.grid = list(records), index, grid
+        self.records, self.index, self.grid, self.cover = list(records), index, grid, cover
         self.transform, self.cfg = transform, cfg
         per_image = 2 * 3 * transform.image_size**2
         self.cache_limit = cache_bytes // per_image
@@ -123,7 +156,8 @@ class LabelledImages(Dataset):
             log.warning("stem stage: %s: %s", rec.image, e)
             self.cache[i] = i  # an unreadable image costs no memory: remembered whatever the limit
             return i
-        out = self.transform(loaded.image), object_labels(rec, self.index, self.grid, loaded.orig_size)
+        labels = object_labels(rec, self.index, self.grid, loaded.orig_size, self.cover)
+        out = self.transform(loaded.image), labels
         if i < self.cache_limit:
             self.cache[i] = (out[0].half(), out[1])
         return out
@@ -183,7 +217,7 @@ def word_loss(logits: Tensor, target: Tensor) -> Tensor:
 class StemStageResult:
     steps: int
     images: int  # images with an object named by a word of the vocabulary
-    objects: int  # labelled objects read over all steps
+    objects: int  # labelled cells read over all steps (every cell an object covers enough)
     vocabulary: list[str]
     first_loss: float
     last_loss: float  # mean of the last 10 steps
@@ -256,14 +290,19 @@ def train_stem(
     batch_size: int = 32,
     lr: float = 1e-3,
     val_records: Sequence[Record] = (),
+    cover: float | None = None,
 ) -> StemStageResult:
     """Train ``model``'s image stem (in place; nothing else changes) to name the objects of
-    ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up;
-    then measure its word accuracy on ``val_records`` with the stage's own head."""
+    ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up, at
+    every cell an object covers by ``cover`` of its area (None: at its centre's cell only); then
+    measure its word accuracy on ``val_records`` with the stage's own head, at the objects' centre
+    cells."""
     if steps <= 0:
         raise UserError(f"the stem stage needs a positive number of steps, got {steps}")
     if batch_size <= 0:
         raise UserError(f"the stem stage needs a positive batch size, got {batch_size}")
+    if cover is not None and not 0.0 < cover <= 1.0:
+        raise UserError(f"the stem stage's cover is a share of a cell's area in (0, 1], got {cover}")
     vocab = vocabulary(records)
     if not vocab:
         raise UserError("no record carries an object with a phrase: the stem stage has nothing to learn")
@@ -271,7 +310,7 @@ def train_stem(
     skipped: Counter[str] = Counter()
     recs = labelled(records, index, skipped)
     transform = ImageTransform.from_config(model.cfg)
-    data = LabelledImages(recs, index, model.grid, transform, cfg.data)
+    data = LabelledImages(recs, index, model.grid, transform, cfg.data, cover=cover)
     loader = DataLoader(
         data,
         batch_size=min(batch_size, len(recs)),
@@ -355,6 +394,7 @@ def run_stem_stage(
     batch_size: int = 32,
     lr: float = 1e-3,
     init: str | Path | None = None,
+    cover: float | None = None,
 ) -> dict[str, Any]:
     """``copa stem-stage``: build the configured model (or load ``init``), train its stem on the
     labelled objects of ``records`` (any format ``copa.data.readers`` reads), and save ``out/model``
@@ -370,9 +410,14 @@ def run_stem_stage(
     val: list[Record] = []
     if cfg.data.val and Path(cfg.data.val).exists():
         val = list(read_records(cfg.data.val, cfg.data.format, cfg.data.image_root))
-    res = train_stem(model, cfg, recs, steps, batch_size, lr, val)
+    res = train_stem(model, cfg, recs, steps, batch_size, lr, val, cover)
     out = Path(out)
     model.save_pretrained(out / "model")
-    summary = {"records": str(records), "init": str(init) if init else None, **dataclasses.asdict(res)}
+    summary = {
+        "records": str(records),
+        "init": str(init) if init else None,
+        "cover": cover,
+        **dataclasses.asdict(res),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
