@@ -15,7 +15,8 @@ import torch
 
 from copa import cli
 from copa.config import load_config
-from copa.demo import FULL, QUICK, Demo
+from copa.demo import FULL, QUICK, Demo, with_finetune_steps
+from copa.errors import UserError
 from tests.conftest import MICRO, TRAIN_MICRO
 
 
@@ -113,8 +114,15 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "main", fake_main)
     monkeypatch.setattr(Demo, "pictures", lambda self, model_dir: None)  # reads a real model: library call
+    # the quick run also fine-tunes VQA for another number of steps than its plan's
+    changed = ["vqa=7"] if quick else []
     args = argparse.Namespace(
-        quick=quick, out=str(tmp_path / "demo"), overrides=[], config=None, verbose=False
+        quick=quick,
+        out=str(tmp_path / "demo"),
+        overrides=[],
+        config=None,
+        verbose=False,
+        finetune_steps=changed,
     )
     assert Demo(args, load_config(None, [])).run() == 0
 
@@ -129,7 +137,10 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert all(line in report for line in res["commands"])
 
-    plan = QUICK if quick else FULL
+    plan = with_finetune_steps(QUICK if quick else FULL, changed)[0]
+    assert res["finetune_steps"] == plan.finetune_steps
+    assert res["finetune_steps_changed"] == ({"vqa": 7} if quick else {})
+    assert ("Not the default plan: vqa fine-tuned for 7 steps" in report) is quick
     by_cmd: dict[str, list[argparse.Namespace]] = {}
     for a in ran:
         ns = parser.parse_args(a)
@@ -347,3 +358,14 @@ def test_selectors_from_another_row_ignore_keep_ratios_not_shapes():
     other = COPAModel(micro_config("model.select.tpd_hidden=16").model).eval()
     with pytest.raises(ValueError, match="selection configs differ"):
         with_selectors_of(unpruned, other)
+
+
+def test_finetune_steps_replace_the_plans_and_bad_ones_are_user_errors():
+    plan, changes = with_finetune_steps(FULL, ["vqa=640", "grounding=10"])
+    assert changes == {"vqa": 640, "grounding": 10}
+    assert plan.finetune_steps == {**FULL.finetune_steps, "vqa": 640, "grounding": 10}
+    assert FULL.finetune_steps["vqa"] != 640  # the shared plan is not changed
+    assert with_finetune_steps(FULL, [])[0] == FULL
+    for bad in ("vqa", "vqa=0", "vqa=-3", "vqa=many", "ocr=5"):
+        with pytest.raises(UserError, match="--finetune-steps"):
+            with_finetune_steps(FULL, [bad])

@@ -15,6 +15,7 @@ runs as a library call and is listed as such (``results["library_calls"]``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -200,7 +201,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic scenes, with a report")
     add_common(p, out_default="runs/demo")
     p.add_argument("--quick", action="store_true", help="small data and budgets (about 3 minutes)")
+    p.add_argument(
+        "--finetune-steps",
+        action="append",
+        default=[],
+        metavar="TASK=N",
+        help="fine-tune TASK for N steps instead of the plan's (repeatable). E.g. vqa=640 takes VQA past "
+        "its 70%% target at ~+3.5 minutes on a 2-core AVX2 machine (BENCHMARKS.md, session 16)",
+    )
     p.set_defaults(func=run)
+
+
+def with_finetune_steps(plan: DemoPlan, specs: list[str]) -> tuple[DemoPlan, dict[str, int]]:
+    """``plan`` with the fine-tuning steps of ``specs`` (``["vqa=640", ...]``) and those changes;
+    ``UserError`` for a task the plan does not fine-tune or a count that is not a positive integer."""
+    changes: dict[str, int] = {}
+    for spec in specs:
+        task, sep, count = spec.partition("=")
+        task = task.strip()
+        if not sep or task not in plan.finetune_steps:
+            raise UserError(
+                f"--finetune-steps {spec!r}: expected TASK=N with TASK one of {sorted(plan.finetune_steps)}"
+            )
+        try:
+            n = int(count)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise UserError(f"--finetune-steps {spec!r}: N must be a positive integer")
+        changes[task] = n
+    steps = {**plan.finetune_steps, **changes}
+    return dataclasses.replace(plan, finetune_steps=steps), changes
 
 
 def set_flags(sets: list[str]) -> list[str]:
@@ -235,7 +266,9 @@ def command_line(argv: list[str]) -> str:
 
 class Demo:
     def __init__(self, args: argparse.Namespace, cfg: Config) -> None:
-        self.plan = QUICK if args.quick else FULL
+        self.plan, changes = with_finetune_steps(
+            QUICK if args.quick else FULL, list(getattr(args, "finetune_steps", []))
+        )
         self.quick = args.quick
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +280,8 @@ class Demo:
             "commands": [],
             "library_calls": [],
             "timings_s": {},
+            "finetune_steps": dict(self.plan.finetune_steps),
+            "finetune_steps_changed": changes,
         }
         self.ran: set[tuple[str, ...]] = set()
         self.data = self.out / "data"

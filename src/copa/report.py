@@ -372,6 +372,16 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 ),
             )
         )
+    changed = res.get("finetune_steps_changed") or {}
+    if changed:
+        out.append(
+            (
+                "alert",
+                "Not the default plan: "
+                + ", ".join(f"{t} fine-tuned for {n} steps" for t, n in changed.items())
+                + " (`copa demo --finetune-steps`); this run's numbers and time are not the default demo's.",
+            )
+        )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
     if relevance:
         out.append(
