@@ -206,8 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="TASK=N",
-        help="fine-tune TASK for N steps instead of the plan's (repeatable). E.g. vqa=640 takes VQA past "
-        "its 70%% target at ~+3.5 minutes on a 2-core AVX2 machine (BENCHMARKS.md, session 16)",
+        help="fine-tune TASK for N steps instead of the plan's (repeatable; e.g. vqa=640, four times the "
+        "plan's VQA steps: BENCHMARKS.md, session 16); the report flags the change",
     )
     p.set_defaults(func=run)
 
