@@ -75,15 +75,28 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
 
 
 def _budget_blocks(res: dict[str, Any]) -> list[Block]:
+    """Red lines at the top for a run that is not the planned one: a stage its time budget stopped, or
+    fine-tuning steps changed by ``copa demo --finetune-steps``."""
+    out: list[Block] = []
+    changed = res.get("finetune_steps_changed") or {}
+    if changed:
+        steps = ", ".join(f"{t} fine-tuned for {n} steps" for t, n in changed.items())
+        out.append(
+            (
+                "alert",
+                f"Not the default plan: {steps} (`copa demo --finetune-steps`); this run's numbers and "
+                "time are not the default demo's.",
+            )
+        )
     hits = res.get("budget_hits", [])
-    if not hits:
-        return []
-    lines = ", ".join(f"{h['stage']} ({h['steps']} of {h['planned']} steps)" for h in hits)
-    text = (
-        "SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are not "
-        f"the planned ones and not comparable with other machines': {lines}."
-    )
-    return [("alert", text)]
+    if hits:
+        lines = ", ".join(f"{h['stage']} ({h['steps']} of {h['planned']} steps)" for h in hits)
+        text = (
+            "SAFETY NET HIT: these stages were stopped by their time budget, so this run's numbers are "
+            f"not the planned ones and not comparable with other machines': {lines}."
+        )
+        out.append(("alert", text))
+    return out
 
 
 def _pta_blocks(res: dict[str, Any]) -> list[Block]:
@@ -370,16 +383,6 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                     if "caption" in chained.values()
                     else "."
                 ),
-            )
-        )
-    changed = res.get("finetune_steps_changed") or {}
-    if changed:
-        out.append(
-            (
-                "alert",
-                "Not the default plan: "
-                + ", ".join(f"{t} fine-tuned for {n} steps" for t, n in changed.items())
-                + " (`copa demo --finetune-steps`); this run's numbers and time are not the default demo's.",
             )
         )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
