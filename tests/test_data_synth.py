@@ -129,5 +129,11 @@ def test_png_writer_writes_every_image_before_the_block_ends_and_raises_a_failur
             write(img, tmp_path / f"{i}.png")
     for i, img in enumerate(imgs):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i}.png")), img)
+    # with at most two queued, a write waits for the oldest: every image still lands
+    with png_writer(max_pending=2) as write:
+        for i, img in enumerate(imgs):
+            write(img, tmp_path / f"b{i}.png")
+    for i, img in enumerate(imgs):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"b{i}.png")), img)
     with pytest.raises(OSError), png_writer() as write:
         write(imgs[0], tmp_path / "missing_dir" / "x.png")

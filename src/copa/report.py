@@ -74,7 +74,7 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
     return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
 
 
-def _budget_blocks(res: dict[str, Any]) -> list[Block]:
+def _run_alerts(res: dict[str, Any]) -> list[Block]:
     """Red lines at the top for a run that is not the planned one: a stage its time budget stopped, or
     fine-tuning steps changed by ``copa demo --finetune-steps``."""
     out: list[Block] = []
@@ -652,11 +652,7 @@ def blocks(res: dict[str, Any]) -> list[Block]:
         ),
     ]
     out += (
-        _budget_blocks(res)
-        + _target_blocks(res)
-        + _pta_blocks(res)
-        + _ablation_blocks(res)
-        + _task_blocks(res)
+        _run_alerts(res) + _target_blocks(res) + _pta_blocks(res) + _ablation_blocks(res) + _task_blocks(res)
     )
     out += _other_style_blocks(res) + _bench_blocks(res)
     timings = res.get("timings_s", {})

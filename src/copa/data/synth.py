@@ -16,6 +16,7 @@ PTA labels).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -384,16 +385,24 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def png_writer() -> Iterator[Callable[[np.ndarray, Path], None]]:
+def png_writer(max_pending: int = 64) -> Iterator[Callable[[np.ndarray, Path], None]]:
     """``write(image, path)`` saving (H, W, 3) uint8 images as PNG on one background thread; every
     write has finished, and the first failure is raised, when the block exits. Encoding a 128-px
     scene (~2.5 ms, zlib without the GIL) then overlaps drawing the next (~1.4 ms): 3.9 -> 2.9 ms an
-    image, the same files (a second thread adds nothing on 2 cores; BENCHMARKS.md, session 15)."""
+    image, the same files (a second thread adds nothing on 2 cores; BENCHMARKS.md, session 15).
+    Drawing outpaces encoding, so a write waits for the oldest once ``max_pending`` images are
+    queued: the images held stay bounded however many scenes are drawn."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as pool:
-        pending: list[Future[None]] = []
-        yield lambda img, path: pending.append(pool.submit(_save_png, img, path))
-        for f in pending:
-            f.result()
+        pending: collections.deque[Future[None]] = collections.deque()
+
+        def write(img: np.ndarray, path: Path) -> None:
+            if len(pending) >= max_pending:
+                pending.popleft().result()
+            pending.append(pool.submit(_save_png, img, path))
+
+        yield write
+        while pending:
+            pending.popleft().result()
 
 
 def write_synth(
