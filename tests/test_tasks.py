@@ -470,3 +470,66 @@ def test_freeze_vit_finetune_keeps_the_backbone_and_trains_the_rest(
     )
     model.freeze(selector=True)
     assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_warm_up_runs_once_per_process_for_the_same_shapes(monkeypatch):
+    """An evaluation's warm-up pays first-call costs; a later evaluation of the same shapes (the demo's
+    ablation rows) finds them paid, another keep ratio warms up again."""
+    from copa.tasks import base
+
+    monkeypatch.setattr(base, "_WARMED", set())
+    cfg = micro_config()
+    model = COPAModel(cfg.model).eval()
+    env = base.EvalEnv(
+        cfg, torch.device("cpu"), torch.float32, make_task("vqa").options, base.Stopwatch(torch.device("cpu"))
+    )
+    calls: list[int] = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x: calls.append(x.shape[0]) or encode(x))
+    base.warm_up(model, env)
+    base.warm_up(model, env)
+    assert len(calls) == cfg.eval.warmup_runs > 0
+    model.set_keep_ratio(1.0)
+    base.warm_up(model, env)
+    assert len(calls) == 2 * cfg.eval.warmup_runs
+    base.warm_up(model, env, runs=0)  # nothing asked: nothing run, nothing marked
+    assert len(calls) == 2 * cfg.eval.warmup_runs
+
+
+def test_vqa_split_answers_are_read_again_when_the_file_changes(tmp_path):
+    from copa.tasks.vqa import split_answers
+
+    path = tmp_path / "train.json"
+    cfg = micro_config(f"data.train={path}")
+    record = {"image": "a.png", "questions": [{"q": "is there a star?", "answers": ["yes"]}]}
+    path.write_text(json.dumps([record]))
+    assert split_answers(cfg, "train") == [["yes"]] == split_answers(cfg, "train")
+    record["questions"].append({"q": "how many objects are there?", "answers": ["3", "4"]})
+    path.write_text(json.dumps([record]))
+    assert split_answers(cfg, "train") == [["yes"], ["3", "4"]]
+    path.unlink()
+    assert split_answers(cfg, "train") is None
+
+
+def test_warm_up_leaves_a_random_selectors_draws_to_the_evaluation(monkeypatch):
+    from copa.evaluation import with_selector
+    from copa.tasks import base
+
+    monkeypatch.setattr(base, "_WARMED", set())
+    cfg = micro_config()
+    torch.manual_seed(0)
+    model = COPAModel(cfg.model).eval()
+    env = base.EvalEnv(
+        cfg, torch.device("cpu"), torch.float32, make_task("vqa").options, base.Stopwatch(torch.device("cpu"))
+    )
+    images = torch.randn(2, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
+    ids = torch.randint(1, 100, (2, 5))
+
+    def kept(warm: bool) -> torch.Tensor:
+        view = with_selector(model, "random")
+        if warm:
+            base.warm_up(view, env)
+        with torch.no_grad():
+            return view(images, ids, torch.ones_like(ids)).vision.patch_index
+
+    assert torch.equal(kept(True), kept(False))

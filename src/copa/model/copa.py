@@ -26,7 +26,7 @@ from copa.config import (
 )
 from copa.errors import CheckpointError, CheckpointNotFoundError, UserError
 from copa.model.decoder import Decoder
-from copa.model.feature_cache import FrozenFeatureCache
+from copa.model.feature_cache import FrozenFeatureCache, weights_fingerprint
 from copa.model.fusion import FusionEncoder
 from copa.model.heads import GroundingOutput, ITCHead, PatchBoxHead, TiedLMHead
 from copa.model.layers import KVCache
@@ -399,20 +399,26 @@ class COPAModel(nn.Module):
         """While evaluating, serve what the encoders compute from one input alone from ``cache``, frozen
         or not: in eval mode with no weight changing, the ViT prefix of an image and a text's states are
         fixed functions of the input, and VQA or grounding read each image once per question or
-        expression. The caches in use before come back afterwards; None changes nothing."""
+        expression. Keys are scoped by a fingerprint of each encoder's weights, so ``cache`` may be
+        shared by the evaluations of several models: those with the same frozen trunk or text encoder
+        reuse each other's entries, the others never see them. The caches in use before come back
+        afterwards; None changes nothing."""
         if cache is None:
             yield
             return
         if self.training:
             raise ValueError("the evaluation cache needs the model in eval mode (no dropout, no drop-path)")
-        saved = self.vision.feature_cache, self.text.feature_cache
-        self.vision.use_feature_cache(cache, frozen_only=False)
-        self.text.use_feature_cache(cache, frozen_only=False)
+        vit, text = self.vision, self.text
+        saved = (vit.feature_cache, vit.cache_scope), (text.feature_cache, text.cache_scope)
+        # the selectors act after the prefix: models that differ only there share it
+        vit_scope = f"vit:{weights_fingerprint(vit, ('selectors.',))}|"
+        vit.use_feature_cache(cache, frozen_only=False, scope=vit_scope)
+        text.use_feature_cache(cache, frozen_only=False, scope=f"text:{weights_fingerprint(text)}|")
         try:
             yield
         finally:
-            self.vision.use_feature_cache(saved[0], frozen_only=False)
-            self.text.use_feature_cache(saved[1], frozen_only=False)
+            vit.use_feature_cache(saved[0][0], frozen_only=False, scope=saved[0][1])
+            text.use_feature_cache(saved[1][0], frozen_only=False, scope=saved[1][1])
 
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:
         """AdaBN for a conv stem: its BatchNorm statistics re-estimated on ``images`` ((B, 3, H, W)

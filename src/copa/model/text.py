@@ -127,6 +127,7 @@ class TextEncoder(nn.Module):
         self.bert = bert
         self.width = cfg.width
         self.feature_cache: FrozenFeatureCache | None = None
+        self.cache_scope = ""
 
     @property
     def embeddings(self) -> nn.Module:
@@ -160,13 +161,17 @@ class TextEncoder(nn.Module):
     def fully_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
-    def use_feature_cache(self, cache: FrozenFeatureCache | None, frozen_only: bool = True) -> None:
+    def use_feature_cache(
+        self, cache: FrozenFeatureCache | None, frozen_only: bool = True, scope: str = ""
+    ) -> None:
         """Serve the states of token rows seen before from ``cache`` (None: stop); only a fully frozen
         encoder may (its frozen modules run in eval mode: no dropout), see ``copa.model.feature_cache``;
-        ``frozen_only=False`` is for evaluation, where no weight changes while the cache lives."""
+        ``frozen_only=False`` is for evaluation, where no weight changes while the cache lives;
+        ``scope`` prefixes every key (a fingerprint of these weights, for a cache other models share)."""
         if cache is not None and frozen_only and not self.fully_frozen:
             raise ValueError("only a fully frozen text encoder can cache its states (freeze_text_layers -1)")
         self.feature_cache = cache
+        self.cache_scope = scope
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> hidden states (B, L, Dt); [CLS] is position 0."""
@@ -174,7 +179,8 @@ class TextEncoder(nn.Module):
             return self._states(input_ids, attention_mask)
         n = input_ids.shape[1]
         rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1)  # padding is part of the key
-        return self.feature_cache.lookup("text", rows, lambda r: self._states(r[:, :n], r[:, n:]))
+        kind = f"{self.cache_scope}text"
+        return self.feature_cache.lookup(kind, rows, lambda r: self._states(r[:, :n], r[:, n:]))
 
     def _states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

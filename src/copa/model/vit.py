@@ -182,6 +182,7 @@ class VisionTransformer(nn.Module):
         self._own_selector: tuple[nn.Module, ...] = tuple(self.selectors[:1])
         self.grad_checkpointing = False
         self.feature_cache: FrozenFeatureCache | None = None
+        self.cache_scope = ""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -296,14 +297,18 @@ class VisionTransformer(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)  # a conv stem's BatchNorm goes to eval mode now, not at the next train()
 
-    def use_feature_cache(self, cache: FrozenFeatureCache | None, frozen_only: bool = True) -> None:
+    def use_feature_cache(
+        self, cache: FrozenFeatureCache | None, frozen_only: bool = True, scope: str = ""
+    ) -> None:
         """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
         ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
         function of the pixels. ``frozen_only=False`` is for evaluation, where no weight changes
-        while the cache lives."""
+        while the cache lives; ``scope`` prefixes every key (a fingerprint of these weights, for a
+        cache that other models share)."""
         if cache is not None and frozen_only and not self.backbone_frozen:
             raise ValueError("only a frozen ViT can cache its features (freeze_backbone first)")
         self.feature_cache = cache
+        self.cache_scope = scope
 
     @property
     def backbone_frozen(self) -> bool:
@@ -345,7 +350,7 @@ class VisionTransformer(nn.Module):
         """Text-independent part. images: (B, 3, H, W) -> (B, 1+N, D) after the first k blocks."""
         cache = self._cached()
         if cache is not None:
-            return cache.lookup(f"prefix{self.prefix_depth}", images, self._prefix)
+            return cache.lookup(f"{self.cache_scope}prefix{self.prefix_depth}", images, self._prefix)
         return self._prefix(images)
 
     def _prefix(self, images: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,22 @@ def _append_curve(out: Path, step: int, metrics: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------- evaluation
+_EVAL_CACHE: list[FrozenFeatureCache] = []  # at most one: this process's, of the last size asked for
+
+
+def evaluation_feature_cache(mb: int) -> FrozenFeatureCache | None:
+    """This process's cache for evaluations (``eval.feature_cache_mb``; 0: none). It outlives one
+    evaluation — its keys carry a fingerprint of the weights that computed them
+    (``COPAModel.evaluation_cache``) — so a run of many evaluations of models that share a frozen
+    trunk and text encoder (the demo's ablation rows, ~40 of them) computes each test image's prefix
+    and each text's states once. Asking for another size starts a new cache."""
+    if mb <= 0:
+        return None
+    if not _EVAL_CACHE or _EVAL_CACHE[0].max_bytes != mb * 2**20:
+        _EVAL_CACHE[:] = [FrozenFeatureCache(mb * 2**20)]
+    return _EVAL_CACHE[0]
+
+
 def run_evaluation(
     task: Task,
     model: COPAModel,
@@ -281,12 +297,12 @@ def run_evaluation(
         data = task.build_dataset(cfg, split, False, v.image_size, v.patch_size)
         env = EvalEnv(cfg, device, dtype, task.options, Stopwatch(device))
         warm_up(model, env)
-        mb = cfg.eval.feature_cache_mb
-        cache = FrozenFeatureCache(mb * 2**20) if mb > 0 else None
+        cache = evaluation_feature_cache(cfg.eval.feature_cache_mb)
+        before = replace(cache.stats) if cache is not None else None
         with model.evaluation_cache(cache):
             result = task.evaluate(model, data, env)
-        if cache is not None:
-            result.metrics["feature_cache"] = cache.stats.as_dict()
+        if cache is not None and before is not None:
+            result.metrics["feature_cache"] = cache.stats.since(before).as_dict()
         result.metrics.update(
             {
                 "task": task.name,
