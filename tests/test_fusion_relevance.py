@@ -126,9 +126,18 @@ def test_finetune_adds_and_trains_the_relevance(micro_init, synth_dir, tmp_path)
         main([*argv, "--init", str(micro_init), "--eval-split", "none", "--out", str(tmp_path / "ft")]) == 0
     )
     cfg = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["model"]
-    assert cfg["fusion"]["relevance"] is True
+    assert cfg["fusion"]["relevance"] is True and cfg["fusion"]["relevance_token"] is False
     weights = load_file(str(tmp_path / "ft" / "model" / "model.safetensors"))
     assert "fusion.rel.weight" in weights and weights["fusion.rel.bias"].abs().max() > 0  # trained from 0
+    assert not any(k.startswith("fusion.pool.") for k in weights)
+    # the relevance token too, on the model that has the relevance already
+    argv = [*argv, "--set", "train.relevance_token=true"]
+    init = tmp_path / "ft" / "model"
+    assert main([*argv, "--init", str(init), "--eval-split", "none", "--out", str(tmp_path / "tok")]) == 0
+    cfg = json.loads((tmp_path / "tok" / "model" / "config.json").read_text())["model"]
+    assert cfg["fusion"]["relevance_token"] is True
+    tok = load_file(str(tmp_path / "tok" / "model" / "model.safetensors"))
+    assert tok["fusion.pool.kind"].abs().max() > 0 and tok["fusion.pool.scale"] != 2.0  # trained
     before = load_file(str(micro_init / "model.safetensors"))
     sel = [k for k in before if k.startswith("vision.selectors.")]
     assert sel and all(torch.equal(before[k], weights[k]) for k in sel)  # read, never trained by the task
@@ -153,3 +162,46 @@ def test_export_carries_the_relevance(rel_model, tmp_path):
     feed = {"tokens": tokens, "txt": txt.numpy(), "mask": mask.numpy(), "kept": kept, "relevance": rel}
     _, ft = fusion.run(None, feed)
     assert (torch.from_numpy(ft) - want.text).abs().max() <= 1e-4
+
+
+def test_the_relevance_token_is_the_relevance_weighted_mean_of_the_kept_tokens(rel_model, tmp_path):
+    from copa.model.fusion import RelevanceToken
+
+    tokens, relevance = torch.randn(2, 5, 8), torch.randn(2, 5)
+    pool = RelevanceToken(8)
+    w = torch.softmax(2.0 * relevance, -1)
+    torch.testing.assert_close(pool(tokens, relevance), (w.unsqueeze(-1) * tokens).sum(1, keepdim=True))
+    sharp = torch.full((2, 5), -50.0)
+    sharp[:, 3] = 50.0  # one patch the text names: its token
+    torch.testing.assert_close(pool(tokens, sharp), tokens[:, 3:4])
+
+    images, ids, mask = _inputs(rel_model)
+    with torch.no_grad():
+        before = rel_model(images, ids, mask)
+    assert rel_model.add_fusion_relevance(token=True) and not rel_model.add_fusion_relevance(token=True)
+    assert rel_model.cfg.fusion.relevance_token and COPAModel.param_group("fusion.pool.kind") == "head"
+    with torch.no_grad():
+        after = rel_model(images, ids, mask)
+    assert after.image.shape[1] == before.image.shape[1] + 1  # one more visual token, the last
+    assert not torch.allclose(after.text, before.text, atol=1e-5)  # the text reads it
+    rel_model.save_pretrained(tmp_path / "m")
+    loaded = COPAModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg.fusion.relevance_token and loaded.fusion.pool is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids, mask).text, after.text)
+    from copa.export import export_model
+
+    assert export_model(loaded, tmp_path / "onnx", parts=("vision_suffix", "fusion")).worst <= 1e-4
+
+
+def test_the_relevance_token_needs_the_relevance():
+    from copa.config import ConfigError, check_config
+    from copa.model.fusion import FusionEncoder
+
+    with pytest.raises(ValueError, match="relevance"):
+        FusionEncoder(2, 2, 64, 4, 128, 64, relevance=False, relevance_token=True)
+    with pytest.raises(ConfigError, match="relevance_token"):
+        check_config(micro_config("model.fusion.relevance_token=true"))
+    with pytest.raises(ConfigError, match="relevance_token"):
+        check_config(micro_config("train.relevance_token=true"))
+    check_config(micro_config("train.relevance_token=true", "train.fusion_relevance=true"))

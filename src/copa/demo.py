@@ -122,6 +122,11 @@ class DemoPlan:
     # there a ...?" from chance to ~0.8; not grounding, which lost 15 points in one seed with it
     # (BENCHMARKS.md, sessions 11-12)
     fusion_relevance: tuple[str, ...] = ("vqa",)
+    # tasks whose fusion also gets the kept tokens averaged by that relevance as one more token
+    # (``train.relevance_token``). VQA, 160 steps from the captioner, validation + test (898 questions,
+    # bf16, seeds 0 | 1): 62.5 | 63.0 -> 64.8 | 63.4, with the decoder's first position also started
+    # from the fused question 65.1 | 63.9, with 240 steps instead 63.8 | 66.7 (BENCHMARKS.md, session 17)
+    relevance_token: tuple[str, ...] = ("vqa",)
     # tasks whose selector ablation also runs at a tighter keep ratio. At 0.5 (32 of 64 patches) every
     # selector that keeps objects at all keeps all of them, and grounding ties; at 0.25 the kept
     # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18). VQA too:
@@ -553,6 +558,7 @@ class Demo:
         self.results.setdefault("tasks", {})
         self.results["finetune_unpruned"] = list(p.finetune_unpruned)
         self.results["fusion_relevance"] = list(p.fusion_relevance)
+        self.results["relevance_token"] = list(p.relevance_token)
         self.results["finetune_from"] = dict(p.finetune_from)
         self.results["eval_feature_cache_mb"] = p.eval_feature_cache_mb
         ablation = self.results.setdefault("ablation_tasks", {})
@@ -575,6 +581,7 @@ class Demo:
                 # vector within 200 steps and the model answers blind (BENCHMARKS.md)
                 "train.freeze_vit=true",
                 f"train.fusion_relevance={str(name in p.fusion_relevance).lower()}",
+                f"train.relevance_token={str(name in p.relevance_token).lower()}",
             ]
             keep = self.config(*sets).model.select.keep_ratios[0]
             # evaluations below name their keep ratio; only the fine-tune itself runs unpruned

@@ -386,13 +386,21 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
             )
         )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
+    token = [t for t in res.get("relevance_token", []) if t in relevance]
     if relevance:
         out.append(
             (
                 "p",
                 f"{', '.join(relevance)}: the fusion also reads how well each kept patch matches the "
-                "question by the model's own TPD (`train.fusion_relevance`), in every row of the "
-                "selector ablation too: the rows differ only in which patches are kept.",
+                "question by the model's own TPD (`train.fusion_relevance`)"
+                + (
+                    f"; {', '.join(token)}: with the kept tokens averaged by it as one more token "
+                    "(`train.relevance_token`)"
+                    if token
+                    else ""
+                )
+                + ", in every row of the selector ablation too: the rows differ only in which patches "
+                "are kept.",
             )
         )
     if behind:

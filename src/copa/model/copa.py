@@ -83,6 +83,7 @@ class COPAModel(nn.Module):
             dv,
             position=cfg.fusion.position,
             relevance=cfg.fusion.relevance,
+            relevance_token=cfg.fusion.relevance_token,
         )
         self.decoder = Decoder(cfg.decoder.layers, dt, cfg.decoder.heads, cfg.text.intermediate)
         self.itc = ITCHead(dv, dt, cfg.embed_dim, cfg.temperature)
@@ -187,17 +188,21 @@ class COPAModel(nn.Module):
         -100 kept)."""
         return self.lm_head.target_logits(h, labels)
 
-    def add_fusion_relevance(self) -> bool:
+    def add_fusion_relevance(self, token: bool = False) -> bool:
         """Let the fusion read each kept patch's relevance by the model's own first selector
-        (``model.fusion.relevance``; the projection starts fresh). Returns True when it was added,
-        False when the model already has it; a model without a selector has none to read."""
-        if self.cfg.fusion.relevance:
+        (``model.fusion.relevance``; the projection starts fresh), and with ``token`` the kept tokens
+        averaged by it as one more token (``model.fusion.relevance_token``). Returns True when
+        anything was added, False when the model already has it; a model without a selector has none
+        to read."""
+        f = self.cfg.fusion
+        if f.relevance and (f.relevance_token or not token):
             return False
         if not self.has_selectors:
             raise UserError("model.fusion.relevance needs a selector to read (select.selector is none)")
-        self.fusion.add_relevance()
+        self.fusion.add_relevance(token)
         self.vision.relevance = True
-        self.cfg.fusion.relevance = True
+        f.relevance = True
+        f.relevance_token = f.relevance_token or token
         return True
 
     def set_output_vocab(self, ids: list[int]) -> None:
@@ -339,10 +344,11 @@ class COPAModel(nn.Module):
     def param_group(name: str) -> str:
         """Which learning-rate group a parameter (its ``named_parameters`` name) is in: ``vit`` (the
         backbone), ``text`` (the pretrained text encoder), ``selector``, ``head`` (the task heads that
-        start from scratch: box, ITM, the fusion's patch positions and relevance), or ``rest``."""
+        start from scratch: box, ITM, the fusion's patch positions, relevance and relevance token), or
+        ``rest``."""
         if name.startswith("vision.selectors"):
             return "selector"
-        if name.startswith(("box_head.", "itm.", "fusion.pos.", "fusion.rel.")):
+        if name.startswith(("box_head.", "itm.", "fusion.pos.", "fusion.rel.", "fusion.pool.")):
             return "head"
         if name.startswith("vision."):
             return "vit"

@@ -15,7 +15,9 @@ With ``relevance`` each kept token also gets how well its patch matches the text
 first TPD (``VisionOutput.relevance``): a learnt direction scaled by the standardised selector logit.
 PTA taught the selector which patches a phrase names; without this the fusion must find them again
 from the tokens alone, and VQA's "is there a red diamond?" stayed at chance (BENCHMARKS.md, sessions
-11-12).
+11-12). With ``relevance_token`` as well, the kept tokens averaged by that relevance
+(``RelevanceToken``) join the visual sequence as one more token: what the text points at, ready to read
+without first learning to attend to it (BENCHMARKS.md, session 17).
 """
 
 from __future__ import annotations
@@ -60,6 +62,22 @@ def relevance_projection(dim: int) -> nn.Linear:
     return proj
 
 
+class RelevanceToken(nn.Module):
+    """The kept tokens averaged with weights softmax(s * relevance), plus a learnt type vector that
+    tells it from a patch. ``s`` is learnt, from 2: on standardised relevance the object the text
+    names (~2-3 standard deviations above the image's mean) then carries most of the weight."""
+
+    def __init__(self, dim: int, scale: float = 2.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+        self.kind = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, tokens: Tensor, relevance: Tensor) -> Tensor:
+        """tokens (B, K, D), relevance (B, K) -> (B, 1, D)"""
+        w = torch.softmax(relevance.float() * self.scale.float(), -1).to(tokens.dtype)
+        return (w.unsqueeze(-1) * tokens).sum(1, keepdim=True) + self.kind.to(tokens.dtype)
+
+
 class FusionEncoder(nn.Module):
     def __init__(
         self,
@@ -71,22 +89,29 @@ class FusionEncoder(nn.Module):
         img_dim: int,
         position: int = 0,
         relevance: bool = False,
+        relevance_token: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.pos = PatchPosition(position, dim) if position else None
         self.rel = relevance_projection(dim) if relevance else None
+        if relevance_token and not relevance:
+            raise ValueError("the relevance token needs the fusion's relevance (relevance=True)")
+        self.pool = RelevanceToken(dim) if relevance_token else None
         self.img_proj = nn.Identity() if img_dim == dim else nn.Linear(img_dim, dim)
         self.connected = [stride > 0 and (i + 1) % stride == 0 for i in range(layers)]
         self.layers = nn.ModuleList(
             BertStyleLayer(dim, heads, hidden, cross=not conn) for conn in self.connected
         )
 
-    def add_relevance(self) -> None:
-        """Give a fusion built without ``relevance`` its projection (a fine-tune that adds it)."""
+    def add_relevance(self, token: bool = False) -> None:
+        """Give a fusion built without ``relevance`` its projection, and with ``token`` its relevance
+        token (a fine-tune that adds them)."""
+        ref = next(self.parameters())
         if self.rel is None:
-            ref = next(self.parameters())
             self.rel = relevance_projection(self.dim).to(device=ref.device, dtype=ref.dtype)
+        if token and self.pool is None:
+            self.pool = RelevanceToken(self.dim).to(device=ref.device, dtype=ref.dtype)
 
     def forward(
         self,
@@ -100,7 +125,7 @@ class FusionEncoder(nn.Module):
         """img: (B, T, Dv) visual tokens = [CLS, K patches, (the dropped ones fused)]; txt: (B, L, D),
         txt_mask: (B, L); index: (B, K) the patches' places on the ``grid`` x ``grid`` grid; relevance
         (B, K) of those patches (standardised; None: all 0), read when the fusion has its projection
-        -> ((B, T, D), (B, L, D))"""
+        -> ((B, T', D), (B, L, D)), T' = T + 1 with the relevance token (last)"""
         img = self.img_proj(img)
         k = index.shape[1]
         extra = self.pos(index, grid) if self.pos is not None else None
@@ -111,6 +136,8 @@ class FusionEncoder(nn.Module):
             extra = r if extra is None else extra + r
         if extra is not None:
             img = torch.cat([img[:, :1], img[:, 1 : 1 + k] + extra.to(img.dtype), img[:, 1 + k :]], 1)
+        if self.pool is not None and relevance is not None:  # (relevance is set whenever rel is)
+            img = torch.cat([img, self.pool(img[:, 1 : 1 + k], relevance)], 1)
         t = img.shape[1]
         img_mask = torch.ones(img.shape[:2], dtype=txt_mask.dtype, device=txt_mask.device)
         for conn, layer in zip(self.connected, self.layers, strict=True):

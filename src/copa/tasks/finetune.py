@@ -134,8 +134,12 @@ def finetune(
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = prepare_model(cfg, init)
-    if cfg.train.fusion_relevance and model.add_fusion_relevance():
-        log.info("the fusion reads each kept patch's relevance by the model's own selector (new projection)")
+    token = cfg.train.relevance_token
+    if (cfg.train.fusion_relevance or token) and model.add_fusion_relevance(token):
+        log.info(
+            "the fusion reads each kept patch's relevance by the model's own selector%s",
+            " and their relevance-weighted average as one more token" if token else "",
+        )
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     t = cfg.train
