@@ -98,8 +98,9 @@ class FusionConfig:
     # with ``relevance``, one more visual token: the kept tokens averaged with weights softmax(s x
     # relevance) (s learnt, from 2) plus a learnt type vector, what the text points at in one place.
     # VQA after 160 steps from the captioner, validation + test (898 questions), seeds 0 | 1: 62.5 |
-    # 63.0 -> 64.8 | 63.4 (BENCHMARKS.md, session 17). Added by a fine-tune with
-    # ``train.relevance_token``; False: the fusion of models saved before this field
+    # 63.0 -> 64.8 | 63.4, but not on the demo's fp32 test split (65.4 either way; off in the demo:
+    # BENCHMARKS.md, session 17). Added by a fine-tune with ``train.relevance_token``; False: the
+    # fusion of models saved before this field
     relevance_token: bool = False
 
 
