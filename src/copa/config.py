@@ -281,11 +281,13 @@ class EvalConfig:
     blind_control: bool = False
     length_penalty: float = 1.0
     # untimed passes before an evaluation's throughput is measured (first calls pay kernel selection and
-    # allocator growth); a process that evaluates many times may need fewer than the first does
+    # allocator growth); paid once per process for the same shapes (``copa.tasks.base.warm_up``)
     warmup_runs: int = 2
-    # MB for the encoders' per-input outputs within one evaluation (``COPAModel.evaluation_cache``): VQA
-    # and grounding compute each image's ViT prefix once for all its questions or expressions, and
-    # throughput then counts that reuse. 0 (default): every sample pays the whole model, as served
+    # MB for the encoders' per-input outputs (``COPAModel.evaluation_cache``), one cache for the process
+    # (on the evaluation's device, kept until it exits) with keys scoped by the encoder's weights: VQA
+    # and grounding compute each image's ViT prefix once for all its questions or expressions, later
+    # evaluations of the same frozen encoders reuse it, and throughput then counts that reuse. 0
+    # (default): every sample pays the whole model, as served
     feature_cache_mb: int = 0
 
 
