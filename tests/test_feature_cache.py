@@ -230,6 +230,15 @@ def test_a_shared_evaluation_cache_serves_only_the_weights_that_computed_each_en
     assert misses == 3 and hits == 6 + 3  # new prefixes (each image twice); the texts reused
     torch.testing.assert_close(out, changed, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(changed, plain)
+    # unpruned, the whole encoder's tokens are cached: a change after the prefix recomputes them too
+    model.set_keep_ratio(1.0)
+    with torch.no_grad():
+        run()
+        model.vision.norm.weight.mul_(2.0)
+        unpruned = model.ground(model(images, ids, mask)).boxes
+    out, hits, misses = run()
+    assert misses == 3 and hits == 6 + 3
+    torch.testing.assert_close(out, unpruned, rtol=1e-5, atol=1e-6)
 
 
 def test_the_weights_fingerprint_sees_parameters_and_buffers():

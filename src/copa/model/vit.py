@@ -407,7 +407,9 @@ class VisionTransformer(nn.Module):
         cache = self._cached()
         if cache is not None and not self.selects(keep_ratios):  # then the tokens are text-free
             tokens = cache.lookup(
-                "tokens", images, lambda x: self.forward_suffix(self._prefix(x), None, keep_ratios).tokens
+                f"{self.cache_scope}tokens",
+                images,
+                lambda x: self.forward_suffix(self._prefix(x), None, keep_ratios).tokens,
             )
             out = VisionOutput(tokens, [], tokens.shape[1] - 1)
             if self._wants_relevance(query):
