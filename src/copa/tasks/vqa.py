@@ -56,11 +56,10 @@ def split_answers(cfg: Config, split: str) -> list[list[str]] | None:
     """Reference answers of every question of ``cfg.data.<split>`` (records only, no images);
     None when the split cannot be read."""
     path = getattr(cfg.data, split)
-    try:
+    version: tuple[int, int] | None = None  # a directory (COCO) or a shard pattern: read, not remembered
+    if Path(path).is_file():
         stat = Path(path).stat()
-        version: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        version = None  # not a local file (a shard pattern): read, not remembered
+        version = (stat.st_mtime_ns, stat.st_size)
     try:
         if version is None:
             return _read_answers(path, cfg.data.format, cfg.data.image_root)
