@@ -24,7 +24,7 @@ from copa.train.stem_stage import (
     vocabulary,
     word_loss,
 )
-from tests.conftest import train_config
+from tests.conftest import MICRO, TRAIN_MICRO, train_config
 
 
 def test_only_the_stem_learns_to_name_the_objects(synth_dir):
@@ -143,3 +143,15 @@ def test_the_command_writes_the_model_pretraining_starts_from(synth_dir, tmp_pat
     assert covered["cover"] == 0.25 and summary["cover"] is None
     assert covered["objects"] > summary["objects"]
     assert covered["val"]["objects"] == summary["val"]["objects"]  # validated at the centres alike
+
+
+def test_the_cli_refuses_a_negative_cover(synth_dir, tmp_path, capfd):
+    """0 is the CLI's "off"; any other value outside (0, 1] reaches the stage's check."""
+    from copa.cli import main
+
+    data = [f"data.{split}={synth_dir}/{split}.json" for split in ("train", "val", "test")]
+    sets = [a for s in (*MICRO, *TRAIN_MICRO, *data) for a in ("--set", s)]
+    records = str(synth_dir / "train_all_boxes.json")
+    argv = ["stem-stage", "--config", "configs/tiny.yaml", *sets, "--records", records]
+    assert main([*argv, "--out", str(tmp_path / "s"), "--steps", "1", "--cover", "-0.5"]) != 0
+    assert "the stem stage's cover is a share of a cell's area" in capfd.readouterr().err

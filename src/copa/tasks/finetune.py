@@ -19,6 +19,7 @@ argument (CLI ``--keep-ratio``), else ``cfg.eval.keep_ratio``, else the model's 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -260,20 +261,18 @@ def _append_curve(out: Path, step: int, metrics: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------- evaluation
-_EVAL_CACHE: list[FrozenFeatureCache] = []  # at most one: this process's, of the last size asked for
-
-
 def evaluation_feature_cache(mb: int) -> FrozenFeatureCache | None:
     """This process's cache for evaluations (``eval.feature_cache_mb``; 0: none). It outlives one
     evaluation — its keys carry a fingerprint of the weights that computed them
     (``COPAModel.evaluation_cache``) — so a run of many evaluations of models that share a frozen
     trunk and text encoder (the demo's ablation rows, ~40 of them) computes each test image's prefix
     and each text's states once. Asking for another size starts a new cache."""
-    if mb <= 0:
-        return None
-    if not _EVAL_CACHE or _EVAL_CACHE[0].max_bytes != mb * 2**20:
-        _EVAL_CACHE[:] = [FrozenFeatureCache(mb * 2**20)]
-    return _EVAL_CACHE[0]
+    return _process_cache(mb) if mb > 0 else None
+
+
+@functools.lru_cache(maxsize=1)  # one cache at a time: another size drops the last
+def _process_cache(mb: int) -> FrozenFeatureCache:
+    return FrozenFeatureCache(mb * 2**20)
 
 
 def run_evaluation(

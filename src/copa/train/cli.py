@@ -107,7 +107,7 @@ def run_pta_stage(args: argparse.Namespace, cfg: Config) -> int:
 def run_stem_stage(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.stem_stage import run_stem_stage as stage
 
-    cover = args.cover if args.cover > 0 else None
+    cover = None if args.cover == 0 else args.cover  # anything else is checked by the stage
     summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init, cover)
     print(json.dumps({k: v for k, v in summary.items() if k != "vocabulary"}, indent=2))
     return 0
