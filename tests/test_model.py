@@ -144,6 +144,42 @@ def test_save_load_round_trip(micro_model, tmp_path):
     assert m2.lm_head._embedding[0] is m2.text.word_embeddings
 
 
+def test_load_skips_random_init_and_matches_a_full_build(micro_model, tmp_path):
+    """``from_pretrained`` builds without drawing initial weights: every parameter and buffer (the
+    non-persistent ones included: position ids, the output vocabulary) equals a normally built model
+    that loaded the same file, and torch's initialisers work again after."""
+    from copa.model.copa import load_weights, read_model_config
+
+    micro_model.set_output_vocab([0, 5, 101, 102])
+    micro_model.save_pretrained(tmp_path / "ckpt")
+    fast = load(tmp_path / "ckpt")
+    cfg = read_model_config(tmp_path / "ckpt")
+    cfg.text.tokenizer = str(tmp_path / "ckpt")
+    full = COPAModel(cfg, load_text_weights=False)
+    assert not load_weights(full, tmp_path / "ckpt" / "model.safetensors", strict=False)[0]
+    got = {**dict(fast.named_parameters()), **dict(fast.named_buffers())}
+    want = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+    assert got.keys() == want.keys() and "text.bert.embeddings.position_ids" in got
+    assert [k for k in got if not torch.equal(got[k], want[k])] == []
+    assert fast.lm_head.vocab.tolist() == [0, 5, 101, 102]
+    assert torch.nn.Linear(64, 64).weight.std() > 0.01  # the initialisers are back
+
+
+def test_load_rejects_a_checkpoint_missing_a_weight(micro_model, tmp_path):
+    """Built without initial weights, a model whose file lacks one would hold garbage there: an error."""
+    from safetensors.torch import load_file, save_file
+
+    from copa.errors import CheckpointError
+
+    micro_model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["decoder.layers.0.attn.query.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="missing="):
+        load(tmp_path / "ckpt")
+
+
 def test_load_rejects_non_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a COPA checkpoint"):
         load(tmp_path)

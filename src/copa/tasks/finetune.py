@@ -32,7 +32,7 @@ import torch
 
 from copa.config import Config, to_dict, with_model
 from copa.errors import UserError
-from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel
+from copa.model.copa import CONFIG_NAME, WEIGHTS_NAME, COPAModel, without_weight_init
 from copa.model.feature_cache import FrozenFeatureCache
 from copa.tasks.base import EvalEnv, EvalResult, Stopwatch, Task, TaskObjective, warm_up
 from copa.tasks.generation import target_vocab
@@ -94,7 +94,8 @@ def prepare_model(cfg: Config, init: str | Path | None) -> COPAModel:
 def unsharded(model: COPAModel, state: dict[str, torch.Tensor], device: torch.device) -> COPAModel:
     """A plain copy of an FSDP-trained ``model`` holding its full ``state``: evaluation calls the
     model's methods outside the objective's forward, where FSDP would not gather the shards."""
-    plain = COPAModel(model.cfg, load_text_weights=False)  # every weight comes from ``state``
+    with without_weight_init():  # every weight comes from ``state``; load_state_dict checks all came
+        plain = COPAModel(model.cfg, load_text_weights=False)
     plain.load_state_dict(state)
     return plain.to(device).eval()
 
