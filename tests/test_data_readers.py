@@ -30,7 +30,7 @@ def test_record_dict_round_trip():
         "a/b.png",
         ["one", "two"],
         [Obj((1.0, 2.0, 3.0, 4.0), "red circle")],
-        [QA("what?", ["x", "y"])],
+        [QA("what?", ["x", "y"]), QA("how many?", ["2"], "count")],
         [Ref("the red circle", (1.0, 2.0, 3.0, 4.0))],
         7,
         64,
@@ -38,6 +38,11 @@ def test_record_dict_round_trip():
     )
     d = json.loads(json.dumps(rec.to_dict()))
     assert Record.from_dict(d) == rec
+    assert "type" not in d["questions"][0] and d["questions"][1]["type"] == "count"
+    # VQA v2 calls it question_type; anything but a string is a clear error
+    assert QA.from_dict({"question": "what color?", "answer": "red", "question_type": "what color"}).type
+    with pytest.raises(TypeError, match="type must be a string"):
+        QA.from_dict({"q": "what?", "answers": ["x"], "type": 3})
 
 
 def test_json_records_round_trip(tmp_path):

@@ -71,6 +71,23 @@ def test_task_table_says_which_heads_were_fine_tuned_unpruned() -> None:
     assert "grounding: the head was fine-tuned on every patch" in md and "caption" not in md
 
 
+def test_vqa_by_type_table_sets_each_type_beside_its_majority() -> None:
+    from copa.report import _task_blocks
+
+    res = _results(0.55, 2.2, 0.0)
+    assert "VQA by question type" not in to_markdown(_task_blocks(res))
+    by = lambda acc: {  # noqa: E731
+        "shape": {"questions": 59, "accuracy": acc, "majority_answer": "square", "majority_accuracy": 13.6},
+        "count": {"questions": 60, "accuracy": 67.0, "majority_answer": "2", "majority_accuracy": 25.0},
+    }
+    res["tasks"]["vqa"]["pruned (keep 0.5)"]["by_type"] = by(36.0)
+    res["tasks"]["vqa"]["unpruned (keep 1.0)"] = {"metric": 41.0, "baseline": 14.0, "by_type": by(40.0)}
+    md = to_markdown(_task_blocks(res))
+    assert "| question type | questions | pruned (keep 0.5) | unpruned (keep 1.0) | majority" in md
+    assert '| shape | 59 | 36.0 | 40.0 | 13.6 ("square") |' in md
+    assert md.index("| count |") < md.index("| shape |")
+
+
 def test_margin_table_gives_each_interval_and_says_which_rows_copa_beats() -> None:
     from copa.report import _ablation_blocks
 

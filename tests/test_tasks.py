@@ -511,6 +511,38 @@ def test_vqa_split_answers_are_read_again_when_the_file_changes(tmp_path):
     assert split_answers(cfg, "train") is None
 
 
+def test_vqa_accuracy_by_question_type_beside_each_types_majority(micro_init, synth_dir):
+    from copa.data.records import QA
+    from copa.tasks.finetune import run_evaluation
+    from copa.tasks.metrics import accuracy_by_type
+    from copa.tasks.vqa import question_type
+
+    assert question_type(QA("Is the red star left of it?", ["no"])) == "is the"
+    assert question_type(QA("is the red star left of it?", ["no"], "relation")) == "relation"
+    preds = [
+        {"type": "count", "score": 1.0, "answers": ["2"]},
+        {"type": "count", "score": 0.0, "answers": ["3"]},
+        {"type": "color", "score": 0.0, "answers": ["red"]},
+    ]
+    by = accuracy_by_type(preds, [("count", ["3"]), ("count", ["3"]), ("count", ["2"])])
+    assert by["count"] == {
+        "questions": 2,
+        "accuracy": 50.0,
+        "majority_answer": "3",
+        "majority_accuracy": 50.0,
+    }
+    # no reference question of the type: its majority comes from the scored questions
+    assert by["color"]["majority_answer"] == "red" and by["color"]["majority_accuracy"] == 100.0
+
+    cfg = train_config(synth_dir, *EVAL_SETS)
+    res = run_evaluation(make_task("vqa"), COPAModel.from_pretrained(micro_init).eval(), cfg, "val", None)
+    by = res.metrics["by_type"]
+    assert set(by) <= {"count", "color", "shape", "exists", "side", "relation"} and "count" in by
+    assert sum(v["questions"] for v in by.values()) == len(res.predictions)
+    counted = [p for p in res.predictions if p["type"] == "count"]
+    assert by["count"]["accuracy"] == pytest.approx(100.0 * sum(p["score"] for p in counted) / len(counted))
+
+
 def test_warm_up_leaves_a_random_selectors_draws_to_the_evaluation(monkeypatch):
     from copa.evaluation import with_selector
     from copa.tasks import base

@@ -630,6 +630,8 @@ class Demo:
                     }
                     if "blind_accuracy" in m:
                         rows[setting]["blind"] = m["blind_accuracy"]
+                    if "by_type" in m:
+                        rows[setting]["by_type"] = m["by_type"]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 # pruned - unpruned on the same test samples, with its 95% interval over resampled test
                 # images: whether "within a point" is a measured statement at this test-set size

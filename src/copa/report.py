@@ -305,6 +305,39 @@ def _ablation_blocks(res: dict[str, Any]) -> list[Block]:
     return out
 
 
+def _by_type_blocks(tasks: dict[str, Any]) -> list[Block]:
+    """VQA's accuracy per question type beside each type's majority answer, for every setting that
+    has it: which kinds of question the model answers and which it only guesses."""
+    settings = {s: m["by_type"] for s, m in tasks.get("vqa", {}).items() if m.get("by_type")}
+    if not settings:
+        return []
+    kinds = sorted({k for by in settings.values() for k in by})
+    first = next(iter(settings.values()))
+    rows = [
+        [
+            kind,
+            str(first.get(kind, {}).get("questions", "—")),
+            *(_fmt(by.get(kind, {}).get("accuracy"), 1) for by in settings.values()),
+            f"{_fmt(first.get(kind, {}).get('majority_accuracy'), 1)} "
+            f'("{first.get(kind, {}).get("majority_answer", "")}")',
+        ]
+        for kind in kinds
+    ]
+    return [
+        ("h3", "VQA by question type"),
+        (
+            "table",
+            (["question type", "questions", *settings, "majority answer of the type"], rows),
+        ),
+        (
+            "p",
+            "Accuracy (%) on each type of test question; the last column always answers the type's most "
+            "frequent training answer. A type near its majority is one the model has not learnt to read "
+            "from the image.",
+        ),
+    ]
+
+
 def _task_blocks(res: dict[str, Any]) -> list[Block]:
     tasks = res.get("tasks")
     if not tasks:
@@ -412,7 +445,7 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 + ". Short fine-tunes first learn the answer prior; BENCHMARKS.md has longer runs.",
             )
         )
-    return out
+    return out + _by_type_blocks(tasks)
 
 
 def _verdicts(intervals: dict[str, dict[str, dict[str, float]]], tight: dict[str, float]) -> str:

@@ -207,7 +207,7 @@ def validate_record(
         if q and not answers:
             report.add("no_answer")  # a question nothing can be learned from or scored against
         if q and answers:
-            questions.append(QA(q, answers))
+            questions.append(QA(q, answers, qa.type))
     if not (captions or questions or refs):
         report.add("no_text")
         return None

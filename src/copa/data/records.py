@@ -86,9 +86,15 @@ class QA:
 
     q: str
     answers: list[str] = field(default_factory=list)
+    # what kind of question ("color", "count", ...; VQA v2's ``question_type``): evaluation reports
+    # accuracy per type beside each type's majority answer; "" = by its first two words
+    type: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"q": self.q, "answers": list(self.answers)}
+        d: dict[str, Any] = {"q": self.q, "answers": list(self.answers)}
+        if self.type:
+            d["type"] = self.type
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QA:
@@ -98,7 +104,10 @@ class QA:
         if not isinstance(answers, list):
             raise TypeError(f"answers must be a list of strings, got {answers!r}")
         q = parse_text(d.get("q", d.get("question", "")), "question")
-        return cls(q=q, answers=[parse_text(a, "answer") for a in answers])
+        kind = d.get("type", d.get("question_type", ""))
+        if not isinstance(kind, str):
+            raise TypeError(f"a question's type must be a string, got {kind!r}")
+        return cls(q=q, answers=[parse_text(a, "answer") for a in answers], type=kind.strip())
 
 
 @dataclass

@@ -279,31 +279,31 @@ def describe(
     captions = [first, listing, f"there is a {pick.phrase} {_where(pick, size)}"]
     captions += extra_captions(objs, size)[: max(0, n_captions - 3)]
 
-    qas = [QA("how many objects are there?", [str(n)])]
+    qas = [QA("how many objects are there?", [str(n)], "count")]
     shapes = [o.shape for o in objs]
     colours = [o.colour for o in objs]
     for o in objs:
         if shapes.count(o.shape) == 1:
-            qas.append(QA(f"what color is the {o.shape}?", [o.colour]))
+            qas.append(QA(f"what color is the {o.shape}?", [o.colour], "color"))
             break
     for o in objs:
         if colours.count(o.colour) == 1:
-            qas.append(QA(f"what shape is the {o.colour} object?", [o.shape]))
+            qas.append(QA(f"what shape is the {o.colour} object?", [o.shape], "shape"))
             break
     if rng.random() < 0.5:
-        qas.append(QA(f"is there a {pick.name}?", ["yes"]))
+        qas.append(QA(f"is there a {pick.name}?", ["yes"], "exists"))
     else:
         present = {(o.colour, o.shape) for o in objs}
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         c, s = absent[int(rng.integers(len(absent)))]
-        qas.append(QA(f"is there a {c} {s}?", ["no"]))
+        qas.append(QA(f"is there a {c} {s}?", ["no"], "exists"))
     side = _side(pick, size)
     if side != "middle":
-        qas.append(QA(f"is the {pick.name} on the left or the right?", [side]))
+        qas.append(QA(f"is the {pick.name} on the left or the right?", [side], "side"))
     if n >= 2:
         a, b = objs[0], objs[1]
         left = a.centre[0] < b.centre[0]
-        qas.append(QA(f"is the {a.name} to the left of the {b.name}?", ["yes" if left else "no"]))
+        qas.append(QA(f"is the {a.name} to the left of the {b.name}?", ["yes" if left else "no"], "relation"))
 
     refs = [
         Ref(

@@ -18,7 +18,8 @@ import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -316,6 +317,31 @@ def majority_answer(answers: Sequence[Sequence[str]]) -> str:
     if not counts:
         return ""
     return counts.most_common(1)[0][0]
+
+
+def accuracy_by_type(
+    preds: Sequence[Mapping[str, Any]], reference: Sequence[tuple[str, Sequence[str]]]
+) -> dict[str, dict[str, Any]]:
+    """VQA accuracy per question type: ``preds`` carry ``type``, ``score`` (0..1) and ``answers``;
+    ``reference`` is (type, answers) of the questions the majority answers come from (the training
+    split). -> {type: {questions, accuracy (%), majority_answer (the type's most frequent reference
+    answer; of the scored questions when ``reference`` has none of the type), majority_accuracy (%)}}."""
+    by_ref: dict[str, list[Sequence[str]]] = {}
+    for kind, answers in reference:
+        by_ref.setdefault(kind, []).append(answers)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for p in preds:
+        groups.setdefault(p["type"], []).append(p)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, ps in sorted(groups.items()):
+        majority = majority_answer(by_ref.get(kind) or [p["answers"] for p in ps])
+        out[kind] = {
+            "questions": len(ps),
+            "accuracy": 100.0 * sum(p["score"] for p in ps) / len(ps),
+            "majority_answer": majority,
+            "majority_accuracy": 100.0 * sum(vqa_score(majority, p["answers"]) for p in ps) / len(ps),
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------------ grounding

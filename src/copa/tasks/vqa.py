@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from copa.config import Config
 from copa.data.collate import Batch
-from copa.data.records import Record
+from copa.data.records import QA, Record
 from copa.model.copa import COPAModel
 from copa.tasks.base import (
     EvalEnv,
@@ -42,7 +43,7 @@ from copa.tasks.base import (
     throughput,
 )
 from copa.tasks.generation import generate, lm_loss, rank_candidates, tokenize
-from copa.tasks.metrics import majority_answer, normalize_answer, vqa_score
+from copa.tasks.metrics import accuracy_by_type, majority_answer, normalize_answer, vqa_score
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,22 @@ def training_answer(answers: list[str]) -> str:
     return Counter(answers).most_common(1)[0][0]
 
 
+def question_type(qa: QA) -> str:
+    """``qa.type`` as the data names it, else the question's first two words: VQA v2 groups its
+    questions by how they open ("what color", "how many", "is there")."""
+    return qa.type or " ".join(re.findall(r"[a-z0-9']+", qa.q.lower())[:2]) or "other"
+
+
 def split_answers(cfg: Config, split: str) -> list[list[str]] | None:
     """Reference answers of every question of ``cfg.data.<split>`` (records only, no images);
     None when the split cannot be read."""
+    typed = split_typed_answers(cfg, split)
+    return None if typed is None else [answers for _, answers in typed]
+
+
+def split_typed_answers(cfg: Config, split: str) -> list[tuple[str, list[str]]] | None:
+    """(``question_type``, reference answers) of every question of ``cfg.data.<split>``; None when
+    the split cannot be read."""
     path = getattr(cfg.data, split)
     version: tuple[int, int] | None = None  # a directory (COCO) or a shard pattern: read, not remembered
     if Path(path).is_file():
@@ -63,27 +77,27 @@ def split_answers(cfg: Config, split: str) -> list[list[str]] | None:
     try:
         if version is None:
             return _read_answers(path, cfg.data.format, cfg.data.image_root)
-        return [list(a) for a in _file_answers(path, cfg.data.format, cfg.data.image_root, version)]
+        return [(t, list(a)) for t, a in _file_answers(path, cfg.data.format, cfg.data.image_root, version)]
     except (OSError, ValueError) as e:
         log.warning("cannot read the %s split for VQA answers: %s", split, e)
         return None
 
 
-def _read_answers(path: str, fmt: str, image_root: str) -> list[list[str]]:
+def _read_answers(path: str, fmt: str, image_root: str) -> list[tuple[str, list[str]]]:
     from copa.data.readers import read_records
 
     recs = read_records(path, fmt, image_root)
-    return [qa.answers for r in recs for qa in r.questions if qa.answers]
+    return [(question_type(qa), qa.answers) for r in recs for qa in r.questions if qa.answers]
 
 
 @functools.lru_cache(maxsize=8)
 def _file_answers(
     path: str, fmt: str, image_root: str, version: tuple[int, int]
-) -> tuple[tuple[str, ...], ...]:
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """``_read_answers`` of a file as it is at ``version`` (mtime, size): every evaluation reads the
-    training split's answers for its majority baseline, and parsing 2,000 records took 0.4 s of a
+    training split's answers for its majority baselines, and parsing 2,000 records took 0.4 s of a
     5-s VQA evaluation, 14 times in the demo."""
-    return tuple(tuple(a) for a in _read_answers(path, fmt, image_root))
+    return tuple((t, tuple(a)) for t, a in _read_answers(path, fmt, image_root))
 
 
 def load_answer_list(spec: str, cfg: Config) -> list[str]:
@@ -152,6 +166,7 @@ class VQATask(Task):
                     "index": i,
                     "image": rec.image,
                     "question": rec.questions[0].q,
+                    "type": question_type(rec.questions[0]),
                     "answers": refs,
                     "prediction": answer,
                     "score": vqa_score(answer, refs),
@@ -163,7 +178,8 @@ class VQATask(Task):
                 preds.append(pred)
         preds, seconds = gather_predictions(preds, env.watch.seconds)
         refs = [p["answers"] for p in preds]
-        train_refs = split_answers(env.cfg, "train")
+        train_typed = split_typed_answers(env.cfg, "train")
+        train_refs = [a for _, a in train_typed] if train_typed else None
         majority = majority_answer(train_refs or refs)
         metrics = {
             "accuracy": 100.0 * sum(p["score"] for p in preds) / max(1, len(preds)),
@@ -172,6 +188,9 @@ class VQATask(Task):
             "baseline_majority_from": "train" if train_refs else "evaluated split",
             "baseline_accuracy": 100.0 * sum(vqa_score(majority, r) for r in refs) / max(1, len(refs)),
             **throughput(len(preds), seconds),
+            # per question type, beside always answering the type's majority answer: a model that
+            # learnt only which answers each type takes scores that baseline
+            "by_type": accuracy_by_type(preds, train_typed or [(p["type"], p["answers"]) for p in preds]),
         }
         blind = [p["blind_score"] for p in preds if "blind_score" in p]
         if blind:  # same questions, another image: the accuracy this model reaches without looking
