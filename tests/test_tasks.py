@@ -519,6 +519,7 @@ def test_vqa_accuracy_by_question_type_beside_each_types_majority(micro_init, sy
 
     assert question_type(QA("Is the red star left of it?", ["no"])) == "is the"
     assert question_type(QA("is the red star left of it?", ["no"], "relation")) == "relation"
+    assert question_type(QA("¿Qué color tiene?", ["rojo"])) == "qué color"
     preds = [
         {"type": "count", "score": 1.0, "answers": ["2"]},
         {"type": "count", "score": 0.0, "answers": ["3"]},

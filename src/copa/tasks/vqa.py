@@ -56,7 +56,7 @@ def training_answer(answers: list[str]) -> str:
 def question_type(qa: QA) -> str:
     """``qa.type`` as the data names it, else the question's first two words: VQA v2 groups its
     questions by how they open ("what color", "how many", "is there")."""
-    return qa.type or " ".join(re.findall(r"[a-z0-9']+", qa.q.lower())[:2]) or "other"
+    return qa.type or " ".join(re.findall(r"[\w']+", qa.q.lower())[:2]) or "other"
 
 
 def split_answers(cfg: Config, split: str) -> list[list[str]] | None:
