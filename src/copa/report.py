@@ -311,18 +311,18 @@ def _by_type_blocks(tasks: dict[str, Any]) -> list[Block]:
     settings = {s: m["by_type"] for s, m in tasks.get("vqa", {}).items() if m.get("by_type")}
     if not settings:
         return []
-    kinds = sorted({k for by in settings.values() for k in by})
-    first = next(iter(settings.values()))
-    rows = [
-        [
-            kind,
-            str(first.get(kind, {}).get("questions", "—")),
-            *(_fmt(by.get(kind, {}).get("accuracy"), 1) for by in settings.values()),
-            f"{_fmt(first.get(kind, {}).get('majority_accuracy'), 1)} "
-            f'("{first.get(kind, {}).get("majority_answer", "")}")',
-        ]
-        for kind in kinds
-    ]
+    first = next(iter(settings.values()))  # the question counts and majorities: the same in every setting
+    rows = []
+    for kind in sorted({k for by in settings.values() for k in by}):
+        ref = first.get(kind, {})
+        rows.append(
+            [
+                kind,
+                str(ref.get("questions", "—")),
+                *(_fmt(by.get(kind, {}).get("accuracy"), 1) for by in settings.values()),
+                f'{_fmt(ref.get("majority_accuracy"), 1)} ("{ref.get("majority_answer", "")}")',
+            ]
+        )
     return [
         ("h3", "VQA by question type"),
         (
