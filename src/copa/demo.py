@@ -128,6 +128,11 @@ class DemoPlan:
     # fp32 (seed 0) 65.4 -> 65.4 (shape 0.36 -> 0.46, count 0.67 -> 0.55) and pruned - unpruned +3.0 ->
     # -1.5 (BENCHMARKS.md, session 17)
     relevance_token: tuple[str, ...] = ()
+    # tasks whose fine-tune also trains the ViT blocks after the selection (``train.tune_vit_suffix``):
+    # they see only the kept patches of the question's selection. VQA from the demo's captioners, 160
+    # steps, validation + test (898 questions, bf16, seeds 0 | 1): 64.1 | 63.2 -> 66.6 | 64.7, for
+    # ~3 s more training (BENCHMARKS.md, session 19)
+    tune_vit_suffix: tuple[str, ...] = ("vqa",)
     # tasks whose selector ablation also runs at a tighter keep ratio. At 0.5 (32 of 64 patches) every
     # selector that keeps objects at all keeps all of them, and grounding ties; at 0.25 the kept
     # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18). VQA too:
@@ -560,6 +565,7 @@ class Demo:
         self.results["finetune_unpruned"] = list(p.finetune_unpruned)
         self.results["fusion_relevance"] = list(p.fusion_relevance)
         self.results["relevance_token"] = list(p.relevance_token)
+        self.results["tune_vit_suffix"] = list(p.tune_vit_suffix)
         self.results["finetune_from"] = dict(p.finetune_from)
         self.results["eval_feature_cache_mb"] = p.eval_feature_cache_mb
         ablation = self.results.setdefault("ablation_tasks", {})
@@ -583,6 +589,7 @@ class Demo:
                 "train.freeze_vit=true",
                 f"train.fusion_relevance={str(name in p.fusion_relevance).lower()}",
                 f"train.relevance_token={str(name in p.relevance_token).lower()}",
+                f"train.tune_vit_suffix={str(name in p.tune_vit_suffix).lower()}",
             ]
             keep = self.config(*sets).model.select.keep_ratios[0]
             # evaluations below name their keep ratio; only the fine-tune itself runs unpruned

@@ -381,23 +381,26 @@ class COPAModel(nn.Module):
         self.vision.set_selection(select)
         self.cfg.select = select  # the same object as the ViT's, so the saved config is what runs
 
-    def freeze(self, text_layers: int = 0, vit: bool = False, selector: bool = False) -> None:
+    def freeze(
+        self, text_layers: int = 0, vit: bool = False, selector: bool = False, vit_suffix: bool = True
+    ) -> None:
         """Freeze the text encoder's embeddings and first ``text_layers`` layers (-1: all of it; 0:
-        none), with ``vit`` the ViT backbone and with ``selector`` the selectors (each independent of
-        the other)."""
+        none), with ``vit`` the ViT backbone — with ``vit_suffix=False`` only its part before the first
+        selection — and with ``selector`` the selectors (each independent of the other)."""
         if text_layers:
             self.text.freeze(text_layers)
         if vit:
-            self.vision.freeze_backbone()
+            self.vision.freeze_backbone(suffix=vit_suffix)
         if selector:
             for p in self.vision.selectors.parameters():
                 p.requires_grad_(False)
 
     def use_feature_cache(self, cache: FrozenFeatureCache | None) -> None:
         """Serve what the frozen encoders compute from one input alone from ``cache`` (None: stop
-        caching; ``copa.model.feature_cache``): the ViT's text-independent outputs when its backbone is
-        frozen, the text encoder's states when all of it is frozen; a trained part computes as always."""
-        self.vision.use_feature_cache(cache if self.vision.backbone_frozen else None)
+        caching; ``copa.model.feature_cache``): the ViT's text-independent outputs when the part that
+        computes them is frozen, the text encoder's states when all of it is frozen; a trained part
+        computes as always."""
+        self.vision.use_feature_cache(cache if self.vision.prefix_frozen else None)
         self.text.use_feature_cache(cache if self.text.fully_frozen else None)
 
     @contextlib.contextmanager
@@ -415,15 +418,17 @@ class COPAModel(nn.Module):
         if self.training:
             raise ValueError("the evaluation cache needs the model in eval mode (no dropout, no drop-path)")
         vit, text = self.vision, self.text
-        saved = (vit.feature_cache, vit.cache_scope), (text.feature_cache, text.cache_scope)
-        # the selectors act after the prefix: models that differ only there share it
+        saved = vit.cache_state(), (text.feature_cache, text.cache_scope)
+        # the selectors act after the prefix: models that differ only there share it, and the prefix
+        # of models whose ViT differs only after the first selection (``train.tune_vit_suffix``) too
         vit_scope = f"vit:{weights_fingerprint(vit, ('selectors.',))}|"
-        vit.use_feature_cache(cache, frozen_only=False, scope=vit_scope)
+        prefix_scope = f"vit:{weights_fingerprint(vit, ('selectors.', *vit.suffix_names()))}|"
+        vit.use_feature_cache(cache, frozen_only=False, scope=vit_scope, prefix_scope=prefix_scope)
         text.use_feature_cache(cache, frozen_only=False, scope=f"text:{weights_fingerprint(text)}|")
         try:
             yield
         finally:
-            vit.use_feature_cache(saved[0][0], frozen_only=False, scope=saved[0][1])
+            vit.restore_cache_state(saved[0])
             text.use_feature_cache(saved[1][0], frozen_only=False, scope=saved[1][1])
 
     def adapt_stem_statistics(self, images: Iterable[Tensor]) -> int:

@@ -182,7 +182,8 @@ class VisionTransformer(nn.Module):
         self._own_selector: tuple[nn.Module, ...] = tuple(self.selectors[:1])
         self.grad_checkpointing = False
         self.feature_cache: FrozenFeatureCache | None = None
-        self.cache_scope = ""
+        self.cache_scope = self.prefix_scope = ""
+        self._cache_tokens = False
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -289,31 +290,64 @@ class VisionTransformer(nn.Module):
         v.image_size = image_size
         return True
 
-    def freeze_backbone(self) -> None:
+    def freeze_backbone(self, suffix: bool = True) -> None:
         """Stop training everything but the selectors; autograd then records no backward through
-        the ViT blocks (the selectors' own gradients, from PTA, need none)."""
+        the ViT blocks (the selectors' own gradients, from PTA, need none). ``suffix=False`` freezes
+        the prefix only: the blocks after the first selection and the final norm, which see only
+        the kept patches, still train, and the prefix stays a fixed function of the pixels that the
+        feature cache may serve."""
         for name, p in self.named_parameters():
             if not name.startswith("selectors."):
                 p.requires_grad_(False)
+        if not suffix:
+            for name, p in self.named_parameters():
+                if name.startswith(self.suffix_names()):
+                    p.requires_grad_(True)
         self.train(self.training)  # a conv stem's BatchNorm goes to eval mode now, not at the next train()
 
     def use_feature_cache(
-        self, cache: FrozenFeatureCache | None, frozen_only: bool = True, scope: str = ""
+        self,
+        cache: FrozenFeatureCache | None,
+        frozen_only: bool = True,
+        scope: str = "",
+        prefix_scope: str | None = None,
     ) -> None:
         """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
         ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
         function of the pixels. ``frozen_only=False`` is for evaluation, where no weight changes
         while the cache lives; ``scope`` prefixes every key (a fingerprint of these weights, for a
-        cache that other models share)."""
-        if cache is not None and frozen_only and not self.backbone_frozen:
+        cache that other models share; ``prefix_scope``, default ``scope``, those of the prefix, which
+        models that differ only after it share)."""
+        if cache is not None and frozen_only and not self.prefix_frozen:
             raise ValueError("only a frozen ViT can cache its features (freeze_backbone first)")
         self.feature_cache = cache
         self.cache_scope = scope
+        self.prefix_scope = scope if prefix_scope is None else prefix_scope
+        # the unpruned output tokens too, when nothing that computes them changes while cached
+        self._cache_tokens = not frozen_only or self.backbone_frozen
 
     @property
     def backbone_frozen(self) -> bool:
         """No parameter outside the selectors trains."""
         return not any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("selectors."))
+
+    def cache_state(self) -> tuple[FrozenFeatureCache | None, str, str, bool]:
+        """What ``use_feature_cache`` set, for ``restore_cache_state``."""
+        return self.feature_cache, self.cache_scope, self.prefix_scope, self._cache_tokens
+
+    def restore_cache_state(self, state: tuple[FrozenFeatureCache | None, str, str, bool]) -> None:
+        self.feature_cache, self.cache_scope, self.prefix_scope, self._cache_tokens = state
+
+    def suffix_names(self) -> tuple[str, ...]:
+        """Name prefixes of the parameters after the first selection (later blocks, final norm)."""
+        return (*(f"blocks.{i}." for i in range(self.prefix_depth, len(self.blocks))), "norm.")
+
+    @property
+    def prefix_frozen(self) -> bool:
+        """No parameter of the part before the first selection (stem, position table, first blocks)
+        trains: ``forward_prefix`` is a fixed function of the pixels."""
+        skip = ("selectors.", *self.suffix_names())
+        return not any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(skip))
 
     def _cached(self) -> FrozenFeatureCache | None:
         """The cache, while the backbone is deterministic (stochastic depth draws anew in training)."""
@@ -350,7 +384,7 @@ class VisionTransformer(nn.Module):
         """Text-independent part. images: (B, 3, H, W) -> (B, 1+N, D) after the first k blocks."""
         cache = self._cached()
         if cache is not None:
-            return cache.lookup(f"{self.cache_scope}prefix{self.prefix_depth}", images, self._prefix)
+            return cache.lookup(f"{self.prefix_scope}prefix{self.prefix_depth}", images, self._prefix)
         return self._prefix(images)
 
     def _prefix(self, images: Tensor) -> Tensor:
@@ -405,7 +439,7 @@ class VisionTransformer(nn.Module):
     ) -> VisionOutput:
         """images: (B, 3, H, W), query: (B, Dt) or None -> VisionOutput"""
         cache = self._cached()
-        if cache is not None and not self.selects(keep_ratios):  # then the tokens are text-free
+        if cache is not None and self._cache_tokens and not self.selects(keep_ratios):  # text-free tokens
             tokens = cache.lookup(
                 f"{self.cache_scope}tokens",
                 images,

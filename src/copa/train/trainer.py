@@ -282,7 +282,12 @@ def pretrain(
         _adopt_selection(model, cfg)
         model.set_keep_ratio(cfg.model.select.keep_ratios)
         model.set_output_vocab([])  # pre-training's text is open: a fine-tune's output vocabulary is not
-    model.freeze(cfg.train.freeze_text_layers, cfg.train.freeze_vit, bool(cfg.train.freeze_selector))
+    model.freeze(
+        cfg.train.freeze_text_layers,
+        cfg.train.freeze_vit,
+        bool(cfg.train.freeze_selector),
+        not cfg.train.tune_vit_suffix,
+    )
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device).train()
