@@ -69,3 +69,10 @@ def test_defaults_are_the_tiny_preset_and_build_a_model():
     with torch.no_grad():
         out = model(torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size), ids, mask)
     assert out.text.shape == (1, 4, cfg.text.width) and torch.isfinite(out.text).all()
+
+
+def test_tuning_the_vit_suffix_needs_a_frozen_vit():
+    cfg = load_config(None, ["train.freeze_vit=true", "train.tune_vit_suffix=true"])
+    assert cfg.train.tune_vit_suffix
+    with pytest.raises(ConfigError, match="tune_vit_suffix needs train.freeze_vit"):
+        load_config(None, ["train.tune_vit_suffix=true"])

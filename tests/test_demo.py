@@ -175,6 +175,7 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         assert (ft.model.select.keep_ratios == [1.0]) is (ns.task in plan.finetune_unpruned)
         assert ft.train.fusion_relevance is (ns.task in plan.fusion_relevance)
         assert ft.train.relevance_token is (ns.task in plan.relevance_token)
+        assert ft.train.tune_vit_suffix is (ns.task in plan.tune_vit_suffix)
         # VQA starts from the fine-tuned captioner, the others from COPA's pre-training
         source = plan.finetune_from.get(ns.task)
         expected = demo_dir / "tasks" / source / "model" if source else demo_dir / "pta_copa" / "model"
@@ -200,6 +201,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert res["relevance_token"] == list(plan.relevance_token)
     assert "by the model's own TPD" in report
     assert ("(`train.relevance_token`)" in report) is bool(plan.relevance_token)
+    assert res["tune_vit_suffix"] == list(plan.tune_vit_suffix)
+    assert ("(`train.tune_vit_suffix`)" in report) is bool(plan.tune_vit_suffix)
     # evaluations read the same data and settings as the fine-tuning (the old record lacked them)
     # (the second scene style's VQA evaluation reads its own test split, with the blind control)
     alt = [ns for ns in by_cmd["evaluate"] if any("data_alt/test.json" in o for o in ns.overrides)]

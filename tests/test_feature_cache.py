@@ -252,3 +252,82 @@ def test_the_weights_fingerprint_sees_parameters_and_buffers():
     assert weights_fingerprint(bn, skip=("running_mean",)) == weights_fingerprint(
         torch.nn.BatchNorm1d(4), skip=("running_mean",)
     )
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_a_tuned_vit_suffix_trains_after_the_selection_and_the_prefix_stays_cached(keep):
+    """``freeze(vit=True, vit_suffix=False)``: only the blocks after the first selection and the final
+    norm train; the prefix is still served from the cache with the same loss and gradients, and the
+    unpruned output tokens, which the trained blocks compute, are not cached in training."""
+    images, ids, mask = _pairs()
+    losses, grads = [], []
+    for cache in (None, FrozenFeatureCache(2**24)):
+        torch.manual_seed(0)
+        model = COPAModel(micro_config().model)
+        model.freeze(vit=True, selector=True, vit_suffix=False)
+        vit = model.vision
+        assert vit.prefix_frozen and not vit.backbone_frozen
+        trained = {n for n, p in vit.named_parameters() if p.requires_grad}
+        assert trained and all(n.startswith(("blocks.2.", "blocks.3.", "norm.")) for n in trained)
+        assert any(n.startswith("blocks.2.") for n in trained) and "norm.weight" in trained
+        model.train().set_keep_ratio(keep)
+        model.use_feature_cache(cache)
+        for _ in range(2):
+            model.zero_grad()
+            out = model.ground(model(images, ids, mask))
+            loss = out.scores.logsumexp(1).mean() + out.boxes.square().mean()
+            loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert any(n.startswith("vision.blocks.3.") for n in grads[-1])
+        assert not any(n.startswith(("vision.blocks.0.", "vision.patch_embed")) for n in grads[-1])
+        if cache is not None:
+            assert {k.split(b"|")[0] for k in cache.store} == {b"prefix2"}
+            assert cache.stats.hits == 3 + 6 and cache.stats.misses == 3
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_models_that_differ_after_the_selection_share_their_evaluation_prefixes():
+    """A tuned suffix changes the tokens but not the prefix: a shared evaluation cache serves the
+    prefix to both models, and each still gets its own uncached outputs."""
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model).eval()
+    images, ids, mask = _pairs()
+    cache = FrozenFeatureCache(2**24)
+    with torch.no_grad(), model.evaluation_cache(cache):
+        model(images, ids, mask)
+    with torch.no_grad():
+        model.vision.blocks[3].mlp.fc2.bias.add_(0.5)
+        plain = model.ground(model(images, ids, mask)).boxes
+    before = dataclasses.replace(cache.stats)
+    with torch.no_grad(), model.evaluation_cache(cache):
+        served = model.ground(model(images, ids, mask)).boxes
+    delta = cache.stats.since(before)
+    assert (delta.hits, delta.misses) == (6 + 6, 0)  # every prefix (each image twice) and text reused
+    torch.testing.assert_close(served, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_finetune_that_tunes_the_vit_suffix_leaves_the_prefix_as_it_was(micro_init, synth_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sets = _sets(
+        synth_dir,
+        "train.steps=4",
+        "train.freeze_vit=true",
+        "train.tune_vit_suffix=true",
+        "train.feature_cache_mb=64",
+    )
+    args = ["finetune", "vqa", "--config", "configs/tiny.yaml", *sets, "--init", str(micro_init)]
+    assert main([*args, "--eval-split", "none", "--out", str(tmp_path / "ft")]) == 0
+    before = load_file(str(micro_init / "model.safetensors"))
+    after = load_file(str(tmp_path / "ft" / "model" / "model.safetensors"))
+    vit = [n for n in before if n.startswith("vision.") and not n.startswith("vision.selectors.")]
+    changed = {n for n in vit if not torch.equal(before[n], after[n])}
+    assert changed and all(
+        n.startswith(("vision.blocks.2.", "vision.blocks.3.", "vision.norm.")) for n in changed
+    )
+    stats = json.loads((tmp_path / "ft" / "summary.json").read_text())["feature_cache"]
+    assert stats["hits"] > 0 and stats["misses"] > 0  # the frozen prefix still served from the cache

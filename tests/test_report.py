@@ -71,6 +71,17 @@ def test_task_table_says_which_heads_were_fine_tuned_unpruned() -> None:
     assert "grounding: the head was fine-tuned on every patch" in md and "caption" not in md
 
 
+def test_task_table_says_which_fine_tunes_trained_the_vit_after_the_selection() -> None:
+    from copa.report import _task_blocks
+
+    res = _results(0.55, 2.2, 0.0)
+    assert "train too" not in to_markdown(_task_blocks(res))
+    res["tune_vit_suffix"] = ["vqa", "caption"]  # caption did not run: not named
+    md = to_markdown(_task_blocks(res))
+    assert "vqa: the ViT blocks after the selection train too (`train.tune_vit_suffix`)" in md
+    assert "caption" not in md
+
+
 def test_vqa_by_type_table_sets_each_type_beside_its_majority() -> None:
     from copa.report import _task_blocks
 

@@ -128,11 +128,11 @@ class DemoPlan:
     # fp32 (seed 0) 65.4 -> 65.4 (shape 0.36 -> 0.46, count 0.67 -> 0.55) and pruned - unpruned +3.0 ->
     # -1.5 (BENCHMARKS.md, session 17)
     relevance_token: tuple[str, ...] = ()
-    # tasks whose fine-tune also trains the ViT blocks after the selection (``train.tune_vit_suffix``):
-    # they see only the kept patches of the question's selection. VQA from the demo's captioners, 160
-    # steps, validation + test (898 questions, bf16, seeds 0 | 1): 64.1 | 63.2 -> 66.6 | 64.7, for
-    # ~3 s more training (BENCHMARKS.md, session 19)
-    tune_vit_suffix: tuple[str, ...] = ("vqa",)
+    # tasks whose fine-tune also trains the ViT blocks after the selection (``train.tune_vit_suffix``).
+    # None: VQA from the demo's captioners, 160 steps, validation + test (898 questions, bf16, seeds 0
+    # | 1) 64.1 | 63.2 -> 66.6 | 64.7, but in the emulated-fp32 demo (seed 0) test 65.7 -> 65.1,
+    # validation 64.5 -> 63.2, for ~13 s more training (BENCHMARKS.md, session 19)
+    tune_vit_suffix: tuple[str, ...] = ()
     # tasks whose selector ablation also runs at a tighter keep ratio. At 0.5 (32 of 64 patches) every
     # selector that keeps objects at all keeps all of them, and grounding ties; at 0.25 the kept
     # patches must be the phrase's (COPA 41 | 41 against cls_attn 34 | 31, random 17 | 18). VQA too:

@@ -418,6 +418,16 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 ),
             )
         )
+    suffix = [t for t in res.get("tune_vit_suffix", []) if t in tasks]
+    if suffix:
+        out.append(
+            (
+                "p",
+                f"{', '.join(suffix)}: the ViT blocks after the selection train too "
+                "(`train.tune_vit_suffix`); they see only the kept patches, and the ViT below the "
+                "selection stays frozen.",
+            )
+        )
     relevance = [t for t in res.get("fusion_relevance", []) if t in tasks]
     token = [t for t in res.get("relevance_token", []) if t in relevance]
     if relevance:
