@@ -256,7 +256,7 @@ def test_the_weights_fingerprint_sees_parameters_and_buffers():
 
 @pytest.mark.parametrize("keep", [0.5, 1.0])
 def test_a_tuned_vit_suffix_trains_after_the_selection_and_the_prefix_stays_cached(keep):
-    """``freeze(vit=True, vit_suffix=False)``: only the blocks after the first selection and the final
+    """``freeze(vit=True, tune_vit_suffix=True)``: only the blocks after the first selection and the final
     norm train; the prefix is still served from the cache with the same loss and gradients, and the
     unpruned output tokens, which the trained blocks compute, are not cached in training."""
     images, ids, mask = _pairs()
@@ -264,7 +264,7 @@ def test_a_tuned_vit_suffix_trains_after_the_selection_and_the_prefix_stays_cach
     for cache in (None, FrozenFeatureCache(2**24)):
         torch.manual_seed(0)
         model = COPAModel(micro_config().model)
-        model.freeze(vit=True, selector=True, vit_suffix=False)
+        model.freeze(vit=True, selector=True, tune_vit_suffix=True)
         vit = model.vision
         assert vit.prefix_frozen and not vit.backbone_frozen
         trained = {n for n, p in vit.named_parameters() if p.requires_grad}

@@ -382,15 +382,15 @@ class COPAModel(nn.Module):
         self.cfg.select = select  # the same object as the ViT's, so the saved config is what runs
 
     def freeze(
-        self, text_layers: int = 0, vit: bool = False, selector: bool = False, vit_suffix: bool = True
+        self, text_layers: int = 0, vit: bool = False, selector: bool = False, tune_vit_suffix: bool = False
     ) -> None:
         """Freeze the text encoder's embeddings and first ``text_layers`` layers (-1: all of it; 0:
-        none), with ``vit`` the ViT backbone — with ``vit_suffix=False`` only its part before the first
+        none), with ``vit`` the ViT backbone — with ``tune_vit_suffix`` only its part before the first
         selection — and with ``selector`` the selectors (each independent of the other)."""
         if text_layers:
             self.text.freeze(text_layers)
         if vit:
-            self.vision.freeze_backbone(suffix=vit_suffix)
+            self.vision.freeze_backbone(tune_suffix=tune_vit_suffix)
         if selector:
             for p in self.vision.selectors.parameters():
                 p.requires_grad_(False)

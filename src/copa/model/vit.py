@@ -290,16 +290,16 @@ class VisionTransformer(nn.Module):
         v.image_size = image_size
         return True
 
-    def freeze_backbone(self, suffix: bool = True) -> None:
+    def freeze_backbone(self, tune_suffix: bool = False) -> None:
         """Stop training everything but the selectors; autograd then records no backward through
-        the ViT blocks (the selectors' own gradients, from PTA, need none). ``suffix=False`` freezes
+        the ViT blocks (the selectors' own gradients, from PTA, need none). ``tune_suffix`` freezes
         the prefix only: the blocks after the first selection and the final norm, which see only
         the kept patches, still train, and the prefix stays a fixed function of the pixels that the
         feature cache may serve."""
         for name, p in self.named_parameters():
             if not name.startswith("selectors."):
                 p.requires_grad_(False)
-        if not suffix:
+        if tune_suffix:
             for name, p in self.named_parameters():
                 if name.startswith(self.suffix_names()):
                     p.requires_grad_(True)
@@ -313,8 +313,9 @@ class VisionTransformer(nn.Module):
         prefix_scope: str | None = None,
     ) -> None:
         """Serve the frozen backbone's text-independent outputs from ``cache`` (None: stop); see
-        ``copa.model.feature_cache``. Only a frozen backbone may cache: its outputs are then a fixed
-        function of the pixels. ``frozen_only=False`` is for evaluation, where no weight changes
+        ``copa.model.feature_cache``. Only a ViT whose prefix is frozen may cache (the prefix is then
+        a fixed function of the pixels; the unpruned output tokens only when the whole backbone is
+        frozen). ``frozen_only=False`` is for evaluation, where no weight changes
         while the cache lives; ``scope`` prefixes every key (a fingerprint of these weights, for a
         cache that other models share; ``prefix_scope``, default ``scope``, those of the prefix, which
         models that differ only after it share)."""

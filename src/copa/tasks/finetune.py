@@ -146,7 +146,7 @@ def finetune(
         model.set_grad_checkpointing(True)
     t = cfg.train
     # no PTA labels here: unless told otherwise the selector stays as pre-training left it
-    model.freeze(t.freeze_text_layers, t.freeze_vit, t.freeze_selector is not False, not t.tune_vit_suffix)
+    model.freeze(t.freeze_text_layers, t.freeze_vit, t.freeze_selector is not False, t.tune_vit_suffix)
     model.to(device).train()
     cfg = with_model(cfg, model.cfg)  # the loader tokenizes and normalises as the model expects
     dtype = resolve_precision(cfg.train.precision, device)

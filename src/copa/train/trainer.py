@@ -286,7 +286,7 @@ def pretrain(
         cfg.train.freeze_text_layers,
         cfg.train.freeze_vit,
         bool(cfg.train.freeze_selector),
-        not cfg.train.tune_vit_suffix,
+        cfg.train.tune_vit_suffix,
     )
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
