@@ -136,6 +136,11 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert (tmp_path / "demo" / "report.md").exists()
     report = (tmp_path / "demo" / "report.md").read_text()
     assert all(line in report for line in res["commands"])
+    for rows in res["tasks"].values():  # each target's value with its interval over resampled images
+        pruned = next(r for setting, r in rows.items() if setting.startswith("pruned"))
+        assert pruned["interval"] == pytest.approx([1 / 3, 2 / 3])  # the fake images' means: 1/3, 2/3
+        assert "interval" not in rows["unpruned (keep 1.0)"]
+    assert ("| VQA accuracy (%) | 2.000 [0.333, 0.667] |" in report) is not quick
 
     plan = with_finetune_steps(QUICK if quick else FULL, changed)[0]
     assert res["finetune_steps"] == plan.finetune_steps
@@ -375,3 +380,21 @@ def test_finetune_steps_replace_the_plans_and_bad_ones_are_user_errors():
     for bad in ("vqa", "vqa=0", "vqa=-3", "vqa=many", "ocr=5"):
         with pytest.raises(UserError, match="--finetune-steps"):
             with_finetune_steps(FULL, [bad])
+
+
+def test_metric_interval_resamples_whole_images(tmp_path):
+    from copa.demo import metric_interval
+
+    # image a: units 0, 0 (mean 0); image b: one unit of weight 3 (a query that counts three times)
+    preds = [
+        {"unit": 0.0, "group": "a"},
+        {"unit": 0.0, "group": "a"},
+        {"unit": 100.0, "group": "b", "unit_weight": 3.0},
+    ]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    iv = metric_interval(tmp_path)
+    assert iv["value"] == pytest.approx(60.0) and iv["groups"] == 2
+    assert iv["low"] == pytest.approx(0.0) and iv["high"] == pytest.approx(100.0)
+    (tmp_path / "predictions.jsonl").write_text("")
+    with pytest.raises(UserError, match="no predictions"):
+        metric_interval(tmp_path)

@@ -60,6 +60,16 @@ def test_targets_table_marks_each_comparison_from_the_run() -> None:
     assert _target_blocks({**_results(0.55, 2.2, 0.0), "quick": True}) == []
 
 
+def test_a_task_target_shows_its_interval_and_is_still_judged_on_its_value() -> None:
+    res = _results(0.55, 2.2, 0.0)
+    md = to_markdown(_target_blocks(res))
+    assert "| VQA accuracy (%) | 40.000 |" in md  # no interval recorded: the value alone
+    res["tasks"]["vqa"]["pruned (keep 0.5)"]["interval"] = [35.0, 72.0]  # holds the target 70
+    md = to_markdown(_target_blocks(res))
+    assert "| VQA accuracy (%) | 40.000 [35.000, 72.000] |" in md
+    assert _rows(md)["VQA accuracy (%)"] == "MISSED"
+
+
 def test_task_table_says_which_heads_were_fine_tuned_unpruned() -> None:
     from copa.report import _task_blocks
 

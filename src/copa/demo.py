@@ -250,16 +250,33 @@ def set_flags(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def _predictions(run: Path) -> list[dict[str, Any]]:
+    with (run / "predictions.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def metric_interval(run: Path) -> dict[str, float]:
+    """The headline metric of evaluation ``run`` (a ``copa evaluate`` output) with its bootstrap 95%
+    interval over test sets resampled by image, from the per-sample ``unit``s of its predictions:
+    how far this test split can place the metric at all."""
+    from copa.tasks.metrics import paired_bootstrap
+
+    preds = _predictions(run)
+    if not preds:
+        raise UserError(f"{run} has no predictions to resample")
+    units = [p["unit"] for p in preds]
+    r = paired_bootstrap(
+        units, [0.0] * len(units), [p["group"] for p in preds], [p.get("unit_weight", 1.0) for p in preds]
+    )
+    return {"value": r["diff"], "low": r["low"], "high": r["high"], "groups": r["groups"]}
+
+
 def paired_difference(a: Path, b: Path) -> dict[str, float]:
     """Headline metric of evaluation ``a`` minus ``b`` (two ``copa evaluate`` outputs of the same test
     samples) with its bootstrap 95% interval, from the per-sample ``unit``s of their predictions."""
     from copa.tasks.metrics import paired_bootstrap
 
-    def units(run: Path) -> list[dict[str, Any]]:
-        with (run / "predictions.jsonl").open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    pa, pb = units(a), units(b)
+    pa, pb = _predictions(a), _predictions(b)
     if len(pa) != len(pb) or any(x.get("group") != y.get("group") for x, y in zip(pa, pb, strict=True)):
         raise UserError(f"{a} and {b} did not evaluate the same samples in the same order")
     return paired_bootstrap(
@@ -639,6 +656,9 @@ class Demo:
                         rows[setting]["blind"] = m["blind_accuracy"]
                     if "by_type" in m:
                         rows[setting]["by_type"] = m["by_type"]
+                    if ratio < 1.0:  # the target's number: how precisely 60 test images place it
+                        iv = metric_interval(out / "test_pruned")
+                        rows[setting]["interval"] = [iv["low"], iv["high"]]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 # pruned - unpruned on the same test samples, with its 95% interval over resampled test
                 # images: whether "within a point" is a measured statement at this test-set size

@@ -509,6 +509,16 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
     return pruned.get("metric"), pruned.get("baseline")
 
 
+def _target_interval(res: dict[str, Any], where: tuple[str, str]) -> str:
+    """ " [low, high]", a task target's bootstrap 95% interval over resampled test images; "" if none."""
+    kind, key = where
+    if kind != "task":
+        return ""
+    rows = res.get("tasks", {}).get(key, {})
+    iv = next((m for s, m in rows.items() if s.startswith("pruned")), {}).get("interval")
+    return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
+
+
 # a point of each task's headline metric (CIDEr is reported x100 in papers: a point is 0.01 here)
 POINT = {"retrieval": 1.0, "vqa": 1.0, "caption": 0.01, "grounding": 1.0}
 
@@ -567,7 +577,13 @@ def _target_blocks(res: dict[str, Any]) -> list[Block]:
         if not ok:
             missed.append(label)
         rows.append(
-            [label, _fmt(value), f">= {target:g}", f"{_fmt(base)} ({base_label})", "met" if ok else "MISSED"]
+            [
+                label,
+                _fmt(value) + _target_interval(res, where),
+                f">= {target:g}",
+                f"{_fmt(base)} ({base_label})",
+                "met" if ok else "MISSED",
+            ]
         )
     for label, value, target, base, ok in _extra_target_rows(res):
         if not ok:
@@ -582,7 +598,9 @@ def _target_blocks(res: dict[str, Any]) -> list[Block]:
             "p",
             "Pruned - unpruned: the same fine-tuned weights on the same test samples; the interval is "
             "the 2.5-97.5 percentile of the difference over 2,000 test sets resampled by image. An "
-            "interval that holds 0 means this test set cannot tell the two apart.",
+            "interval that holds 0 means this test set cannot tell the two apart. A task's value "
+            "carries the same interval of the value itself: how precisely this test split places it "
+            "(a target met or missed is still judged on the value).",
         ),
     ]
     if missed:
