@@ -656,7 +656,7 @@ class Demo:
                         rows[setting]["blind"] = m["blind_accuracy"]
                     if "by_type" in m:
                         rows[setting]["by_type"] = m["by_type"]
-                    if ratio < 1.0:  # the target's number: how precisely 60 test images place it
+                    if ratio < 1.0:  # the target's number: how precisely the test split places it
                         iv = metric_interval(out / "test_pruned")
                         rows[setting]["interval"] = [iv["low"], iv["high"]]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)

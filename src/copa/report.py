@@ -510,7 +510,7 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
 
 
 def _target_interval(res: dict[str, Any], where: tuple[str, str]) -> str:
-    """ " [low, high]", a task target's bootstrap 95% interval over resampled test images; "" if none."""
+    """A task target's bootstrap 95% interval over resampled test images, as ' [low, high]'; '' if none."""
     kind, key = where
     if kind != "task":
         return ""
