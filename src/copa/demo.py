@@ -657,7 +657,7 @@ class Demo:
                     if "by_type" in m:
                         rows[setting]["by_type"] = m["by_type"]
                     if ratio < 1.0:  # the target's number: how precisely the test split places it
-                        iv = metric_interval(out / "test_pruned")
+                        iv = metric_interval(out / f"test_{tag}")
                         rows[setting]["interval"] = [iv["low"], iv["high"]]
                     record("none" if ratio == 1.0 else COPA_ROW, name, m, key)
                 # pruned - unpruned on the same test samples, with its 95% interval over resampled test

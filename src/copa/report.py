@@ -504,18 +504,20 @@ def _target_value(res: dict[str, Any], where: tuple[str, str]) -> tuple[Any, Any
         return res.get("pretrain", {}).get("final_val", {}).get(key), res.get("pretrain", {}).get(
             "final_val", {}
         ).get("pta_recall_random")
-    rows = res.get("tasks", {}).get(key, {})
-    pruned = next((m for s, m in rows.items() if s.startswith("pruned")), {})
+    pruned = _pruned_row(res, key)
     return pruned.get("metric"), pruned.get("baseline")
+
+
+def _pruned_row(res: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task's evaluation at the recommended keep ratio ({} when it did not run)."""
+    rows = res.get("tasks", {}).get(task, {})
+    return next((m for s, m in rows.items() if s.startswith("pruned")), {})
 
 
 def _target_interval(res: dict[str, Any], where: tuple[str, str]) -> str:
     """A task target's bootstrap 95% interval over resampled test images, as ' [low, high]'; '' if none."""
     kind, key = where
-    if kind != "task":
-        return ""
-    rows = res.get("tasks", {}).get(key, {})
-    iv = next((m for s, m in rows.items() if s.startswith("pruned")), {}).get("interval")
+    iv = _pruned_row(res, key).get("interval") if kind == "task" else None
     return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
 
 
