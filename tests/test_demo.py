@@ -6,6 +6,7 @@ library calls they replace."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from copa import cli
+from copa.assets import STEM_TINY
 from copa.config import load_config
 from copa.demo import FULL, QUICK, Demo, with_finetune_steps
 from copa.errors import UserError
@@ -48,6 +50,7 @@ def _fake_outputs(args: argparse.Namespace) -> None:
         (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "stem-stage":
         summary = {
+            "saved": {"steps": 2000 if args.stem else args.steps, "images": 10000, "seed": 0},
             "steps": args.steps,
             "images": 40,
             "vocabulary": ["red", "star"],
@@ -114,7 +117,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "main", fake_main)
     monkeypatch.setattr(Demo, "pictures", lambda self, model_dir: None)  # reads a real model: library call
-    # the quick run also fine-tunes VQA for another number of steps than its plan's
+    # the quick run also fine-tunes VQA for another number of steps than its plan's, and warms up the
+    # image stem itself instead of loading the shipped one
     changed = ["vqa=7"] if quick else []
     args = argparse.Namespace(
         quick=quick,
@@ -123,6 +127,7 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         config=None,
         verbose=False,
         finetune_steps=changed,
+        train_stem=quick,
     )
     assert Demo(args, load_config(None, [])).run() == 0
 
@@ -143,6 +148,7 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert ("| VQA accuracy (%) | 2.000 [0.333, 0.667] |" in report) is not quick
 
     plan = with_finetune_steps(QUICK if quick else FULL, changed)[0]
+    plan = dataclasses.replace(plan, stem_from=None) if quick else plan
     assert res["finetune_steps"] == plan.finetune_steps
     assert res["finetune_steps_changed"] == ({"vqa": 7} if quick else {})
     assert ("Not the default plan: vqa fine-tuned for 7 steps" in report) is quick
@@ -151,16 +157,27 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         ns = parser.parse_args(a)
         by_cmd.setdefault(ns.command, []).append(ns)
     assert len(by_cmd["pretrain"]) == 1 and len(by_cmd["finetune"]) == 4
-    # the trunk starts from the stem warmed up on another seed's labelled objects
+    # the trunk starts from the stem warmed up on another seed's labelled objects: shipped with COPA
+    # (loaded and measured, 0 steps), or with --train-stem trained in the run on a new auxiliary set
     (stem,) = by_cmd["stem-stage"]
     demo_dir = tmp_path / "demo"
-    assert (stem.steps, stem.batch) == (plan.stem_steps, plan.batch_size)
-    assert stem.records == str(demo_dir / "data_aux" / "train_all_boxes.json")
     assert by_cmd["pretrain"][0].init == str(demo_dir / "stem" / "model")
     synth = {ns.out: ns for ns in by_cmd["data"]}
-    aux, main = synth[str(demo_dir / "data_aux")], synth[str(demo_dir / "data")]
-    assert (aux.n_train, aux.n_val, aux.n_test) == (plan.n_aux, 0, 0) and aux.seed != main.seed
-    assert res["stem"]["val"]["phrase_accuracy"] == 0.5 and "warm start" in report
+    main = synth[str(demo_dir / "data")]
+    assert res["stem"]["val"]["phrase_accuracy"] == 0.5 and res["stem_trained_here"] is quick
+    assert ("`copa demo --train-stem`" in report) is quick
+    if quick:
+        assert (stem.steps, stem.batch, stem.stem) == (plan.stem_steps, plan.batch_size, None)
+        assert stem.records == str(demo_dir / "data_aux" / "train_all_boxes.json")
+        aux = synth[str(demo_dir / "data_aux")]
+        assert (aux.n_train, aux.n_val, aux.n_test) == (plan.n_aux, 0, 0) and aux.seed != main.seed
+        assert "was first warmed up for" in report
+    else:
+        assert plan.stem_from == str(STEM_TINY) and STEM_TINY.is_file()
+        assert (stem.steps, stem.records, stem.stem) == (0, None, plan.stem_from)
+        assert str(demo_dir / "data_aux") not in synth
+        assert res["stem"]["from"] == plan.stem_from and res["stem"]["steps"] == 2000
+        assert "the warm start shipped with COPA (`stem_tiny.safetensors`" in report
     cfg = load_config(by_cmd["pretrain"][0].config, by_cmd["pretrain"][0].overrides)
     # the trunk is ITC alone
     assert {k for k, w in cfg.train.loss_weights.items() if w} == {"itc"}

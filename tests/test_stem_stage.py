@@ -14,9 +14,11 @@ import torch
 from copa.data.readers import read_records
 from copa.data.records import Obj, Record
 from copa.errors import UserError
-from copa.model.copa import COPAModel, load
+from copa.model.copa import COPAModel, build_model, load
 from copa.train.stem_stage import (
+    STEM_FILE,
     covered_cells,
+    load_stem,
     object_labels,
     phrase_words,
     run_stem_stage,
@@ -35,7 +37,7 @@ def test_only_the_stem_learns_to_name_the_objects(synth_dir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     recs = read_records(synth_dir / "train_all_boxes.json")
-    res = train_stem(model, cfg, recs, steps=60, batch_size=8, lr=3e-3, val_records=recs)
+    res, _ = train_stem(model, cfg, recs, steps=60, batch_size=8, lr=3e-3, val_records=recs)
     assert res.steps == 60 and res.images == len(recs) and res.skipped == {}
     assert res.last_loss < 0.7 * res.first_loss, res
     assert {"small", "large"} <= set(res.vocabulary)
@@ -95,7 +97,9 @@ def test_unreadable_images_are_skipped_and_counted(synth_dir, tmp_path):
     recs[2]["objects"] = []
     (tmp_path / "recs.json").write_text(json.dumps(recs))
     cfg = train_config(synth_dir)
-    res = train_stem(COPAModel(cfg.model), cfg, read_records(tmp_path / "recs.json"), steps=8, batch_size=8)
+    res, _ = train_stem(
+        COPAModel(cfg.model), cfg, read_records(tmp_path / "recs.json"), steps=8, batch_size=8
+    )
     assert res.steps == 8
     assert res.skipped["unreadable_images"] == 2
     assert res.skipped["records_without_labelled_objects"] == 1
@@ -155,3 +159,73 @@ def test_the_cli_refuses_a_negative_cover(synth_dir, tmp_path, capfd):
     argv = ["stem-stage", "--config", "configs/tiny.yaml", *sets, "--records", records]
     assert main([*argv, "--out", str(tmp_path / "s"), "--steps", "1", "--cover", "-0.5"]) != 0
     assert "the stem stage's cover is a share of a cell's area" in capfd.readouterr().err
+
+
+def test_a_saved_stem_goes_back_into_a_fresh_model_and_measures_the_same(synth_dir, tmp_path):
+    """OUT/stem.safetensors holds the stem, its head and vocabulary: a later stage with --stem and 0
+    steps puts exactly those weights into a fresh model and measures what the first stage did; with
+    more steps it goes on from them and the file counts every step."""
+    cfg = train_config(synth_dir, "model.vision.stem=conv")
+    recs = synth_dir / "train_all_boxes.json"
+    first = run_stem_stage(cfg, recs, tmp_path / "a", steps=3, batch_size=4)
+    saved = tmp_path / "a" / STEM_FILE
+    stem = load_stem(saved)
+    assert stem.vocabulary == first["vocabulary"] and stem.info["steps"] == 3
+    assert stem.signature == {"stem": "conv", "patch_size": 8, "width": 64}
+    loaded = run_stem_stage(cfg, None, tmp_path / "b", steps=0, stem=saved)
+    assert loaded["val"] == first["val"] and loaded["first_loss"] is None
+    assert loaded["saved"]["steps"] == 3 and loaded["saved"]["records"] == str(recs)
+    a, b = load(tmp_path / "a" / "model").state_dict(), load(tmp_path / "b" / "model").state_dict()
+    stem_keys = [k for k in a if k.startswith("vision.patch_embed.")]
+    assert stem_keys and all(torch.equal(a[k], b[k]) for k in stem_keys)
+    torch.manual_seed(cfg.seed)  # everything else is the seeded fresh model's, as without --stem
+    fresh = build_model(cfg.model).state_dict()
+    assert all(torch.equal(b[k], fresh[k]) for k in b if k not in stem_keys and "text." not in k)
+    more = run_stem_stage(cfg, recs, tmp_path / "c", steps=2, batch_size=4, stem=saved)
+    assert more["saved"]["steps"] == 5 and more["saved"]["continued"]["steps"] == 3
+    assert load_stem(tmp_path / "c" / STEM_FILE).info["steps"] == 5
+
+
+def test_a_stem_that_does_not_fit_or_is_not_a_stem_is_a_user_error(synth_dir, tmp_path):
+    cfg = train_config(synth_dir, "model.vision.stem=conv")
+    recs = synth_dir / "train_all_boxes.json"
+    run_stem_stage(cfg, recs, tmp_path / "a", steps=1, batch_size=4)
+    saved = tmp_path / "a" / STEM_FILE
+    wider = train_config(synth_dir, "model.vision.stem=conv", "model.vision.width=96")
+    with pytest.raises(UserError, match=r"another image stem \(model.vision.width: 64 there, 96 here\)"):
+        run_stem_stage(wider, None, tmp_path / "b", steps=0, stem=saved)
+    with pytest.raises(UserError, match="no such file"):
+        load_stem(tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match="not a stem written by `copa stem-stage`"):
+        load_stem(tmp_path / "a" / "model" / "model.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(UserError, match="not a stem written by `copa stem-stage`"):
+        load_stem(tmp_path / "junk.safetensors")
+    with pytest.raises(UserError, match="needs --records"):
+        run_stem_stage(cfg, None, tmp_path / "c", steps=2, stem=saved)
+    with pytest.raises(UserError, match="positive number of steps"):
+        run_stem_stage(cfg, recs, tmp_path / "d", steps=0)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_shipped_stem_names_the_objects_of_scenes_it_never_saw(tmp_path):
+    """The stem shipped in copa/assets (``make stem-asset``) fits the tiny preset and names the objects
+    of new synthetic scenes (another seed than the one it was trained on) with its own head, far above
+    the most frequent words."""
+    from copa.assets import STEM_TINY
+    from copa.config import load_config
+    from copa.data.synth import write_synth
+    from copa.train.stem_stage import apply_stem
+
+    write_synth(tmp_path, seed=7, n_train=1, n_val=16, n_test=1, image_size=128, box_share=1.0)
+    cfg = load_config("configs/pretrain_tiny.yaml", [f"data.val={tmp_path}/val.json", "train.precision=fp32"])
+    saved = load_stem(STEM_TINY)
+    assert saved.info["steps"] >= 1000 and saved.info["images"] >= 5000
+    model = COPAModel(cfg.model)
+    apply_stem(model, saved)
+    res, _ = train_stem(model, cfg, [], 0, val_records=read_records(tmp_path / "val.json"), start=saved)
+    val = res.val
+    assert val["objects"] >= 20
+    assert val["phrase_accuracy"] > 0.7 and val["phrase_accuracy"] > val["phrase_accuracy_majority"] + 0.5, (
+        val
+    )

@@ -37,16 +37,24 @@ def _stem_sentence(res: dict[str, Any]) -> str:
     stem = res.get("stem")
     if not stem:
         return ""
-    text = (
-        f"The image stem was first warmed up for {stem['steps']} steps ({stem['wall_s']:.0f} s) naming the "
-        f"labelled objects of {stem['aux_images']} images of an auxiliary synthetic set (seed "
-        f"{stem['aux_seed']}: none of them a training, validation or test image), the miniature of the "
-        "pretrained image encoder the paper starts from"
-    )
+    if stem.get("from"):
+        text = (
+            f"The image stem is the warm start shipped with COPA (`{Path(stem['from']).name}`, written by "
+            f"`make stem-asset`: {stem['steps']} steps naming the labelled objects of {stem['images']} "
+            "images of an auxiliary synthetic set made with another seed, none of them a training, "
+            "validation or test image), the miniature of the pretrained image encoder the paper starts from"
+        )
+    else:
+        text = (
+            f"The image stem was first warmed up for {stem['steps']} steps ({stem['wall_s']:.0f} s) naming "
+            f"the labelled objects of {stem['aux_images']} images of an auxiliary synthetic set (seed "
+            f"{stem['aux_seed']}: none of them a training, validation or test image), the miniature of "
+            "the pretrained image encoder the paper starts from"
+        )
     val = stem.get("val") or {}
     if val:
         text += (
-            f"; on the {val['objects']:.0f} validation objects it names every word of "
+            f"; on the {val['objects']:.0f} validation objects of this run it names every word of "
             f"{100 * val['phrase_accuracy']:.0f}% of the phrases (the most frequent words: "
             f"{100 * val['phrase_accuracy_majority']:.0f}%) and {100 * val['word_recall']:.0f}% of the words"
         )
@@ -75,17 +83,20 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
 
 
 def _run_alerts(res: dict[str, Any]) -> list[Block]:
-    """Red lines at the top for a run that is not the planned one: a stage its time budget stopped, or
-    fine-tuning steps changed by ``copa demo --finetune-steps``."""
+    """Red lines at the top for a run that is not the planned one: a stage its time budget stopped,
+    fine-tuning steps changed by ``copa demo --finetune-steps``, or a stem trained in the run
+    (``--train-stem``)."""
     out: list[Block] = []
     changed = res.get("finetune_steps_changed") or {}
-    if changed:
-        steps = ", ".join(f"{t} fine-tuned for {n} steps" for t, n in changed.items())
+    what = [f"{t} fine-tuned for {n} steps (`copa demo --finetune-steps`)" for t, n in changed.items()]
+    if res.get("stem_trained_here"):
+        what.append("the image stem warmed up in this run instead of loaded (`copa demo --train-stem`)")
+    if what:
         out.append(
             (
                 "alert",
-                f"Not the default plan: {steps} (`copa demo --finetune-steps`); this run's numbers and "
-                "time are not the default demo's.",
+                f"Not the default plan: {'; '.join(what)}; this run's numbers and time are not the default "
+                "demo's.",
             )
         )
     hits = res.get("budget_hits", [])

@@ -50,16 +50,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "stem-stage",
         help="warm-start the image stem on labelled objects (the words of each object's phrase) "
-        "before pre-training; writes OUT/model for `copa pretrain --init`",
+        "before pre-training; writes OUT/model for `copa pretrain --init` and OUT/stem.safetensors "
+        "(the stem alone, for --stem)",
     )
     add_common(s, out_default="runs/stem_stage")
     s.add_argument(
         "--records",
-        required=True,
+        default=None,
         help="records whose objects carry boxes and phrases (JSON records, COCO, Visual Genome), "
-        "e.g. the train_all_boxes.json of `copa data synth` made with another seed",
+        "e.g. the train_all_boxes.json of `copa data synth` made with another seed (not needed for "
+        "--steps 0)",
     )
     s.add_argument("--init", default=None, help="a COPA model directory (default: a fresh model of --config)")
+    s.add_argument(
+        "--stem",
+        default=None,
+        help="start from a saved stem (an OUT/stem.safetensors of this command, e.g. the shipped "
+        "copa/assets/stem_tiny.safetensors); with --steps 0 it is only put into the model and measured",
+    )
     s.add_argument("--steps", type=int, default=400, help="stem updates (default 400)")
     s.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
@@ -108,7 +116,7 @@ def run_stem_stage(args: argparse.Namespace, cfg: Config) -> int:
     from copa.train.stem_stage import run_stem_stage as stage
 
     cover = None if args.cover == 0 else args.cover  # anything else is checked by the stage
-    summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init, cover)
+    summary = stage(cfg, args.records, args.out, args.steps, args.batch, args.lr, args.init, cover, args.stem)
     print(json.dumps({k: v for k, v in summary.items() if k != "vocabulary"}, indent=2))
     return 0
 

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -219,8 +221,8 @@ class StemStageResult:
     images: int  # images with an object named by a word of the vocabulary
     objects: int  # labelled cells read over all steps (every cell an object covers enough)
     vocabulary: list[str]
-    first_loss: float
-    last_loss: float  # mean of the last 10 steps
+    first_loss: float | None  # None: no step (a saved stem measured only)
+    last_loss: float | None  # mean of the last 10 steps
     wall_s: float
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     val: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -291,38 +293,90 @@ def train_stem(
     lr: float = 1e-3,
     val_records: Sequence[Record] = (),
     cover: float | None = None,
-) -> StemStageResult:
+    start: SavedStem | None = None,
+) -> tuple[StemStageResult, WordHead]:
     """Train ``model``'s image stem (in place; nothing else changes) to name the objects of
     ``records`` for ``steps`` steps of ``batch_size`` images, AdamW at ``lr`` after a 5% warm-up, at
     every cell an object covers by ``cover`` of its area (None: at its centre's cell only); then
     measure its word accuracy on ``val_records`` with the stage's own head, at the objects' centre
-    cells."""
-    if steps <= 0:
+    cells. ``start``: a saved stem already loaded into ``model`` (``apply_stem``), whose head and
+    vocabulary the stage goes on with; then ``steps`` may be 0 (only the measurement). Returns the
+    result and the head."""
+    if steps < 0 or (steps == 0 and start is None):
         raise UserError(f"the stem stage needs a positive number of steps, got {steps}")
     if batch_size <= 0:
         raise UserError(f"the stem stage needs a positive batch size, got {batch_size}")
     if cover is not None and not 0.0 < cover <= 1.0:
         raise UserError(f"the stem stage's cover is a share of a cell's area in (0, 1], got {cover}")
-    vocab = vocabulary(records)
+    vocab = start.vocabulary if start is not None else vocabulary(records)
     if not vocab:
         raise UserError("no record carries an object with a phrase: the stem stage has nothing to learn")
     index = {w: i for i, w in enumerate(vocab)}
     skipped: Counter[str] = Counter()
     recs = labelled(records, index, skipped)
+    if steps and not recs:
+        raise UserError("no record carries an object named by the saved stem's words: nothing to learn")
     transform = ImageTransform.from_config(model.cfg)
-    data = LabelledImages(recs, index, model.grid, transform, cfg.data, cover=cover)
-    loader = DataLoader(
-        data,
-        batch_size=min(batch_size, len(recs)),
-        sampler=PoolSampler(len(recs), list(range(len(recs))), cfg.seed),
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate,
-        generator=loader_generator(cfg.seed),
-    )
     stem = model.vision.patch_embed
     torch.manual_seed(cfg.seed)
     head = WordHead(model.vision.cfg.width, len(vocab))
+    if start is not None:
+        head.load_state_dict(start.head)
+    losses: list[float] = []
+    objects = 0
+    unreadable: set[int] = set()
+    t0 = time.perf_counter()
+    if steps:
+        data = LabelledImages(recs, index, model.grid, transform, cfg.data, cover=cover)
+        loader = DataLoader(
+            data,
+            batch_size=min(batch_size, len(recs)),
+            sampler=PoolSampler(len(recs), list(range(len(recs))), cfg.seed),
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            generator=loader_generator(cfg.seed),
+        )
+        objects = _train_loop(model, cfg, head, loader, steps, lr, losses, unreadable, len(recs))
+    skipped["unreadable_images"] = len(unreadable)
+    wall = time.perf_counter() - t0
+    val: dict[str, float] = {}
+    if val_records:
+        vr = labelled(val_records, index, Counter())
+        if vr:
+            val = word_accuracy(
+                stem, head, LabelledImages(vr, index, model.grid, transform, cfg.data), len(vocab)
+            )
+    result = StemStageResult(
+        steps,
+        len(recs),
+        objects,
+        vocab,
+        losses[0] if losses else None,
+        float(np.mean(losses[-10:])) if losses else None,
+        wall,
+        {k: v for k, v in skipped.items() if v},
+        val,
+    )
+    return result, head
+
+
+def _train_loop(
+    model: COPAModel,
+    cfg: Config,
+    head: WordHead,
+    loader: DataLoader,
+    steps: int,
+    lr: float,
+    losses: list[float],
+    unreadable: set[int],
+    n_records: int,
+) -> int:
+    """``steps`` updates of the stem and ``head`` over ``loader``; appends each loss to ``losses``
+    and each unreadable record's index to ``unreadable``; returns the labelled cells read."""
+    stem = model.vision.patch_embed
+    vocab_size = head.proj.out_features
     params = [*stem.parameters(), *head.parameters()]
+    objects = empty = 0
     with trainable_only(model, params):
         stem.train()
         group = {"params": params, "lr": lr, "weight_decay": cfg.train.weight_decay}
@@ -331,10 +385,6 @@ def train_stem(
         # same steps ended at 0.57 against 0.69-0.71 (BENCHMARKS.md, session 13)
         opt, sched = build_optimizer([group], steps, warmup=steps // 20, floor=1.0)
         dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
-        losses: list[float] = []
-        t0 = time.perf_counter()
-        objects = empty = 0
-        unreadable: set[int] = set()
         batches = iter(loader)
         step = 0
         while step < steps:
@@ -342,10 +392,10 @@ def train_stem(
             unreadable.update(bad)
             if not any(labs):  # every image of the batch unreadable, or no object centre inside it
                 empty += 1
-                if empty > 2 * len(recs) // loader.batch_size + 2:  # two passes without a label
+                if empty > 2 * n_records // loader.batch_size + 2:  # two passes without a label
                     raise UserError(
                         f"the stem stage read {empty} batches without a labelled object: "
-                        f"{len(unreadable)} of {len(recs)} images unreadable, the others' object "
+                        f"{len(unreadable)} of {n_records} images unreadable, the others' object "
                         "centres outside their images"
                     )
                 continue
@@ -353,7 +403,7 @@ def train_stem(
             with autocast(torch.device("cpu"), dtype):
                 feats = object_cells(stem(imgs), labs)
                 logits = head(feats).float()
-            loss = word_loss(logits, targets(labs, len(vocab)))
+            loss = word_loss(logits, targets(labs, vocab_size))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -363,61 +413,154 @@ def train_stem(
             losses.append(float(loss.detach()))
             if step % max(1, steps // 5) == 0 or step == 1:
                 log.info("stem stage step %d/%d: word loss %.4f", step, steps, losses[-1])
-    skipped["unreadable_images"] = len(unreadable)
     model.train(model.training)  # a frozen conv stem goes back to eval mode as the model wants
-    wall = time.perf_counter() - t0
-    val: dict[str, float] = {}
-    if val_records:
-        vr = labelled(val_records, index, Counter())
-        if vr:
-            val = word_accuracy(
-                stem, head, LabelledImages(vr, index, model.grid, transform, cfg.data), len(vocab)
-            )
-    return StemStageResult(
-        steps,
-        len(recs),
-        objects,
-        vocab,
-        losses[0],
-        float(np.mean(losses[-10:])),
-        wall,
-        {k: v for k, v in skipped.items() if v},
-        val,
-    )
+    return objects
+
+
+STEM_FILE = "stem.safetensors"
+_FORMAT = "copa-stem"
+
+
+@dataclass(frozen=True)
+class SavedStem:
+    """A stem written by the stage (``OUT/stem.safetensors``): its weights and normalisation
+    statistics, the stage's word head and vocabulary (so a later stage can go on, or measure it), the
+    settings of the model it fits (``signature``) and how it was made (``info``)."""
+
+    stem: dict[str, Tensor]
+    head: dict[str, Tensor]
+    vocabulary: list[str]
+    signature: dict[str, Any]
+    info: dict[str, Any]
+
+
+def stem_signature(model: COPAModel) -> dict[str, Any]:
+    """The settings a stem's weights depend on: which stem, its patch size and width."""
+    v = model.vision.cfg
+    return {"stem": v.stem, "patch_size": v.patch_size, "width": v.width}
+
+
+def save_stem(
+    path: str | Path, model: COPAModel, head: WordHead, vocab: list[str], info: dict[str, Any]
+) -> None:
+    """Write ``model``'s stem, ``head`` and ``vocab`` to one safetensors file (atomically), with
+    ``info`` (JSON-able provenance) in its metadata."""
+    tensors = {f"stem.{k}": v for k, v in model.vision.patch_embed.state_dict().items()}
+    tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    meta = {
+        "format": _FORMAT,
+        "version": "1",
+        "vocabulary": json.dumps(vocab),
+        "signature": json.dumps(stem_signature(model)),
+        "info": json.dumps(info),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_stem(path: str | Path) -> SavedStem:
+    """Read a file written by ``save_stem``; anything else is a ``UserError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--stem {path}: no such file (`copa stem-stage` writes OUT/{STEM_FILE})")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"its metadata says format {meta.get('format')!r}, not {_FORMAT!r}")
+        saved = SavedStem(
+            stem={k[5:]: v for k, v in tensors.items() if k.startswith("stem.")},
+            head={k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
+            vocabulary=json.loads(meta["vocabulary"]),
+            signature=json.loads(meta["signature"]),
+            info=json.loads(meta.get("info", "{}")),
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as e:
+        raise UserError(f"--stem {path}: not a stem written by `copa stem-stage` ({e})") from e
+    if not saved.stem or not saved.head or not saved.vocabulary:
+        raise UserError(f"--stem {path}: the file lacks the stem's weights, its head or its vocabulary")
+    return saved
+
+
+def apply_stem(model: COPAModel, saved: SavedStem, name: str = "the saved stem") -> None:
+    """Load ``saved``'s weights into ``model``'s stem; a stem made for other settings is a
+    ``UserError`` that names them."""
+    want = stem_signature(model)
+    diff = {k: (saved.signature.get(k), v) for k, v in want.items() if saved.signature.get(k) != v}
+    if diff:
+        got = ", ".join(f"model.vision.{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+        raise UserError(f"{name} was made for another image stem ({got})")
+    try:
+        model.vision.patch_embed.load_state_dict(saved.stem, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{name} does not fit this model's stem: {e}") from e
 
 
 def run_stem_stage(
     cfg: Config,
-    records: str | Path,
+    records: str | Path | None,
     out: str | Path,
     steps: int,
     batch_size: int = 32,
     lr: float = 1e-3,
     init: str | Path | None = None,
     cover: float | None = None,
+    stem: str | Path | None = None,
 ) -> dict[str, Any]:
     """``copa stem-stage``: build the configured model (or load ``init``), train its stem on the
     labelled objects of ``records`` (any format ``copa.data.readers`` reads), and save ``out/model``
-    (the starting point of ``copa pretrain --init``) and ``out/summary.json``. Word accuracy is
-    measured on ``cfg.data.val`` when it carries objects. Returns the summary."""
+    (the starting point of ``copa pretrain --init``), ``out/stem.safetensors`` (the stem alone, with
+    its head: what ``stem`` reads) and ``out/summary.json``. ``stem``: start from that saved stem
+    instead of the model's own; with 0 ``steps`` (and no ``records``) the stage only puts it into the
+    model and measures it. Word accuracy is measured on ``cfg.data.val`` when it carries objects.
+    Returns the summary."""
     from copa.data.readers import read_records
     from copa.model.copa import build_model, load
 
+    start = load_stem(stem) if stem is not None else None
+    if records is None and steps:
+        raise UserError(
+            "the stem stage needs --records to train on (only --steps 0 with --stem goes without)"
+        )
     torch.manual_seed(cfg.seed)  # the fresh model's weights: the same run gives the same stem
     model = load(init).train() if init else build_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=model.cfg)
-    recs = read_records(records, cfg.data.format, cfg.data.image_root)
+    if start is not None:
+        apply_stem(model, start, f"--stem {stem}")
+    recs = read_records(records, cfg.data.format, cfg.data.image_root) if records is not None else []
     val: list[Record] = []
     if cfg.data.val and Path(cfg.data.val).exists():
         val = list(read_records(cfg.data.val, cfg.data.format, cfg.data.image_root))
-    res = train_stem(model, cfg, recs, steps, batch_size, lr, val, cover)
+    res, head = train_stem(model, cfg, recs, steps, batch_size, lr, val, cover, start)
     out = Path(out)
     model.save_pretrained(out / "model")
+    before = start.info if start is not None else {}
+    info = dict(before)  # 0 steps: the saved stem's provenance, measured again below
+    if steps:
+        info = {
+            "steps": int(before.get("steps", 0)) + steps,
+            "records": str(records),
+            "images": res.images,
+            "batch": batch_size,
+            "lr": lr,
+            "cover": cover,
+            "seed": cfg.seed,
+            "precision": str(resolve_precision(cfg.train.precision, torch.device("cpu"))),
+            "continued": before or None,
+        }
+    info["val"] = res.val
+    save_stem(out / STEM_FILE, model, head, res.vocabulary, info)
     summary = {
-        "records": str(records),
+        "records": str(records) if records is not None else None,
         "init": str(init) if init else None,
+        "stem": str(stem) if stem is not None else None,
         "cover": cover,
         **dataclasses.asdict(res),
+        "saved": info,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
