@@ -448,8 +448,9 @@ class Demo:
 
     def stem_stage(self) -> Path | None:
         """The image stem's warm start on the labelled objects of an auxiliary set (another seed of
-        the generator: none of its images is a training, validation or test image); returns the
-        model the trunk starts from, None when the plan has no such stage."""
+        the generator: none of its images is a training, validation or test image): the one shipped
+        with COPA (``stem_from``), or else ``stem_steps`` trained here; returns the model the trunk
+        starts from, None when the plan has neither."""
         p = self.plan
         out = self.out / "stem"
         if p.stem_from:

@@ -40,7 +40,7 @@ def _stem_sentence(res: dict[str, Any]) -> str:
     if stem.get("from"):
         text = (
             f"The image stem is the warm start shipped with COPA (`{Path(stem['from']).name}`, written by "
-            f"`make stem-asset`: {stem['steps']} steps naming the labelled objects of {stem['images']} "
+            f"`make stem-asset`: {stem['steps']:,} steps naming the labelled objects of {stem['images']:,} "
             "images of an auxiliary synthetic set made with another seed, none of them a training, "
             "validation or test image), the miniature of the pretrained image encoder the paper starts from"
         )
