@@ -399,6 +399,16 @@ def test_finetune_steps_replace_the_plans_and_bad_ones_are_user_errors():
             with_finetune_steps(FULL, [bad])
 
 
+def test_the_demo_loads_the_shipped_stem_unless_told_to_train_one(tmp_path):
+    parser = cli.build_parser()
+    for argv, shipped in ((["demo"], True), (["demo", "--train-stem"], False)):
+        args = parser.parse_args([*argv, "--out", str(tmp_path / "d")])
+        demo = Demo(args, load_config(None, []))
+        assert demo.plan.stem_from == (str(STEM_TINY) if shipped else None)
+        assert demo.results["stem_trained_here"] is not shipped
+    assert FULL.stem_from == str(STEM_TINY)  # the shared plan is not changed
+
+
 def test_metric_interval_resamples_whole_images(tmp_path):
     from copa.demo import metric_interval
 

@@ -192,7 +192,8 @@ def test_a_stem_that_does_not_fit_or_is_not_a_stem_is_a_user_error(synth_dir, tm
     run_stem_stage(cfg, recs, tmp_path / "a", steps=1, batch_size=4)
     saved = tmp_path / "a" / STEM_FILE
     wider = train_config(synth_dir, "model.vision.stem=conv", "model.vision.width=96")
-    with pytest.raises(UserError, match=r"another image stem \(model.vision.width: 64 there, 96 here\)"):
+    fit = r"another image stem \(model.vision.width: 64 there, 96 here\); train one"
+    with pytest.raises(UserError, match=fit):
         run_stem_stage(wider, None, tmp_path / "b", steps=0, stem=saved)
     with pytest.raises(UserError, match="no such file"):
         load_stem(tmp_path / "missing.safetensors")

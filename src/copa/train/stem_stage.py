@@ -10,6 +10,13 @@ labelled images — for every object, the words of its phrase ("small red hexago
 predicted from the stem's output cell under the object's centre. The stem is cheap (a tenth of a
 trunk step), so a few hundred steps fit a demo; the pre-training that follows starts from it.
 
+Like a pretrained encoder, the stem is also saved on its own (``stem.safetensors``: weights and
+normalisation statistics, the stage's word head and vocabulary, the settings it fits and how it was
+made), so a later stage can start from it (``--stem``) or only load and measure it (``--steps 0``).
+The demo does the latter with the stem shipped in ``copa.assets`` (2,000 steps on 10,000 images:
+validation phrase accuracy 0.95 against 0.65 for the 400 steps a demo can afford, and VQA 66 -> 74;
+BENCHMARKS.md, session 20).
+
 An object larger than a cell also shows on its other cells, which the centre's label leaves
 untrained; ``cover`` labels every cell its box covers by that share of the cell's area as well. On
 the demo's scenes (a quarter of a cell; BENCHMARKS.md, session 16) that gave a better trunk and
@@ -493,7 +500,10 @@ def apply_stem(model: COPAModel, saved: SavedStem, name: str = "the saved stem")
     diff = {k: (saved.signature.get(k), v) for k, v in want.items() if saved.signature.get(k) != v}
     if diff:
         got = ", ".join(f"model.vision.{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
-        raise UserError(f"{name} was made for another image stem ({got})")
+        raise UserError(
+            f"{name} was made for another image stem ({got}); train one for these settings with "
+            "`copa stem-stage --records ...` (the demo: `copa demo --train-stem`)"
+        )
     try:
         model.vision.patch_embed.load_state_dict(saved.stem, strict=True)
     except RuntimeError as e:
