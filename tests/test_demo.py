@@ -198,14 +198,16 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
         assert ft.train.fusion_relevance is (ns.task in plan.fusion_relevance)
         assert ft.train.relevance_token is (ns.task in plan.relevance_token)
         assert ft.train.tune_vit_suffix is (ns.task in plan.tune_vit_suffix)
-        # VQA starts from the fine-tuned captioner, the others from COPA's pre-training
+        assert ft.train.box_relevance is (ns.task in plan.box_relevance)
+        # VQA and grounding start from the fine-tuned captioner, the others from COPA's pre-training
         source = plan.finetune_from.get(ns.task)
         expected = demo_dir / "tasks" / source / "model" if source else demo_dir / "pta_copa" / "model"
         assert ns.init == str(expected)
     order = [ns.task for ns in by_cmd["finetune"]]
     assert all(order.index(src) < order.index(t) for t, src in plan.finetune_from.items())
-    assert res["finetune_from"] == plan.finetune_from == {"vqa": "caption"}
+    assert res["finetune_from"] == plan.finetune_from == {"vqa": "caption", "grounding": "caption"}
     assert "vqa starts from the fine-tuned caption model" in report
+    assert "grounding starts from the fine-tuned caption model" in report
     # the evaluations reuse each test image's ViT prefix across its questions
     ev = by_cmd["evaluate"][0]
     assert load_config(ev.config, ev.overrides).eval.feature_cache_mb == plan.eval_feature_cache_mb > 0
@@ -221,6 +223,8 @@ def test_demo_records_exactly_the_argv_it_runs(quick, tmp_path, monkeypatch):
     assert ("fine-tuned on every patch" in report) is bool(plan.finetune_unpruned)
     assert res["fusion_relevance"] == list(plan.fusion_relevance) == ["vqa"]
     assert res["relevance_token"] == list(plan.relevance_token)
+    assert res["box_relevance"] == list(plan.box_relevance) == ["grounding"]
+    assert "the box head's score of each kept patch" in report
     assert "by the model's own TPD" in report
     assert ("(`train.relevance_token`)" in report) is bool(plan.relevance_token)
     assert res["tune_vit_suffix"] == list(plan.tune_vit_suffix)

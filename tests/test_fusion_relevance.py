@@ -205,3 +205,62 @@ def test_the_relevance_token_needs_the_relevance():
     with pytest.raises(ConfigError, match="relevance_token"):
         check_config(micro_config("train.relevance_token=true"))
     check_config(micro_config("train.relevance_token=true", "train.fusion_relevance=true"))
+
+
+def test_the_box_head_adds_the_relevance_weighted_per_expression(tmp_path):
+    """``model.box_relevance``: the grounding scores are the plain head's plus the TPD's relevance of
+    each kept patch, weighted 1 at the start; it survives saving and the export."""
+    from copa.export import export_model, onnx_session
+
+    torch.manual_seed(0)
+    model = COPAModel(micro_config().model).eval()
+    images, ids, mask = _inputs(model)
+    with torch.no_grad():
+        plain = model.ground(model(images, ids, mask))
+    assert model.add_box_relevance() and not model.add_box_relevance()
+    assert model.cfg.box_relevance and model.vision.relevance and not model.cfg.fusion.relevance
+    with torch.no_grad():
+        fused = model(images, ids, mask)
+        with_rel = model.ground(fused)
+    want = _standardised_own_logits(model, images, ids, mask).gather(1, fused.vision.patch_index)
+    torch.testing.assert_close(with_rel.scores, plain.scores + want)
+    torch.testing.assert_close(with_rel.boxes, plain.boxes)  # the boxes are the plain head's
+    assert COPAModel.param_group("box_head.prior.weight") == "head"
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = COPAModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg.box_relevance and loaded.box_head.prior is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ground(loaded(images, ids, mask)).scores, with_rel.scores)
+
+    report = export_model(model, tmp_path / "x", parts=("vision_suffix", "heads"))
+    assert report.parts["vision_suffix"]["outputs"] == ["tokens", "kept", "relevance"]
+    assert "relevance" in report.parts["heads"]["inputs"] and report.worst <= 1e-4
+    heads = onnx_session(tmp_path / "x" / "heads.onnx")
+    feed = {
+        "fused_image": fused.image.numpy(),
+        "fused_cls": fused.text[:, 0].contiguous().numpy(),
+        "kept": fused.vision.patch_index.numpy(),
+        "relevance": fused.vision.relevance.numpy(),
+    }
+    _, _, scores = heads.run(None, feed)
+    assert (torch.from_numpy(scores) - with_rel.scores).abs().max() <= 1e-4
+
+
+def test_finetune_adds_and_trains_the_box_relevance(micro_init, synth_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sets = [*MICRO, *TRAIN_MICRO, f"data.train={synth_dir}/train.json", "train.steps=2"]
+    sets += ["train.freeze_vit=true", "train.box_relevance=true"]
+    argv = [
+        "finetune",
+        "grounding",
+        "--config",
+        "configs/tiny.yaml",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    assert main([*argv, "--init", str(micro_init), "--eval-split", "none", "--out", str(tmp_path / "g")]) == 0
+    cfg = json.loads((tmp_path / "g" / "model" / "config.json").read_text())["model"]
+    assert cfg["box_relevance"] is True and cfg["fusion"]["relevance"] is False
+    weights = load_file(str(tmp_path / "g" / "model" / "model.safetensors"))
+    assert weights["box_head.prior.bias"].item() != 1.0  # trained from 1

@@ -146,6 +146,11 @@ class ModelConfig:
     # An object's extent is what one patch state does not say: validation acc@0.5 after 120 steps
     # 50.1 | 49.9 without, 62.2 | 62.8 with (seeds 0 | 1; BENCHMARKS.md, session 9)
     box_context: int = 64
+    # the grounding head's patch scores also add the TPD's relevance of each kept patch (standardised
+    # selector logit, detached), times a weight read from the fused expression (from 1), so the head
+    # starts from what PTA taught the selector instead of finding the named object again. Added by a
+    # fine-tune with ``train.box_relevance``; False: the head of models saved before this field
+    box_relevance: bool = False
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -232,6 +237,9 @@ class TrainConfig:
     # with ``fusion_relevance``: the fusion also gets the relevance-weighted average of the kept tokens
     # as one more token (``model.fusion.relevance_token``; added to a model that has none)
     relevance_token: bool = False
+    # fine-tuning grounding: the box head's scores add the TPD's relevance (``model.box_relevance``;
+    # added to a model that has none)
+    box_relevance: bool = False
     weight_decay: float = 0.02
     warmup: int = 30
     grad_accum: int = 1

@@ -113,8 +113,11 @@ class DemoPlan:
     # prefix-LM decoder of mPLUG/BLIP does before their VQA fine-tune (the demo's trunk trains ITC
     # only). Test accuracy (seeds 0 | 1, bf16): 54.4 | 55.6 after 125 steps from the pre-training,
     # 55.3 | 62.7 from the captioner, 62.7 | 63.0 after 160, 62.1 | 64.2 after 200; from the grounding
-    # model 48.8 (seed 0); from a captioner that read the relevance too 61.2 | 61.8 (session 14)
-    finetune_from: dict[str, str] = field(default_factory=lambda: {"vqa": "caption"})
+    # model 48.8 (seed 0); from a captioner that read the relevance too 61.2 | 61.8 (session 14).
+    # Grounding from the captioner too: on seed 2's trunk, whose fusion learnt to lean on the selector
+    # (pruned 62.7 against 46.4 unpruned), test acc@0.5 with fine-tune seeds 2 / 3 / 4 62.7 / 75.5 /
+    # 74.1 from the pre-training, 88.6 / 83.2 / 88.2 from the captioner (BENCHMARKS.md, session 21)
+    finetune_from: dict[str, str] = field(default_factory=lambda: {"vqa": "caption", "grounding": "caption"})
     finetune_lr: float = 3e-4
     # tasks fine-tuned at another rate than ``finetune_lr`` (VQA at 6e-4: 43.4 against 44.9 at 3e-4;
     # captioning's 6e-4 paid off only with the whole vocabulary: session 11)
@@ -133,6 +136,10 @@ class DemoPlan:
     # there a ...?" from chance to ~0.8; not grounding, which lost 15 points in one seed with it
     # (BENCHMARKS.md, sessions 11-12)
     fusion_relevance: tuple[str, ...] = ("vqa",)
+    # tasks whose box head's patch scores add the TPD's relevance (``train.box_relevance``): grounding
+    # from seed 2's captioner, test acc@0.5 pruned / unpruned (fine-tune seeds 2 | 3) 88.6 / 87.7 |
+    # 83.2 / 79.5 -> 90.5 / 89.1 | 85.0 / 86.4 (BENCHMARKS.md, session 21)
+    box_relevance: tuple[str, ...] = ("grounding",)
     # tasks whose fusion also gets the kept tokens averaged by that relevance as one more token
     # (``train.relevance_token``). None: VQA, 160 steps from the captioner, validation + test (898
     # questions, bf16, seeds 0 | 1) 62.5 | 63.0 -> 64.8 | 63.4, but the demo's test split in emulated
@@ -625,6 +632,7 @@ class Demo:
         self.results["fusion_relevance"] = list(p.fusion_relevance)
         self.results["relevance_token"] = list(p.relevance_token)
         self.results["tune_vit_suffix"] = list(p.tune_vit_suffix)
+        self.results["box_relevance"] = list(p.box_relevance)
         self.results["finetune_from"] = dict(p.finetune_from)
         self.results["eval_feature_cache_mb"] = p.eval_feature_cache_mb
         ablation = self.results.setdefault("ablation_tasks", {})
@@ -649,6 +657,7 @@ class Demo:
                 f"train.fusion_relevance={str(name in p.fusion_relevance).lower()}",
                 f"train.relevance_token={str(name in p.relevance_token).lower()}",
                 f"train.tune_vit_suffix={str(name in p.tune_vit_suffix).lower()}",
+                f"train.box_relevance={str(name in p.box_relevance).lower()}",
             ]
             keep = self.config(*sets).model.select.keep_ratios[0]
             # evaluations below name their keep ratio; only the fine-tune itself runs unpruned

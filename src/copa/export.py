@@ -18,11 +18,13 @@ part                inputs                                    outputs
 ``vision_agnostic`` prefix (B, 1+N, Dv)                       tokens (B, T, Dv), kept (B, K), image_emb (B, E)
 ``fusion``          tokens (B, T, Dv), text, mask (B, L),     fused_image (B, T, Dt), fused_text (B, L, Dt)
                     kept (B, K), relevance (B, K) [1]
-``heads``           fused_image, fused_cls (B, Dt), kept      itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
-                                                              box_scores (B, K)
+``heads``           fused_image, fused_cls (B, Dt), kept,     itm (B, 2) logits, box (B, 4) cxcywh in [0, 1],
+                    relevance (B, K) [2]                      box_scores (B, K)
 ==================  ========================================  ===============================================
 
 [1] only for a model whose fusion reads each kept patch's relevance (``model.fusion.relevance``).
+[2] only for a model whose box head reads it (``model.box_relevance``); ``vision_suffix`` then
+outputs it too.
 
 Retrieval: ``image_prefix`` once per image, ``vision_agnostic`` for its ITC embedding; a text's
 ``text_emb`` from ``text_encoder``; re-ranking a pair runs ``vision_suffix`` on the stored prefix,
@@ -119,8 +121,10 @@ def part_specs(
         return {n: d[n] for n in k}
 
     B, L = "batch", "length"
-    # a fusion that reads each kept patch's relevance gets it from vision_suffix
+    # a fusion or box head that reads each kept patch's relevance gets it from vision_suffix
     rel = ("relevance",) if cfg.fusion.relevance else ()
+    box_rel = ("relevance",) if cfg.box_relevance else ()
+    suffix_rel = ("relevance",) if rel or box_rel else ()
     specs = [
         ("image_prefix", ImagePrefix, ("images",), {"images": {0: B}}, ["prefix"]),
         (
@@ -135,7 +139,7 @@ def part_specs(
             VisionSuffix,
             ("prefix", "query"),
             {"prefix": {0: B}, "query": {0: B}},
-            ["tokens", "kept", *rel],
+            ["tokens", "kept", *suffix_rel],
         ),
         ("vision_agnostic", VisionAgnostic, ("prefix",), {"prefix": {0: B}}, ["tokens", "kept", "image_emb"]),
         (
@@ -149,8 +153,9 @@ def part_specs(
         (
             "heads",
             Heads,
-            ("fused_image", "fused_cls", "kept"),
-            {"fused_image": {0: B}, "fused_cls": {0: B}, "kept": {0: B}},
+            ("fused_image", "fused_cls", "kept", *box_rel),
+            {"fused_image": {0: B}, "fused_cls": {0: B}, "kept": {0: B}}
+            | ({"relevance": {0: B}} if box_rel else {}),
             ["itm", "box", "box_scores"],
         ),
     ]

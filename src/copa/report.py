@@ -422,8 +422,8 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 + ", not from the pre-training (`DemoPlan.finetune_from`; BENCHMARKS.md)"
                 + (
                     ": the trunk here trains ITC only, and the captioner's fusion and decoder already put "
-                    "what they see into words, as the pre-trained decoder of mPLUG or BLIP does before "
-                    "their VQA fine-tune."
+                    "what they see, and where, into words, as the pre-trained decoder of mPLUG or BLIP "
+                    "does before their VQA fine-tune."
                     if "caption" in chained.values()
                     else "."
                 ),
@@ -455,6 +455,16 @@ def _task_blocks(res: dict[str, Any]) -> list[Block]:
                 )
                 + ", in every row of the selector ablation too: the rows differ only in which patches "
                 "are kept.",
+            )
+        )
+    box = [t for t in res.get("box_relevance", []) if t in tasks]
+    if box:
+        out.append(
+            (
+                "p",
+                f"{', '.join(box)}: the box head's score of each kept patch adds that patch's relevance "
+                "by the model's own TPD, weighted per expression (`train.box_relevance`), in every row "
+                "of the selector ablation too.",
             )
         )
     if behind:

@@ -73,7 +73,9 @@ class COPAModel(nn.Module):
         self.cfg = cfg
         dt, dv = cfg.text.width, cfg.vision.width
         self.text = TextEncoder(cfg.text, load_weights=load_text_weights)
-        self.vision = VisionTransformer(cfg.vision, cfg.select, text_dim=dt, relevance=cfg.fusion.relevance)
+        self.vision = VisionTransformer(
+            cfg.vision, cfg.select, text_dim=dt, relevance=cfg.fusion.relevance or cfg.box_relevance
+        )
         self.fusion = FusionEncoder(
             cfg.fusion.layers,
             cfg.fusion.stride,
@@ -91,7 +93,7 @@ class COPAModel(nn.Module):
         self.mlm_head = TiedLMHead(dt, self.text.word_embeddings)
         self.lm_head = TiedLMHead(dt, self.text.word_embeddings)
         self.lm_head.set_vocab(list(cfg.decoder.output_vocab))
-        self.box_head = PatchBoxHead(dt, context=cfg.box_context)
+        self.box_head = PatchBoxHead(dt, context=cfg.box_context, relevance=cfg.box_relevance)
         if load_text_weights and cfg.text.pretrained:
             self._init_from_text()
 
@@ -205,6 +207,19 @@ class COPAModel(nn.Module):
         f.relevance_token = f.relevance_token or token
         return True
 
+    def add_box_relevance(self) -> bool:
+        """Let the grounding head's patch scores add each kept patch's relevance by the model's own
+        first selector (``model.box_relevance``; its weight starts at 1). Returns True when it was
+        added, False when the model already has it; a model without a selector has none to read."""
+        if self.cfg.box_relevance:
+            return False
+        if not self.has_selectors:
+            raise UserError("model.box_relevance needs a selector to read (select.selector is none)")
+        self.box_head.add_relevance()
+        self.vision.relevance = True
+        self.cfg.box_relevance = True
+        return True
+
     def set_output_vocab(self, ids: list[int]) -> None:
         """Let the decoder write only the token ids ``ids`` (sorted, distinct; empty: every token).
         Kept in the config, so a saved model generates from the same list."""
@@ -248,7 +263,7 @@ class COPAModel(nn.Module):
         v = fused.vision
         index = v.patch_index
         grid = math.isqrt(v.num_patches)
-        return self.box_head(fused.image[:, 1 : 1 + index.shape[1]], fused.cls, index, grid)
+        return self.box_head(fused.image[:, 1 : 1 + index.shape[1]], fused.cls, index, grid, v.relevance)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> text-agnostic ITC embedding (B, E), unit vectors (retrieval)."""

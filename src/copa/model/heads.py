@@ -119,22 +119,44 @@ class PatchBoxHead(nn.Module):
     (BENCHMARKS.md, session 9).
     """
 
-    def __init__(self, dim: int, reach: float = 1.5, context: int = 0) -> None:
+    def __init__(self, dim: int, reach: float = 1.5, context: int = 0, relevance: bool = False) -> None:
         super().__init__()
         self.reach = reach
+        self.dim = dim
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
+        # with ``relevance``: the weight of the TPD's relevance in each expression's patch scores
+        self.prior: nn.Linear | None = None
+        if relevance:
+            self.add_relevance()
         # the box reads the patch and, with ``context`` > 0, a 3x3 convolution over the patch grid of
         # reduced states (dropped patches are zeros): how far the object extends is in the neighbours
         self.reduce = nn.Linear(dim, context) if context else None
         self.context = nn.Conv2d(context, context, 3, padding=1) if context else None
         self.box = nn.Sequential(nn.Linear(dim + context, dim), nn.GELU(), nn.Linear(dim, 4))
 
-    def forward(self, tokens: Tensor, text: Tensor, patch_index: Tensor, grid: int) -> GroundingOutput:
+    def add_relevance(self) -> None:
+        """Give the scores the TPD's relevance, weighted per expression by a linear read of the fused
+        [CLS]; it starts at 1 for every expression (weight 0, bias 1), so the head first trusts the
+        selector and learns where not to (\"the leftmost object\" names no kind to match)."""
+        if self.prior is not None:
+            return
+        ref = self.query.weight
+        self.prior = nn.Linear(self.dim, 1).to(device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.ones_(self.prior.bias)
+
+    def forward(
+        self, tokens: Tensor, text: Tensor, patch_index: Tensor, grid: int, relevance: Tensor | None = None
+    ) -> GroundingOutput:
         """tokens: (B, K, D) fused patch states; text: (B, D) fused [CLS]; patch_index: (B, K)
-        row-major index of each token's patch on a ``grid`` x ``grid`` map -> GroundingOutput"""
+        row-major index of each token's patch on a ``grid`` x ``grid`` map; relevance: (B, K) the
+        TPD's standardised relevance of those patches, read with ``add_relevance`` (None: none)
+        -> GroundingOutput"""
         d = tokens.shape[-1]
         scores = (self.query(text).unsqueeze(1) * self.key(tokens)).sum(-1).float() / math.sqrt(d)
+        if self.prior is not None and relevance is not None:
+            scores = scores + self.prior(text).float() * relevance.float()
         raw = self.box(self._with_context(tokens, patch_index, grid)).float()
         centres = patch_centres(patch_index, grid)
         xy = centres + torch.tanh(raw[..., :2]) * (self.reach / grid)

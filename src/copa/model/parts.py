@@ -41,7 +41,8 @@ class VisionSuffix(nn.Module):
 
     def forward(self, prefix: Tensor, query: Tensor) -> tuple[Tensor, ...]:
         """prefix (B, 1+N, Dv), query (B, Dt) -> tokens (B, T, Dv), kept patch indices (B, K), and
-        for a model whose fusion reads it (``model.fusion.relevance``) their relevance (B, K)"""
+        for a model whose fusion or box head reads it (``model.fusion.relevance``,
+        ``model.box_relevance``) their relevance (B, K)"""
         vis = self.vision.forward_suffix(prefix, query)
         if vis.relevance is not None:
             return vis.tokens, vis.patch_index, vis.relevance
@@ -80,8 +81,11 @@ class Heads(nn.Module):
         self.itm, self.box_head = model.itm, model.box_head
         self.grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
 
-    def forward(self, fused_image: Tensor, fused_cls: Tensor, kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """fused image (B, T, Dt), fused [CLS] (B, Dt) = ``fused_text[:, 0]``, kept (B, K) -> ITM logits
-        (B, 2), box (B, 4) normalised cxcywh, per-patch box scores (B, K)"""
-        g = self.box_head(fused_image[:, 1 : 1 + kept.shape[1]], fused_cls, kept, self.grid)
+    def forward(
+        self, fused_image: Tensor, fused_cls: Tensor, kept: Tensor, relevance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """fused image (B, T, Dt), fused [CLS] (B, Dt) = ``fused_text[:, 0]``, kept (B, K), relevance
+        (B, K) (an input of this part only for a model whose box head reads it) -> ITM logits (B, 2),
+        box (B, 4) normalised cxcywh, per-patch box scores (B, K)"""
+        g = self.box_head(fused_image[:, 1 : 1 + kept.shape[1]], fused_cls, kept, self.grid, relevance)
         return self.itm(fused_cls), g.box, g.scores

@@ -142,6 +142,8 @@ def finetune(
             "the fusion reads each kept patch's relevance by the model's own selector%s",
             " and their relevance-weighted average as one more token" if token else "",
         )
+    if cfg.train.box_relevance and model.add_box_relevance():
+        log.info("the box head's patch scores add each kept patch's relevance by the model's own selector")
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     t = cfg.train
