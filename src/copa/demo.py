@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoPlan:
     """How much the demo does. Every stage ends after a fixed number of steps (seeded), so the
-    numbers are the same on every machine; the time budgets are only a safety net against a
+    numbers do not depend on a machine's speed (only, in the last bits, on its CPU kind and precision:
+    fp32 kernels sum in another order on another CPU); the time budgets are only a safety net against a
     machine far slower than planned, and the report flags any stage that hit one."""
 
     n_train: int = 2000

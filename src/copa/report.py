@@ -79,7 +79,10 @@ def _pretrain_sentence(res: dict[str, Any]) -> str:
                 f" ({stage['views']} augmented views of each, their frozen ViT prefix and phrase text "
                 f"computed once for {stage['distinct_batches']} batches and replayed)"
             )
-    return text + ". Every stage runs a fixed number of seeded steps: the same numbers on every machine."
+    return text + (
+        ". Every stage runs a fixed number of seeded steps: the numbers do not depend on how fast the "
+        "machine is (another kind of CPU sums in another order and may flip a few predictions)."
+    )
 
 
 def _run_alerts(res: dict[str, Any]) -> list[Block]:
