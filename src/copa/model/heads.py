@@ -125,7 +125,6 @@ class PatchBoxHead(nn.Module):
     def __init__(self, dim: int, reach: float = 1.5, context: int = 0, relevance: bool = False) -> None:
         super().__init__()
         self.reach = reach
-        self.dim = dim
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         # with ``relevance``: the weight of the TPD's relevance in each expression's patch scores
@@ -145,7 +144,7 @@ class PatchBoxHead(nn.Module):
         if self.prior is not None:
             return
         ref = self.query.weight
-        self.prior = nn.Linear(self.dim, 1).to(device=ref.device, dtype=ref.dtype)
+        self.prior = nn.Linear(self.query.in_features, 1).to(device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(self.prior.weight)
         nn.init.ones_(self.prior.bias)
 
